@@ -1,0 +1,52 @@
+# blkif: every entry point sets itself up on a fresh Debian machine.
+#   make test   install what the suite needs, then run all of it
+#   make demo   the main job on embedded defaults (our xenstored + simulated Xen)
+#   make lab    boot a real Xen 4.17 host in QEMU and prove us against Linux's drivers
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_TEST := libxen-dev gcc-multilib xenstore-utils
+APT_LAB := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils \
+           linux-image-amd64 busybox-static cpio e2fsprogs
+BUILD_INPUTS := setup.cfg setup.py pyproject.toml blkif/abi/_cffi_build.py $(wildcard blkif/abi/_cdefs/*.py)
+
+.PHONY: test demo lab bench apt-test apt-lab clean
+
+test: $(VENV)/.installed apt-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(VENV)/.installed
+	$(PY) -m blkif demo
+
+bench: $(VENV)/.installed
+	$(PY) -m blkif bench
+
+lab: $(VENV)/.installed apt-lab
+	$(PY) -m blkif lab
+
+# apt packages are installed only when missing, and only as root (CI and dev machines are root).
+apt-test:
+	@$(MAKE) --no-print-directory apt-install PKGS="$(APT_TEST)"
+apt-lab:
+	@$(MAKE) --no-print-directory apt-install PKGS="$(APT_LAB)"
+
+apt-install:
+	@missing=$$(for p in $(PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing apt packages: $$missing"; \
+	    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	      --no-install-recommends $$missing) >/tmp/blkif-apt.log 2>&1 \
+	      || { tail -20 /tmp/blkif-apt.log; echo "apt-get install failed: $$missing" >&2; exit 1; }; \
+	  else echo "warning: not root; missing apt packages: $$missing" >&2; fi; \
+	fi
+
+$(VENV)/.installed: $(BUILD_INPUTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info blkif/abi/_ffi*.so blkif/abi/_ffi.c .pytest_cache .hypothesis

@@ -1,0 +1,3 @@
+"""blkif: the Xen paravirtual block protocol in Python."""
+
+__version__ = "0.1.0"

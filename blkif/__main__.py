@@ -1,0 +1,3 @@
+from blkif.cli import main
+
+raise SystemExit(main())

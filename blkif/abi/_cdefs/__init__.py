@@ -1,0 +1,8 @@
+"""C declarations for the cffi layer, one module per Xen/Linux header.
+
+Each module exports ``CDEF`` (what Python may touch) and ``SOURCE`` (the C
+definitions compiled into ``blkif.abi._ffi``).  ``_cffi_build`` joins them in
+the order of ``MODULES``.
+"""
+
+MODULES = ["barrier", "blkif", "grant_table"]
