@@ -13,16 +13,10 @@ from blkif.abi.constants import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_SEGS_PER_INDIRECT_FRAME,
     PAGE_SIZE,
-    SRING_HEADER_SIZE,
     XENBUS_MAX_RING_GRANT_ORDER,
 )
 from blkif.errors import UsageError
-
-
-def ring_slots(ring_bytes, slot_size):
-    """(raw, usable) entries in a ring of ``ring_bytes``; usable is a power of two."""
-    raw = (ring_bytes - SRING_HEADER_SIZE) // slot_size
-    return raw, 1 << (raw.bit_length() - 1) if raw > 0 else 0
+from blkif.ring import ring_slots
 
 
 def calculate(abi="x86_64", ring_page_order=0, max_indirect_segments=None):
