@@ -5,4 +5,4 @@ definitions compiled into ``blkif.abi._ffi``).  ``_cffi_build`` joins them in
 the order of ``MODULES``.
 """
 
-MODULES = ["barrier", "blkif", "grant_table"]
+MODULES = ["barrier", "blkif", "grant_table", "gntdev", "gntalloc", "evtchn"]
