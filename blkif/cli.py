@@ -8,6 +8,7 @@ exit 2 for a usage error, 1 for anything else.
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from blkif import __version__
@@ -54,6 +55,10 @@ def main(argv=None):
         args = build_parser().parse_args(argv)
         setup_logging(args.verbose)
         return importlib.import_module(args._module).run(args) or 0
+    except BrokenPipeError:
+        # The reader went away (``blkif calc | head``): not an error worth a line.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except UsageError as exc:
         print("blkif: error: %s" % exc, file=sys.stderr)
         return 2
