@@ -1,0 +1,115 @@
+"""Xen + dom0 under QEMU's software emulation.
+
+``/dev/kvm`` on these machines cannot run Xen, so QEMU runs TCG with
+``-cpu max``.  QEMU loads Xen as a multiboot kernel (it must be gunzipped) and
+dom0's kernel and initramfs as multiboot modules: ``-initrd "KERNEL ARGS,INITRD"``
+(a comma list, hence no commas allowed in those paths or args).  Xen needs
+``smap=0 smep=0`` under TCG or dom0 faults in create_bounce_frame.  The host's
+``/`` goes to dom0 read-only over 9p (``hostroot``) and the work directory
+read-write (``labshare``).  Xen's and dom0's console is COM1, a file.
+"""
+import gzip
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+from blkif.errors import BlkifError, UsageError
+
+QEMU = "qemu-system-x86_64"
+XEN_GZ = "/boot/xen-4.17-amd64.gz"
+XEN_ARGS = (
+    "dom0_mem=1G,max:1G dom0_max_vcpus=2 console=com1 com1=115200,8n1 "
+    "loglvl=all guest_loglvl=all bootscrub=0 noreboot smap=0 smep=0"
+)
+DOM0_ARGS = "console=hvc0 earlyprintk=xen"
+
+
+def qemu_argv(xen, vmlinuz, initrd, workdir, serial_log, memory_mb=3072, smp=2,
+              xen_args=XEN_ARGS, dom0_args=DOM0_ARGS):
+    """QEMU's argument list for Xen + dom0 with the host root and lab shares.
+
+    Raises UsageError for a path or argument QEMU's comma lists cannot carry.
+    """
+    module = "%s %s" % (vmlinuz, dom0_args)
+    for what, text in (("path", xen), ("dom0 kernel", module), ("initrd", initrd),
+                       ("workdir", workdir), ("serial log", serial_log)):
+        if "," in text:
+            raise UsageError("the %s must not contain a comma: %r" % (what, text))
+    return [
+        QEMU,
+        "-accel", "tcg,thread=multi",
+        "-cpu", "max",
+        "-smp", str(smp),
+        "-m", str(memory_mb),
+        "-display", "none",
+        "-monitor", "none",
+        "-nic", "none",
+        "-no-reboot",
+        "-serial", "file:" + serial_log,
+        "-kernel", xen,
+        "-append", xen_args,
+        "-initrd", "%s,%s" % (module, initrd),
+        "-virtfs",
+        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        "-virtfs",
+        "local,path=%s,mount_tag=labshare,security_model=none,multidevs=remap" % workdir,
+    ]
+
+
+def unpack_xen(dest, source=XEN_GZ):
+    """Gunzip Xen to ``dest`` unless an up-to-date copy is there; returns dest."""
+    if not os.path.exists(source):
+        raise BlkifError("%s missing (apt-get install xen-hypervisor-4.17-amd64)" % source)
+    if os.path.exists(dest) and os.path.getmtime(dest) >= os.path.getmtime(source):
+        return dest
+    with gzip.open(source, "rb") as src, open(dest + ".tmp", "wb") as out:
+        shutil.copyfileobj(src, out)
+    os.rename(dest + ".tmp", dest)
+    return dest
+
+
+class Qemu:
+    """One QEMU process in its own session; ``stop`` always leaves none behind."""
+
+    def __init__(self, argv, log_path):
+        self.argv = argv
+        self.log_path = log_path
+        self.proc = None
+        self.started = None
+
+    def start(self):
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.started = time.monotonic()
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc else None
+
+    def stop(self, grace=10):
+        """SIGTERM, ``grace`` seconds, then SIGKILL; returns QEMU's exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(grace)
+        return self.proc.returncode
+
+    def output(self):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
