@@ -1,0 +1,141 @@
+"""Backing stores: the raw image file or block device behind a VBD.
+
+Reads and writes go straight between the device and the caller's buffers
+(mapped grant pages) with ``preadv``/``pwritev``: no copies.  ``flush`` is
+``fdatasync``.  ``discard`` punches a hole in a file (reads back as zeros,
+size kept) or issues BLKDISCARD (BLKSECDISCARD when secure) on a device.
+"""
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+
+from blkif.abi.constants import SECTOR_SIZE
+from blkif.errors import BlkifError
+
+log = logging.getLogger(__name__)
+
+# <linux/fs.h>: _IO(0x12, 119), _IO(0x12, 125), _IOR(0x12, 114, size_t), _IO(0x12, 104)
+BLKDISCARD = 0x1277
+BLKSECDISCARD = 0x127D
+BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
+BLKPBSZGET = 0x127B
+BLKROGET = 0x125E
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+class StoreError(BlkifError):
+    """The backing store cannot be opened or used as asked."""
+
+
+def _ioctl_u64(fd, request):
+    buf = bytearray(8)
+    fcntl.ioctl(fd, request, buf)
+    return struct.unpack("<Q", buf)[0]
+
+
+def _ioctl_int(fd, request):
+    buf = bytearray(4)
+    fcntl.ioctl(fd, request, buf)
+    return struct.unpack("<i", buf)[0]
+
+
+class Store:
+    """An open backing store.  ``path`` is a regular file or a block device.
+
+    ``writable=False`` opens it read-only (``mode=r``).  ``direct=True`` uses
+    O_DIRECT; granted pages are page-aligned, so every blkif transfer is
+    aligned enough.  Raises StoreError naming the path and the reason.
+    """
+
+    def __init__(self, path, writable=True, direct=False):
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        if direct:
+            flags |= os.O_DIRECT
+        try:
+            self.fd = os.open(path, flags)
+        except OSError as exc:
+            raise StoreError("cannot open backing store %s: %s" % (path, exc.strerror)) from None
+        self.path = path
+        self.writable = writable
+        self.direct = direct
+        mode = os.fstat(self.fd).st_mode
+        self.is_device = stat.S_ISBLK(mode)
+        if self.is_device:
+            self.size = _ioctl_u64(self.fd, BLKGETSIZE64)
+            self.logical_block_size = _ioctl_int(self.fd, BLKSSZGET)
+            self.physical_block_size = _ioctl_int(self.fd, BLKPBSZGET)
+            if writable and _ioctl_int(self.fd, BLKROGET):
+                self.close()
+                raise StoreError("block device %s is read-only" % path)
+        elif stat.S_ISREG(mode):
+            self.size = os.fstat(self.fd).st_size
+            self.logical_block_size = SECTOR_SIZE
+            self.physical_block_size = SECTOR_SIZE
+        else:
+            self.close()
+            raise StoreError("backing store %s is neither a file nor a block device" % path)
+        self.sectors = self.size // SECTOR_SIZE
+        # A device or filesystem that cannot discard fails that request alone.
+        self.discard_supported = writable
+
+    def readv(self, buffers, offset):
+        """Fill ``buffers`` from ``offset``.
+
+        Requests are bounded by ``sectors``, so a short read means the store
+        shrank under us: raise EIO rather than return stale bytes.
+        """
+        done = os.preadv(self.fd, buffers, offset)
+        if done < sum(len(b) for b in buffers):
+            raise OSError(errno.EIO, "short read at %d from %s" % (offset, self.path))
+
+    def writev(self, buffers, offset):
+        """Write every byte of ``buffers`` at ``offset``."""
+        want = sum(len(b) for b in buffers)
+        done = os.pwritev(self.fd, buffers, offset)
+        while done < want:  # rare: retry the rest
+            rest, skip = [], done
+            for buf in buffers:
+                n = len(buf)
+                if skip >= n:
+                    skip -= n
+                    continue
+                rest.append(memoryview(buf).cast("B")[skip:])
+                skip = 0
+            done += os.pwritev(self.fd, rest, offset + done)
+
+    def flush(self):
+        os.fdatasync(self.fd)
+
+    def discard(self, offset, length, secure=False):
+        """Deallocate a range; it reads back as zeros (files and most devices)."""
+        if self.is_device:
+            fcntl.ioctl(self.fd, BLKSECDISCARD if secure else BLKDISCARD,
+                        struct.pack("QQ", offset, length))
+            return
+        if secure:
+            raise OSError(errno.EOPNOTSUPP, "secure discard on a file")
+        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                           offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,82 @@
+"""Backing stores on real files: zero-copy vectored I/O, flush, hole punching."""
+import os
+
+import pytest
+
+from blkif.backend.store import Store, StoreError
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(1 << 20))
+    return path
+
+
+def test_vectored_read_and_write_hit_the_right_bytes(image):
+    with Store(str(image)) as store:
+        assert (store.size, store.sectors, store.is_device) == (1 << 20, 2048, False)
+        a, b = bytearray(4096), bytearray(512)
+        store.readv([a, memoryview(b)], 8192)
+        data = image.read_bytes()
+        assert bytes(a + b) == data[8192:8192 + 4608]
+        store.writev([b"x" * 512, memoryview(b"y" * 1024)], 512)
+        store.flush()
+    data = image.read_bytes()
+    assert data[512:2048] == b"x" * 512 + b"y" * 1024
+
+
+def test_discard_punches_a_hole_that_reads_as_zeros(image):
+    with Store(str(image)) as store:
+        before = os.stat(image).st_blocks
+        store.discard(65536, 65536)
+        out = bytearray(65536)
+        store.readv([out], 65536)
+        assert out == bytes(65536)
+        assert os.stat(image).st_size == 1 << 20  # size kept
+        assert os.stat(image).st_blocks < before
+        with pytest.raises(OSError):
+            store.discard(0, 4096, secure=True)
+
+
+def test_read_only_store_refuses_writes(image):
+    with Store(str(image), writable=False) as store:
+        assert not store.discard_supported
+        with pytest.raises(OSError):
+            store.writev([b"z" * 512], 0)
+
+
+def test_short_read_is_an_error_not_stale_data(image):
+    with Store(str(image)) as store:
+        os.truncate(image, 4096)
+        with pytest.raises(OSError, match="short read"):
+            store.readv([bytearray(8192)], 0)
+
+
+def test_odd_sized_file_exposes_whole_sectors_only(tmp_path):
+    path = tmp_path / "odd.img"
+    path.write_bytes(b"a" * 1000)
+    with Store(str(path)) as store:
+        assert store.sectors == 1
+
+
+@pytest.mark.parametrize("make", ["missing", "directory"])
+def test_bad_paths_are_one_clear_error(tmp_path, make):
+    path = tmp_path / "x"
+    if make == "directory":
+        path.mkdir()
+    with pytest.raises(StoreError, match=str(path)):
+        Store(str(path))
+
+
+def test_direct_io_on_page_aligned_buffers(image):
+    import mmap
+
+    try:
+        store = Store(str(image), direct=True)
+    except StoreError as exc:  # tmpfs has no O_DIRECT
+        pytest.skip(str(exc))
+    with store:
+        page = mmap.mmap(-1, 4096)
+        store.readv([page], 4096)
+        assert page[:] == image.read_bytes()[4096:8192]
