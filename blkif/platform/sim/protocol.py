@@ -1,0 +1,44 @@
+"""The sim hypervisor's wire: JSON messages on a SOCK_SEQPACKET unix socket.
+
+One request, one reply, in order.  File descriptors (domain memory, grant
+table, event-channel sockets) travel beside a message with SCM_RIGHTS.  A
+reply is ``{"ok": true, ...}`` or ``{"ok": false, "kind": K, ...}`` where K
+names the error class the client raises (see ``client.raise_for``).
+"""
+import json
+import os
+import socket
+
+SOCKET_NAME = "hypervisor.sock"
+PID_NAME = "hypervisor.pid"
+MAX_MESSAGE = 1 << 20
+MAX_FDS = 16
+# The most refs one map or copy may name: keeps every message far below MAX_MESSAGE.
+MAX_REFS = 8192
+
+
+def socket_path(directory):
+    return os.path.join(directory, SOCKET_NAME)
+
+
+def send(sock, message, fds=()):
+    """Send one message with ``fds`` attached."""
+    data = json.dumps(message, separators=(",", ":")).encode()
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.sendall(data)
+
+
+def recv(sock):
+    """One message and the list of fds that came with it; (None, []) at EOF."""
+    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("sim message truncated")
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    return json.loads(data), fds
