@@ -57,6 +57,12 @@ class _Half:
         """A ``char *`` to the slot of free-running index ``idx``."""
         return self._slots + (idx & self._mask) * self.slot_size
 
+    def release(self):
+        """Let go of the buffer (so its owner can unmap it); the ring is dead after."""
+        self.sring = self._slots = None
+        ffi.release(self._mem)
+        self._keep = None
+
 
 class FrontRing(_Half):
     """The frontend's half: produce requests, consume responses.

@@ -1,0 +1,221 @@
+"""The backend datapath for one ring (Linux: xen-blkback/blkback.c).
+
+:meth:`RingServer.service` is one batch: consume every request on the ring,
+do its I/O directly into the mapped grant pages (``preadv``/``pwritev``, no
+copies), write all responses, push them once and notify at most once, then
+look again (``RING_FINAL_CHECK_FOR_REQUESTS``) so no request is left behind.
+
+A bad request gets an error response with its id (``RequestError``).  Only a
+frontend that overruns the ring raises out of :meth:`service`
+(RemoteProtocolError): the caller shuts that device down, nothing else.
+
+Grants are mapped per request, all of its segments in one call, read-only
+for writes.  With persistent grants each gref is mapped once, kept in a
+bounded cache and reused, as Linux does with ``max_persistent_grants``.
+"""
+import errno
+import logging
+
+from blkif.abi.constants import (
+    BLKIF_OP_DISCARD,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE_BARRIER,
+    BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_ERROR,
+    BLKIF_RSP_OKAY,
+    OP_NAMES,
+    PAGE_SIZE,
+    SECTOR_SIZE,
+)
+from blkif.platform import PlatformError
+from blkif.request import RequestDecoder, RequestError, ResponseWriter
+from blkif.ring import BackRing
+
+log = logging.getLogger(__name__)
+
+MAX_PERSISTENT_GRANTS = 1056  # Linux xen_blkif_max_pgrants
+
+
+class Stats:
+    """Counters for one VBD, summed over its rings (``blkif stats``)."""
+
+    FIELDS = ("requests", "errors", "read_bytes", "write_bytes", "batches", "notifies")
+
+    def __init__(self):
+        self.ops = {name: 0 for name in OP_NAMES.values()}
+        for name in self.FIELDS:
+            setattr(self, name, 0)
+        self.in_flight = 0
+        self.persistent_grants = 0
+        self.mapped_grants = 0
+
+    def as_dict(self):
+        out = {name: getattr(self, name) for name in self.FIELDS}
+        out.update(ops=dict(self.ops), in_flight=self.in_flight,
+                   persistent_grants=self.persistent_grants,
+                   mapped_grants=self.mapped_grants)
+        return out
+
+
+class _PersistentMap:
+    """A one-page mapping from the persistent cache, shaped like a Mapping."""
+
+    def __init__(self, pages):
+        self.pages = pages
+
+    def unmap(self):
+        pass
+
+
+class RingServer:
+    """Serves one shared ring of a connected VBD.
+
+    ``ring_buffer`` is the mapped ring (all its pages); ``port`` the bound
+    event channel.  The caller waits on ``port`` and calls :meth:`service`;
+    :meth:`close` releases every mapping this ring holds (not the ring itself).
+    """
+
+    def __init__(self, platform, domid, ring_buffer, port, abi, limits, store,
+                 persistent=False, stats=None, label=""):
+        self.platform = platform
+        self.domid = domid
+        self.port = port
+        self.store = store
+        self.ring = BackRing(ring_buffer, abi)
+        self.decoder = RequestDecoder(abi, limits)
+        self.responses = ResponseWriter(abi)
+        self.persistent = {} if persistent else None
+        self.stats = stats or Stats()
+        self.label = label
+
+    def service(self):
+        """Handle every request now on the ring; returns how many.
+
+        Each batch is pushed with at most one notify; the loop ends only when
+        the final check finds the ring empty with ``req_event`` armed.
+        """
+        ring = self.ring
+        handled = 0
+        while True:
+            pending = ring.pending_requests()
+            if not pending:
+                if ring.final_check_for_requests():
+                    continue
+                return handled
+            for _ in range(pending):
+                self._handle_one()
+            handled += pending
+            self.stats.batches += 1
+            if ring.push_responses():
+                self.port.notify()
+                self.stats.notifies += 1
+
+    def _handle_one(self):
+        stats = self.stats
+        stats.requests += 1
+        stats.in_flight += 1
+        try:
+            req = self.decoder.take(self.ring)
+        except RequestError as err:
+            self._fail(err)
+            return
+        stats.ops[OP_NAMES[req.operation]] += 1
+        try:
+            status = self._execute(req)
+        except RequestError as err:
+            self._fail(err)
+            return
+        self.responses.put(self.ring, req.id, req.operation, status)
+        stats.in_flight -= 1
+
+    def _fail(self, err):
+        log.warning("%s: %s", self.label, err)
+        self.stats.errors += 1
+        self.stats.in_flight -= 1
+        self.responses.put(self.ring, err.id, err.operation, err.status)
+
+    def _execute(self, req):
+        kind = req.kind
+        try:
+            if kind == BLKIF_OP_DISCARD:
+                self.store.discard(req.offset, req.nr_sectors * SECTOR_SIZE, req.secure)
+                return BLKIF_RSP_OKAY
+            if kind in (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER):
+                # Everything answered so far is already written: we answer a
+                # request only when its I/O is done, so the ring is drained.
+                self.store.flush()
+            if req.segments is None:
+                self._read_indirect(req)
+            if req.segments:
+                self._transfer(req, kind == BLKIF_OP_READ)
+            if kind == BLKIF_OP_WRITE_BARRIER and req.segments:
+                self.store.flush()
+            return BLKIF_RSP_OKAY
+        except OSError as exc:
+            log.error("%s: %s of %d sectors at %d failed: %s", self.label,
+                      OP_NAMES[kind], req.nr_sectors, req.sector_number, exc.strerror)
+            self.stats.errors += 1
+            if exc.errno == errno.EOPNOTSUPP:
+                return BLKIF_RSP_EOPNOTSUPP
+            return BLKIF_RSP_ERROR
+        except PlatformError as exc:
+            log.warning("%s: request id %d: %s", self.label, req.id, exc)
+            self.stats.errors += 1
+            return BLKIF_RSP_ERROR
+
+    def _read_indirect(self, req):
+        with self.platform.map_grants(self.domid, req.indirect_grefs, writable=False) as m:
+            self.decoder.read_indirect(req, m.buffer)
+
+    def _map(self, grefs, writable):
+        """A mapping of ``grefs`` in order, and its buffer (pages back to back)."""
+        if self.persistent is None:
+            mapping = self.platform.map_grants(self.domid, grefs, writable=writable)
+            self.stats.mapped_grants += len(grefs)
+            return mapping, [mapping.buffer]
+        pages = []
+        for gref in grefs:
+            page = self.persistent.get(gref)
+            if page is None:
+                if len(self.persistent) >= MAX_PERSISTENT_GRANTS:
+                    break
+                page = self.platform.map_grants(self.domid, [gref], writable=True)
+                self.persistent[gref] = page
+                self.stats.persistent_grants = len(self.persistent)
+            pages.append(page.buffer)
+        if len(pages) < len(grefs):  # cache full: map this request's grants afresh
+            mapping = self.platform.map_grants(self.domid, grefs, writable=writable)
+            self.stats.mapped_grants += len(grefs)
+            return mapping, [mapping.buffer]
+        return _PersistentMap(pages), pages
+
+    def _transfer(self, req, is_read):
+        segments = req.segments
+        mapping, pages = self._map([s.gref for s in segments], is_read)
+        iov = []
+        try:
+            one = len(pages) == 1
+            for i, seg in enumerate(segments):
+                base = pages[0] if one else pages[i]
+                start = (i * PAGE_SIZE if one else 0) + seg.offset
+                iov.append(base[start:start + seg.length])
+            if is_read:
+                self.store.readv(iov, req.offset)
+                self.stats.read_bytes += req.nr_sectors * SECTOR_SIZE
+            else:
+                self.store.writev(iov, req.offset)
+                self.stats.write_bytes += req.nr_sectors * SECTOR_SIZE
+        finally:
+            for view in iov:
+                view.release()  # no exported views may outlive the mapping
+            mapping.unmap()
+
+    def close(self):
+        """Drop persistent grants and let go of the ring (its owner unmaps it)."""
+        self.ring.release()
+        if self.persistent:
+            for page in self.persistent.values():
+                page.unmap()
+            self.persistent.clear()
+            self.stats.persistent_grants = 0

@@ -1,0 +1,185 @@
+"""The backend datapath over the sim platform: a frontend domain grants a ring
+and data pages, the RingServer maps them and does the I/O against a real
+image file; every byte is checked against the file on disk."""
+import os
+
+import pytest
+
+from blkif.abi import X86_32, X86_64, constants as c
+from blkif.backend.datapath import RingServer
+from blkif.backend.store import Store
+from blkif.errors import RemoteProtocolError
+from blkif.platform import open_platform
+from blkif.platform.sim import SimHypervisor
+from blkif.request import Limits, RequestEncoder
+from blkif.ring import FrontRing
+
+SECTORS = 4096  # 2 MiB image
+OKAY, ERROR, NOTSUP = c.BLKIF_RSP_OKAY, c.BLKIF_RSP_ERROR, c.BLKIF_RSP_EOPNOTSUPP
+
+
+@pytest.fixture(scope="module")
+def hypervisor():
+    with SimHypervisor() as hv:
+        yield hv
+
+
+class Rig:
+    """Frontend (domain 1) and backend (domain 0) of one ring, in one process."""
+
+    def __init__(self, hv, image, abi=X86_64, persistent=False, limits=None, readonly=False):
+        self.front = open_platform("sim", domid=1, path=hv.path)
+        self.back = open_platform("sim", domid=0, path=hv.path)
+        self.abi = abi
+        self.ring_pages = self.front.grant_pages(0, 1)
+        self.ring = FrontRing(self.ring_pages.buffer, abi)
+        self.enc = RequestEncoder(abi)
+        self.data = self.front.grant_pages(0, 64)
+        self.fport = self.front.evtchn_alloc_unbound(0)
+        self.bport = self.back.evtchn_bind_interdomain(1, self.fport.port)
+        self.mapping = self.back.map_grants(1, self.ring_pages.refs)
+        self.store = Store(str(image), writable=not readonly)
+        self.limits = limits or Limits(sectors=SECTORS, discard=True, readonly=readonly,
+                                       max_indirect_segments=256)
+        self.server = RingServer(self.back, 1, self.mapping.buffer, self.bport, abi,
+                                 self.limits, self.store, persistent=persistent, label="t")
+
+    def run(self):
+        """Push requests, let the backend serve them, collect the responses."""
+        if self.ring.push_requests():
+            self.fport.notify()
+            assert self.bport.wait(5)
+        self.server.service()
+        out = []
+        while self.ring.pending_responses():
+            out.append(self.enc.take_response(self.ring))
+        return out
+
+    def close(self):
+        self.server.close()
+        self.ring.release()
+        self.mapping.unmap()
+        self.store.close()
+        for thing in (self.bport, self.fport, self.data, self.ring_pages, self.back,
+                      self.front):
+            thing.close()
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(SECTORS * 512))
+    return path
+
+
+@pytest.fixture(params=[X86_64, X86_32], ids=["x86_64", "x86_32"])
+def rig(request, hypervisor, image):
+    r = Rig(hypervisor, image, abi=request.param)
+    yield r
+    r.close()
+
+
+def test_write_then_read_back_through_granted_pages(rig, image):
+    payload = os.urandom(11 * 4096)
+    rig.data.buffer[:len(payload)] = payload
+    segs = [(rig.data.refs[i], 0, 7) for i in range(11)]
+    rig.enc.rw(rig.ring, c.BLKIF_OP_WRITE, 1, 64, segs)
+    assert rig.run() == [(1, c.BLKIF_OP_WRITE, OKAY)]
+    assert image.read_bytes()[64 * 512:64 * 512 + len(payload)] == payload
+    rig.data.buffer[:len(payload)] = bytes(len(payload))
+    rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 2, 64, [(rig.data.refs[11 + i], 0, 7)
+                                                    for i in range(11)])
+    assert rig.run() == [(2, c.BLKIF_OP_READ, OKAY)]
+    assert rig.data.buffer[11 * 4096:22 * 4096] == payload
+
+
+def test_partial_sectors_of_pages(rig, image):
+    rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 3, 10, [(rig.data.refs[0], 2, 4),
+                                                   (rig.data.refs[1], 7, 7)])
+    assert rig.run() == [(3, 0, OKAY)]
+    disk = image.read_bytes()
+    assert rig.data.buffer[1024:2560] == disk[10 * 512:13 * 512]
+    assert rig.data.buffer[4096 + 3584:8192] == disk[13 * 512:14 * 512]
+
+
+def test_indirect_request_of_256_segments(rig, image):
+    desc = rig.front.grant_pages(0, 1, readonly=True)
+    data = rig.front.grant_pages(0, 256)
+    payload = os.urandom(256 * 4096)
+    data.buffer[:] = payload
+    rig.enc.write_descriptors(desc.buffer, [(ref, 0, 7) for ref in data.refs])
+    rig.enc.indirect(rig.ring, c.BLKIF_OP_WRITE, 9, 8, 256, desc.refs)
+    assert rig.run() == [(9, c.BLKIF_OP_INDIRECT, OKAY)]
+    assert image.read_bytes()[8 * 512:8 * 512 + len(payload)] == payload
+    data.close()
+    desc.close()
+
+
+def test_many_requests_one_batch_one_notify(rig, image):
+    for i in range(32):
+        rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 100 + i, i * 8, [(rig.data.refs[i], 0, 7)])
+    notifies = rig.server.stats.notifies
+    rsps = rig.run()
+    assert [r[0] for r in rsps] == list(range(100, 132))
+    assert rig.server.stats.notifies == notifies + 1
+    assert rig.data.buffer[:32 * 4096] == image.read_bytes()[:32 * 4096]
+
+
+def test_flush_barrier_and_discard(rig, image):
+    rig.enc.rw(rig.ring, c.BLKIF_OP_FLUSH_DISKCACHE, 1, 0, [])
+    rig.data.buffer[:4096] = b"b" * 4096
+    rig.enc.rw(rig.ring, c.BLKIF_OP_WRITE_BARRIER, 2, 16, [(rig.data.refs[0], 0, 7)])
+    rig.enc.discard(rig.ring, 3, 1024, 256)
+    assert [r[2] for r in rig.run()] == [OKAY] * 3
+    disk = image.read_bytes()
+    assert disk[16 * 512:16 * 512 + 4096] == b"b" * 4096
+    assert disk[1024 * 512:1280 * 512] == bytes(256 * 512)
+
+
+def test_bad_requests_get_errors_and_the_ring_keeps_going(rig):
+    rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 1, SECTORS, [(rig.data.refs[0], 0, 7)])
+    rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 2, 0, [(999999, 0, 7)])  # no such grant
+    rig.enc.discard(rig.ring, 3, 0, 8, secure=True)
+    rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 4, 0, [(rig.data.refs[0], 0, 7)])
+    assert rig.run() == [(1, 0, ERROR), (2, 0, ERROR), (3, c.BLKIF_OP_DISCARD, NOTSUP),
+                         (4, 0, OKAY)]
+    assert rig.server.stats.errors == 3
+
+
+def test_read_into_a_read_only_grant_fails(hypervisor, image):
+    rig = Rig(hypervisor, image)
+    ro = rig.front.grant_pages(0, 1, readonly=True)
+    rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 5, 0, [(ro.refs[0], 0, 7)])
+    assert rig.run() == [(5, 0, ERROR)]
+    assert ro.buffer[:] == bytes(4096)
+    ro.close()
+    rig.close()
+
+
+def test_write_to_read_only_vbd_is_refused_and_file_untouched(hypervisor, image):
+    before = image.read_bytes()
+    rig = Rig(hypervisor, image, readonly=True)
+    rig.enc.rw(rig.ring, c.BLKIF_OP_WRITE, 6, 0, [(rig.data.refs[0], 0, 7)])
+    rig.enc.discard(rig.ring, 7, 0, 8)
+    assert [r[2] for r in rig.run()] == [ERROR, ERROR]
+    assert image.read_bytes() == before
+    rig.close()
+
+
+def test_persistent_grants_are_mapped_once_and_reused(hypervisor, image):
+    rig = Rig(hypervisor, image, persistent=True)
+    for round_ in range(3):
+        rig.data.buffer[:8192] = bytes([round_]) * 8192
+        rig.enc.rw(rig.ring, c.BLKIF_OP_WRITE, round_, 0, [(rig.data.refs[0], 0, 7),
+                                                            (rig.data.refs[1], 0, 7)])
+        assert rig.run() == [(round_, 1, OKAY)]
+        assert image.read_bytes()[:8192] == bytes([round_]) * 8192
+    assert rig.server.stats.persistent_grants == 2
+    assert rig.server.stats.mapped_grants == 0
+    rig.close()
+
+
+def test_ring_overrun_raises_for_the_device_to_shut_down(rig):
+    rig.ring.sring.req_prod = rig.ring.size + 5
+    with pytest.raises(RemoteProtocolError, match="overruns"):
+        rig.server.service()
