@@ -1,0 +1,1 @@
+"""The blkif frontend: what a guest's block driver does, as a library."""
