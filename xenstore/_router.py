@@ -14,6 +14,8 @@
 #   (RESET_WATCHES, DIRECTORY_PART).  We build packets with ``make_packet``
 #   and talk to the router directly, so values are arbitrary bytes.
 # - ``next_rq_id`` is a global unlocked counter; we count per connection.
+# - ``PacketConnection.recv`` builds a Packet, so a reply with an op pyxs
+#   does not know (DIRECTORY_PART) kills the router; ``_AnyOpRecv`` fixes it.
 # - A failed connect leaks the socket; ``SocketConnection`` closes it.
 # - ``terminate`` on a never-started or already-dead router leaks the
 #   terminator socketpair; ours always closes everything and joins.
@@ -24,7 +26,8 @@ import select
 
 from pyxs._internal import NUL, Op as PyxsOp, Packet
 from pyxs.client import Router as _PyxsRouter
-from pyxs.connection import UnixSocketConnection, XenBusConnection  # noqa: F401
+from pyxs.connection import UnixSocketConnection
+from pyxs.connection import XenBusConnection as _PyxsXenBusConnection
 from pyxs.exceptions import ConnectionError as PyxsConnectionError
 
 from .wire import Op
@@ -70,7 +73,28 @@ class _Transport:
         self.sock.close()
 
 
-class SocketConnection(UnixSocketConnection):
+class _AnyOpRecv:
+    """``recv`` that accepts every op number the daemon may answer with."""
+
+    def recv(self):
+        if not self.is_connected:
+            raise PyxsConnectionError("not connected")
+        try:
+            header = self.transport.recv(Packet._struct.size)
+            op, rq_id, tx_id, size = Packet._struct.unpack(header)
+            payload = self.transport.recv(size) if size else b""
+        except OSError as e:
+            self.close()
+            raise PyxsConnectionError("error while reading from %r: %s"
+                                      % (self.path, e))
+        return make_packet(op, payload, rq_id, tx_id)
+
+
+class XenBusConnection(_AnyOpRecv, _PyxsXenBusConnection):
+    """pyxs' /dev/xen/xenbus connection, accepting every reply op."""
+
+
+class SocketConnection(_AnyOpRecv, UnixSocketConnection):
     """pyxs' Unix socket connection without the fd leak on a failed connect."""
 
     def create_transport(self):
