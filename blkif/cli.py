@@ -13,10 +13,12 @@ import sys
 
 from blkif import __version__
 from blkif.errors import BlkifError, UsageError
+from xenstore import XenstoreError
 
 # name: (module, one-line help)
 COMMANDS = {
     "calc": ("blkif.calc", "ring-size calculator: slots, segments and bytes in flight"),
+    "vbd": ("blkif.toolstack", "create, destroy and list VBDs in xenstore as libxl does"),
 }
 
 
@@ -62,7 +64,7 @@ def main(argv=None):
     except UsageError as exc:
         print("blkif: error: %s" % exc, file=sys.stderr)
         return 2
-    except (BlkifError, OSError) as exc:
+    except (BlkifError, XenstoreError, OSError) as exc:
         print("blkif: error: %s" % exc, file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,0 +1,178 @@
+"""Create and remove VBDs in xenstore the way libxl does, without xl.
+
+A VBD is two directories, both starting in Initialising:
+
+- backend ``/local/domain/<backend>/backend/vbd/<domid>/<devid>``: owned by
+  the backend domain, readable by the guest;
+- frontend ``/local/domain/<domid>/device/vbd/<devid>``: owned by the guest,
+  readable by the backend.
+
+``devid`` comes from the vdev name as docs/misc/vbd-interface.txt defines it
+(:func:`vdev_to_devid`).
+"""
+import os
+import re
+
+from blkif.errors import UsageError
+from xenstore import XenbusState
+
+_XVD = re.compile(r"^xvd([a-z]+)(\d*)$")
+_SD_HD = re.compile(r"^(sd|hd)([a-z]+)(\d*)$")
+_DP = re.compile(r"^d(\d+)(?:p(\d+))?$")
+_HD_MAJORS = [3, 22, 33, 34]  # hda-hdb, hdc-hdd, hde-hdf, hdg-hdh
+
+
+def _disk_index(letters):
+    n = 0
+    for ch in letters:
+        n = n * 26 + (ord(ch) - ord("a") + 1)
+    return n - 1
+
+
+def vdev_to_devid(vdev):
+    """``xvda`` -> 51712, ``xvdb3`` -> 51731, ``sda`` -> 2048, ``d0p1`` -> 51713.
+
+    Raises UsageError for a name the interface does not define.
+    """
+    vdev = vdev.strip()
+    if vdev.isdigit():
+        return int(vdev)
+    m = _XVD.match(vdev) or _SD_HD.match(vdev) or _DP.match(vdev)
+    if not m:
+        raise UsageError("unknown virtual device name %r (try xvda, sdb, hdc or d0p1)" % vdev)
+    if m.re is _DP:
+        disk, part = int(m.group(1)), int(m.group(2) or 0)
+        kind = "xvd"
+    elif m.re is _XVD:
+        kind, disk, part = "xvd", _disk_index(m.group(1)), int(m.group(2) or 0)
+    else:
+        kind, disk, part = m.group(1), _disk_index(m.group(2)), int(m.group(3) or 0)
+    if kind == "xvd":
+        if disk < 16 and part < 16:
+            return (202 << 8) | (disk << 4) | part
+        if disk < (1 << 20) and part < 256:
+            return (1 << 28) | (disk << 8) | part
+    elif kind == "sd" and disk < 16 and part < 16:
+        return (8 << 8) | (disk << 4) | part
+    elif kind == "hd" and disk < 8 and part < 64:
+        return (_HD_MAJORS[disk // 2] << 8) | ((disk % 2) << 6) | part
+    raise UsageError("virtual device %r is out of range" % vdev)
+
+
+def backend_path(backend_domid, domid, devid):
+    return "/local/domain/%d/backend/vbd/%d/%d" % (backend_domid, domid, devid)
+
+
+def frontend_path(domid, devid):
+    return "/local/domain/%d/device/vbd/%d" % (domid, devid)
+
+
+def create(xs, domid, vdev, target, mode="w", backend_domid=0):
+    """Write both directories of a new VBD; returns its devid."""
+    if mode not in ("r", "w"):
+        raise UsageError("mode must be r or w, not %r" % mode)
+    if domid == backend_domid:
+        raise UsageError("a VBD's guest and backend must be different domains")
+    devid = vdev_to_devid(vdev)
+    back = backend_path(backend_domid, domid, devid)
+    front = frontend_path(domid, devid)
+    if xs.exists(back) or xs.exists(front):
+        raise UsageError("VBD %s (devid %d) of domain %d already exists" % (vdev, devid, domid))
+    init = str(int(XenbusState.Initialising))
+    backend_nodes = {
+        "frontend": front, "frontend-id": str(domid), "params": os.path.abspath(target),
+        "mode": mode, "online": "1", "removable": "0", "bootable": "1", "state": init,
+        "dev": vdev, "type": "file", "device-type": "disk", "discard-enable": "1",
+    }
+    frontend_nodes = {
+        "backend": back, "backend-id": str(backend_domid), "state": init,
+        "virtual-device": str(devid), "device-type": "disk",
+    }
+    for txn in xs.transactions():
+        with txn:
+            for path, nodes, owner, reader in ((back, backend_nodes, backend_domid, domid),
+                                               (front, frontend_nodes, domid, backend_domid)):
+                txn.mkdir(path)
+                txn.set_perms(path, ["n%d" % owner, "r%d" % reader])
+                for key, value in nodes.items():
+                    txn.write("%s/%s" % (path, key), value)
+    return devid
+
+
+def destroy(xs, domid, vdev, backend_domid=0):
+    """Remove both directories (the backend sees them go and closes the device)."""
+    devid = vdev_to_devid(vdev)
+    back = backend_path(backend_domid, domid, devid)
+    front = frontend_path(domid, devid)
+    if not xs.exists(back) and not xs.exists(front):
+        raise UsageError("no VBD %s (devid %d) for domain %d" % (vdev, devid, domid))
+    for txn in xs.transactions():
+        with txn:
+            for path in (front, back):
+                if txn.exists(path):
+                    txn.rm(path)
+    return devid
+
+
+def list_vbds(xs, backend_domid=0):
+    """Every VBD under our backend directory: dicts with both ends' states."""
+    root = "/local/domain/%d/backend/vbd" % backend_domid
+    out = []
+    for domid in sorted(xs.list(root) if xs.exists(root) else [], key=int):
+        for devid in sorted(xs.list("%s/%s" % (root, domid)), key=int):
+            back = "%s/%s/%s" % (root, domid, devid)
+            front = xs.read_str(back + "/frontend", "")
+            out.append({
+                "domid": int(domid), "devid": int(devid),
+                "vdev": xs.read_str(back + "/dev", ""),
+                "params": xs.read_str(back + "/params", ""),
+                "mode": xs.read_str(back + "/mode", ""),
+                "backend_state": xs.read_state(back + "/state").name,
+                "frontend_state": xs.read_state(front + "/state").name if front else "Unknown",
+            })
+    return out
+
+
+def add_arguments(parser):
+    parser.add_argument("--xenstore", metavar="PATH",
+                        help="xenstored socket (default: $XENSTORED_PATH or the system's)")
+    parser.add_argument("--backend-domid", type=int, default=0, metavar="N")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create_p = sub.add_parser("create", help="write a new VBD's nodes (both in Initialising)")
+    create_p.add_argument("--domid", type=int, required=True, help="the guest")
+    create_p.add_argument("--vdev", required=True, help="xvda, sdb, hdc, d0p1 or a number")
+    create_p.add_argument("--target", required=True, help="image file or block device")
+    create_p.add_argument("--mode", default="w", choices=["r", "w"])
+    destroy_p = sub.add_parser("destroy", help="remove a VBD's nodes")
+    destroy_p.add_argument("--domid", type=int, required=True)
+    destroy_p.add_argument("--vdev", required=True)
+    list_p = sub.add_parser("list", help="every VBD with both ends' states")
+    list_p.add_argument("--json", action="store_true")
+
+
+def run(args):
+    import json
+
+    from xenstore import Xenstore
+
+    with Xenstore.open(args.xenstore) as xs:
+        if args.action == "create":
+            if not os.path.exists(args.target):
+                raise UsageError("target %s does not exist" % args.target)
+            devid = create(xs, args.domid, args.vdev, args.target, args.mode,
+                           args.backend_domid)
+            print(backend_path(args.backend_domid, args.domid, devid))
+        elif args.action == "destroy":
+            destroy(xs, args.domid, args.vdev, args.backend_domid)
+        else:
+            rows = list_vbds(xs, args.backend_domid)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                print("%-6s %-6s %-6s %-4s %-13s %-13s %s" % (
+                    "domid", "devid", "vdev", "mode", "backend", "frontend", "target"))
+                for r in rows:
+                    print("%-6d %-6d %-6s %-4s %-13s %-13s %s" % (
+                        r["domid"], r["devid"], r["vdev"], r["mode"], r["backend_state"],
+                        r["frontend_state"], r["params"]))
+    return 0
