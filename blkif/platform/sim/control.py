@@ -35,8 +35,9 @@ def _spawn(directory, detached):
         watch_r, watch_w = os.pipe()
         args += ["--watch-fd", str(watch_r)]
         pass_fds.append(watch_r)
+    quiet = subprocess.DEVNULL if detached else None  # a detached one keeps no pipes
     proc = subprocess.Popen(args, pass_fds=pass_fds, start_new_session=detached,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, stdout=quiet, stderr=quiet)
     os.close(ready_w)
     if not detached:
         os.close(watch_r)
