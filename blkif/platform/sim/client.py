@@ -144,7 +144,12 @@ class SimPlatform(Platform):
 
     def grant_copy(self, ops):
         self._check_open()
-        ops = list(ops)
+        ops, statuses = list(ops), []
+        for first in range(0, len(ops), protocol.MAX_COPY_OPS):
+            statuses += self._grant_copy(ops[first:first + protocol.MAX_COPY_OPS])
+        return statuses
+
+    def _grant_copy(self, ops):
         wire = [[[s.domid, s.ref, s.offset] if isinstance(s, GrantRef) else None
                  for s in (op.source, op.dest)] for op in ops]
         reply, fds = self._call({"op": "copy", "ops": wire})

@@ -11,10 +11,12 @@ import socket
 
 SOCKET_NAME = "hypervisor.sock"
 PID_NAME = "hypervisor.pid"
-MAX_MESSAGE = 1 << 20
+MAX_MESSAGE = 1 << 17  # small enough that every recv buffer stays cheap
 MAX_FDS = 16
-# The most refs one map or copy may name: keeps every message far below MAX_MESSAGE.
+# Limits that keep every message below MAX_MESSAGE: refs per map or grant
+# call, ops per copy request (the client splits longer copies).
 MAX_REFS = 8192
+MAX_COPY_OPS = 1024
 
 
 def socket_path(directory):
