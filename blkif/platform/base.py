@@ -164,7 +164,8 @@ class CopyOp:
                 raise LocalProtocolError("negative copy offset")
             if isinstance(side, GrantRef) and side.offset + self.length > PAGE_SIZE:
                 raise LocalProtocolError("grant copy may not cross a page boundary")
-            if isinstance(side, Local) and side.offset + self.length > len(memoryview(side.buffer).cast("B")):
+            if isinstance(side, Local) and side.offset + self.length > memoryview(
+                    side.buffer).nbytes:
                 raise LocalProtocolError("grant copy runs past the local buffer")
         if isinstance(self.source, Local) and isinstance(self.dest, Local):
             raise LocalProtocolError("grant copy needs a grant on at least one side")

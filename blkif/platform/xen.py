@@ -76,6 +76,8 @@ class XenPlatform(Platform):
     # -- grants (gntalloc) --------------------------------------------------
 
     def grant_pages(self, remote_domid, count, readonly=False):
+        if not 0 < count <= 0xFFFF:
+            raise LocalProtocolError("grant count must be 1..65535")
         fd = self._device("gntalloc")
         size = ffi.sizeof("struct ioctl_gntalloc_alloc_gref") + 4 * (count - 1)
         raw = ffi.new("char[]", size)
@@ -102,6 +104,8 @@ class XenPlatform(Platform):
         fd = self._device("gntdev")
         refs = [int(r) for r in refs]
         count = len(refs)
+        if not count:
+            raise LocalProtocolError("map_grants needs at least one ref")
         size = ffi.sizeof("struct ioctl_gntdev_map_grant_ref") + 8 * (count - 1)
         raw = ffi.new("char[]", size)
         op = ffi.cast("struct ioctl_gntdev_map_grant_ref *", raw)
@@ -202,11 +206,14 @@ def _unmap_grant_ref(fd, index, count):
     _ioctl(fd, lib.IOCTL_GNTDEV_UNMAP_GRANT_REF, op)
 
 
-def _release(region, view):
-    view.release()
+def _release(obj):
+    """Unmap ``obj._region``; refuse (leaving it usable) while the caller
+    still holds memoryviews of it."""
+    obj._view.release()
     try:
-        region.close()
+        obj._region.close()
     except BufferError:
+        obj._view = memoryview(obj._region)
         raise LocalProtocolError(
             "release every memoryview of the pages before unmapping them") from None
 
@@ -240,7 +247,7 @@ class XenGrantedPages(GrantedPages):
     def close(self):
         self.end_access()
         if not self._region.closed:
-            _release(self._region, self._view)
+            _release(self)
         self._platform._objects.discard(self)
 
 
@@ -266,7 +273,7 @@ class XenMapping(Mapping):
     def unmap(self):
         if self._region.closed:
             return
-        _release(self._region, self._view)
+        _release(self)
         _unmap_grant_ref(self._fd, self._index, len(self.refs))
         self._platform._objects.discard(self)
 

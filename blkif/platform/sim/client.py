@@ -43,15 +43,19 @@ def _raise_for(reply):
         raise EventChannelError(reply["errno"], what)
     if kind == "usage":
         raise LocalProtocolError(what)
+    if kind == "os":
+        raise PlatformError("sim hypervisor: %s" % what)
     raise PlatformError("sim hypervisor refused: %r" % (reply,))
 
 
-def _close_region(region, view):
-    """Release our view and unmap; refuse while the caller holds views."""
-    view.release()
+def _close_region(obj):
+    """Unmap ``obj._region``; refuse (leaving it usable) while the caller
+    still holds memoryviews of it."""
+    obj._view.release()
     try:
-        region.close()
+        obj._region.close()
     except BufferError:
+        obj._view = memoryview(obj._region)
         raise LocalProtocolError(
             "release every memoryview of the pages before unmapping them") from None
 
@@ -79,7 +83,11 @@ class SimPlatform(Platform):
             raise PlatformUnavailable("no sim hypervisor at %s: %s (start one with "
                                       "`python -m blkif.platform.sim start %s`)"
                                       % (path, exc.strerror, path)) from None
-        reply, fds = self._call({"op": "hello", "domid": self.domid})
+        try:
+            reply, fds = self._call({"op": "hello", "domid": self.domid})
+        except BaseException:
+            self._sock.close()
+            raise
         gnttab_fd, self._memory_fd = fds
         self._gnttab = mmap.mmap(gnttab_fd, reply["gnttab_size"], prot=mmap.PROT_READ)
         os.close(gnttab_fd)
@@ -244,7 +252,7 @@ class SimGrantedPages(GrantedPages):
             except PlatformUnavailable:
                 pass  # the hypervisor is gone: nothing left to revoke
         if not self._region.closed:
-            _close_region(self._region, self._view)
+            _close_region(self)
         self._platform._objects.discard(self)
 
 
@@ -267,7 +275,7 @@ class SimMapping(Mapping):
     def unmap(self):
         if self._region.closed:
             return
-        _close_region(self._region, self._view)
+        _close_region(self)
         self._platform._objects.discard(self)
         try:
             self._platform._call({"op": "unmap", "handle": self._handle})

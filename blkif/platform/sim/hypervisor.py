@@ -82,7 +82,15 @@ class Hypervisor:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         path = protocol.socket_path(directory)
         if os.path.exists(path):
-            os.unlink(path)  # stale, from a hypervisor that was killed
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale, from a hypervisor that was killed
+            else:
+                raise RuntimeError("a sim hypervisor already serves %s" % directory)
+            finally:
+                probe.close()
         self._listener.bind(path)
         self._listener.listen(64)
         self._sel.register(self._listener, selectors.EVENT_READ, "accept")
@@ -165,6 +173,8 @@ class Hypervisor:
             reply = refusal.reply
         except (KeyError, TypeError, ValueError) as exc:
             reply = dict(ok=False, kind="usage", message="bad request: %r" % (exc,))
+        except OSError as exc:  # e.g. out of memory for a memfd: refuse, keep serving
+            reply = dict(ok=False, kind="os", message=str(exc))
         try:
             protocol.send(conn.sock, reply, out_fds)
         except OSError:
@@ -306,6 +316,9 @@ class Hypervisor:
     def _op_map_notify(self, conn, message):
         handle = int(message["handle"])
         granter, refs, writable, _ = conn.maps[handle]
+        if message.get("offset") is not None and not writable:
+            raise Refused("usage", message="gntdev clears a notify byte only in a "
+                          "writable mapping")
         notify = self._notify_spec(conn, message, len(refs))
         offset = message.get("offset")
         page = offset // PAGE_SIZE if offset is not None else 0
