@@ -95,21 +95,22 @@ def parse_ldd(text):
     return paths
 
 
-def busybox_applets(manifest, applets, bindir="/bin"):
-    """Symlink every applet name to busybox (skipping paths already present)."""
+def busybox_applets(manifest, applets, bindir="/bin", exclude=()):
+    """Symlink each applet name to busybox, except the names in ``exclude``
+    (real tools shadowing busybox's: its mke2fs knows no ``-t``)."""
     for applet in applets:
         path = "%s/%s" % (bindir, applet)
-        if path not in manifest.entries:
+        if applet not in exclude and path not in manifest.entries:
             manifest.symlink(path, "busybox")
 
 
-def _base(manifest, busybox, applets):
+def _base(manifest, busybox, applets, exclude=()):
     for d in ("/proc", "/sys", "/dev", "/tmp", "/mnt", "/run", "/sbin", "/etc"):
         manifest.dir(d)
     manifest.chardev("/dev/console", 5, 1)
     manifest.chardev("/dev/null", 1, 3, mode=0o666)
     manifest.file("/bin/busybox", source=busybox, mode=0o755)
-    busybox_applets(manifest, applets)
+    busybox_applets(manifest, applets, exclude=exclude)
 
 
 def dom0_init(module_paths, workdir):
@@ -162,7 +163,8 @@ def guest_manifest(busybox, applets, modules_root, module_paths, tools, plan_tex
     ``tools`` maps each tool's path to the library paths ldd gave for it.
     """
     m = Manifest()
-    _base(m, busybox, applets)
+    shadowed = {os.path.basename(p) for p in list(tools) + list(GUEST_TOOL_LINKS)}
+    _base(m, busybox, applets, exclude=shadowed)
     for path in module_paths:
         m.file("/lib/modules/" + path, source=os.path.join(modules_root, path))
     m.file(
@@ -189,7 +191,8 @@ GUEST_INIT = r"""#!/bin/sh
 # labblk=a=1,b=2 on the kernel command line), runs the workload for
 # labmode=full|verify on /dev/xvda and reports "LAB <KIND> ..." lines on the
 # console, ending with "LAB DONE rc=N"; then idles until destroyed.
-export PATH=/bin:/sbin
+# Debian's busybox sh prefers its own applets to PATH: real tools by full path.
+export PATH=/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -222,7 +225,7 @@ say "VALUE max_segments=$(cat $q/max_segments)" \
   "max_hw_sectors_kb=$(cat $q/max_hw_sectors_kb)" \
   "discard_max_bytes=$(cat $q/discard_max_bytes)" \
   "write_cache=$(tr ' ' _ < $q/write_cache)" \
-  "nr_queues=$(ls /sys/block/xvda/mq | wc -l)" \
+  "nr_queues=$(set -- /sys/block/xvda/mq/*; echo $#)" \
   "sectors=$(cat /sys/block/xvda/size)"
 dmesg | grep -i blkfront | while read -r l; do say "DMESG $l"; done
 
@@ -232,7 +235,7 @@ rand() { dd if=/dev/urandom of="$1" bs="$2" count=1 iflag=fullblock 2>/dev/null;
 
 fs_check() {
   t0=$(now)
-  mke2fs -q -t ext4 -F /dev/xvda > /tmp/mkfs.log 2>&1 \
+  /sbin/mke2fs -q -t ext4 -F /dev/xvda > /tmp/mkfs.log 2>&1 \
     || { check fs fail "mke2fs: $(tail -1 /tmp/mkfs.log)"; return; }
   mount -t ext4 /dev/xvda /mnt || { check fs fail "mount ext4 failed"; return; }
   for n in 4096 65536 1048576 3145728; do rand /mnt/f$n $n; done
@@ -243,7 +246,7 @@ fs_check() {
   (cd /mnt && md5sum -c /tmp/fs.md5 > /dev/null 2>&1); r=$?
   umount /mnt
   [ $r = 0 ] || { check fs fail "files differ after remount"; return; }
-  e2fsck -fn /dev/xvda > /tmp/fsck.log 2>&1 \
+  /sbin/e2fsck -fn /dev/xvda > /tmp/fsck.log 2>&1 \
     || { check fs fail "e2fsck: $(tail -1 /tmp/fsck.log)"; return; }
   check fs pass "mkfs.ext4, 4 files, remount md5 ok, e2fsck -fn clean (${t0}s-$(now)s)"
 }

@@ -1,0 +1,172 @@
+"""``blkif lab``: boot a real Xen host in QEMU and prove blkif against Linux.
+
+Order of work: prerequisites (Debian packages, installed when missing and
+root), build, boot, then the phases ``--only`` selects (boot and dom0 are
+implied by any later one).  A failing step ends the run; QEMU is stopped in
+every case.  Exit status 0 only when no check failed.
+"""
+import os
+import subprocess
+import sys
+import time
+
+from blkif.errors import BlkifError, UsageError
+from blkif.lab import phases
+from blkif.lab.report import Report, format_failure, format_table
+
+# Debian package -> a file that proves it is installed (dom0 uses the host's).
+PACKAGES = {
+    "qemu-system-x86": "/usr/bin/qemu-system-x86_64",
+    "xen-hypervisor-4.17-amd64": "/boot/xen-4.17-amd64.gz",
+    "xen-utils-4.17": "/usr/lib/xen-4.17/bin/xenstored",
+    "xenstore-utils": "/usr/bin/xenstore-ls",
+    "linux-image-amd64": None,  # checked by initramfs.find_kernel
+    "busybox-static": "/bin/busybox",
+    "e2fsprogs": "/sbin/mke2fs",
+}
+
+
+def missing_packages(exists=os.path.exists, installed=None):
+    """Packages whose proof file is missing (or dpkg says absent)."""
+    missing = []
+    for package, proof in PACKAGES.items():
+        if proof is not None:
+            ok = exists(proof)
+        else:
+            ok = installed(package) if installed else _dpkg_installed(package)
+        if not ok:
+            missing.append(package)
+    return missing
+
+
+def _dpkg_installed(package):
+    out = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package],
+                         capture_output=True, text=True)
+    return out.returncode == 0 and out.stdout.endswith("installed")
+
+
+def ensure_packages():
+    """Install missing packages as root; BlkifError naming them otherwise."""
+    missing = missing_packages()
+    if not missing:
+        return "all present"
+    if os.geteuid() != 0:
+        raise BlkifError("missing packages (run as root, or apt-get install "
+                         "--no-install-recommends %s)" % " ".join(missing))
+    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends"] + missing
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if out.returncode != 0:
+        raise BlkifError("apt-get install %s failed: %s" % (
+            " ".join(missing), (out.stderr.strip().splitlines() or ["?"])[-1]))
+    return "installed " + " ".join(missing)
+
+
+def parse_only(text):
+    """``--only`` text -> the set of phases to run (boot/dom0 implied).
+
+    Raises UsageError for an unknown phase.
+    """
+    if not text:
+        return set(phases.PHASES)
+    chosen = {p.strip() for p in text.split(",") if p.strip()}
+    unknown = chosen - set(phases.PHASES)
+    if unknown:
+        raise UsageError("unknown phase %s (choose from %s)" % (
+            ", ".join(sorted(unknown)), ",".join(phases.PHASES)))
+    if chosen - {"boot"}:
+        chosen.add("dom0")
+    chosen.add("boot")
+    return chosen
+
+
+def add_arguments(parser):
+    parser.add_argument("--workdir", default=None,
+                        help="artifacts and logs (default: lab-work/ in the project)")
+    parser.add_argument("--timeout", type=int, default=600,
+                        help="seconds for the whole run (default 600)")
+    parser.add_argument("--only", metavar="PHASES",
+                        help="comma list of %s (default: all)" % ",".join(phases.PHASES))
+    parser.add_argument("--seed", type=int, default=None,
+                        help="workload plan seed (default: from the clock; printed)")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave Xen running after the phases until Ctrl-C "
+                             "(drive dom0 through WORKDIR/ctl, see docs/lab.md)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args):
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    chosen = parse_only(args.only)
+    workdir = args.workdir or os.path.join(phases._project_root(), "lab-work")
+    seed = args.seed if args.seed is not None else int(time.time()) % 100000
+    report = Report()
+    lab = phases.Lab(workdir, report, timeout=args.timeout)
+    started = time.monotonic()
+    progress = sys.stderr
+
+    def step(phase, check, fn, *fn_args):
+        print("lab: %s: %s ..." % (phase, check), file=progress, flush=True)
+        return lab.timed(phase, check, fn, *fn_args)
+
+    try:
+        step("setup", "packages", ensure_packages)
+        step("setup", "build", lab.build, seed)
+        step("boot", "xen+dom0 to agent", lab.boot)
+        if "dom0" in chosen:
+            step("dom0", "xen tools up", lab.setup_dom0)
+        if "baseline" in chosen:
+            print("lab: baseline: linux blkback vs linux blkfront ...", file=progress, flush=True)
+            lab.baseline()
+        for name, why in (("backend", phases.available_backend()),
+                          ("frontend", phases.available_frontend())):
+            if name in chosen:
+                if why:
+                    report.add(name, "our %s" % name, "skip", why)
+                else:
+                    step(name, "our %s" % name, getattr(lab, name))
+        if args.keep:
+            keep_running(lab, progress)
+    except phases.StepFailed as exc:
+        phase, _, check = exc.step.partition(": ")
+        report.add(phase, check or phase, "fail", exc.detail)
+        report.failure = failure_context(lab, exc)
+    except BlkifError as exc:
+        report.add("lab", "error", "fail", str(exc))
+        report.failure = failure_context(lab, phases.StepFailed("lab", str(exc)))
+    finally:
+        report.add("cleanup", "qemu stopped", "pass", lab.close())
+        report.seconds = time.monotonic() - started
+    print(report.as_json() if args.json else format_table(report))
+    if report.failure:
+        print(format_failure(report.failure), file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def failure_context(lab, exc):
+    guest_tail = ""
+    if os.path.isdir(lab.console):
+        logs = sorted((os.path.getmtime(p), p) for p in
+                      (os.path.join(lab.console, n) for n in os.listdir(lab.console))
+                      if p.endswith(".log") and "guest-" in p)
+        if logs:
+            with open(logs[-1][1], errors="replace") as f:
+                guest_tail = f.read()[-8000:]
+    return {
+        "step": exc.step,
+        "detail": exc.detail,
+        "dom0_output": exc.output[-4000:],
+        "serial_tail": lab.serial_tail(),
+        "guest_tail": guest_tail,
+    }
+
+
+def keep_running(lab, out):
+    print("lab: --keep: Xen is running (QEMU pid %d); run dom0 commands by writing "
+          "%s/ctl/cmd/NNNN.sh; Ctrl-C stops it" % (lab.qemu.pid, lab.workdir), file=out, flush=True)
+    try:
+        while lab.qemu.alive():
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass

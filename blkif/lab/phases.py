@@ -1,0 +1,326 @@
+"""The lab's phases, run in order against one Xen host.
+
+    build     unpack Xen, write both initramfs images and dom0's init
+    boot      QEMU up to dom0's command agent (blkif.lab.control)
+    dom0      xen modules, xenfs, xenstored, xen-init-dom0, xenconsoled
+    baseline  Linux xen-blkback on a loop device serving a PV guest's
+              xen-blkfront: verified workload, negotiated values from
+              both sides of xenstore, xl destroy, a second xl create
+    backend   our ``blkif serve`` vs Linux blkfront   (when available)
+    frontend  our ``blkif.frontend`` vs Linux blkback (when available)
+
+Every step has a deadline (its own timeout, capped by the run's); a step that
+fails raises StepFailed, which ends the run after recording the step and the
+console tails.  ``Lab.close`` always stops QEMU.  Guests are driven by
+``run_guest``: xl create, wait for ``LAB DONE`` on the console log that
+xenconsoled writes into the share, then one report row per guest check.
+"""
+import importlib.util
+import os
+import shlex
+import time
+
+from blkif.errors import BlkifError
+from blkif.lab import control, initramfs, qemu, workload
+
+PHASES = ("boot", "dom0", "baseline", "backend", "frontend")
+XEN_BIN = "/usr/lib/xen-4.17/bin"
+DISK_BYTES = 64 << 20
+GUEST_MEMORY_MB = 256
+GUEST_VCPUS = 2
+# xen-blkfront parameters for the guest (its init passes them to insmod).
+BLKFRONT_PARAMS = "max_queues=2,max_ring_page_order=2,max_indirect_segments=32"
+VDEV = "xvda"
+DEVID = 51712  # xvda: (202 << 8) | (0 << 4), docs/misc/vbd-interface.txt
+
+# Steps' own timeouts in seconds (measured times are in docs/lab.md).
+TIMEOUTS = {
+    "boot": 180,
+    "dom0": 90,
+    "create": 120,
+    "guest": 300,
+    "destroy": 60,
+    "command": 60,
+}
+
+DOM0_SETUP = """modprobe -a xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd
+mountpoint -q /proc/xen || mount -t xenfs xenfs /proc/xen
+{bin}/xenstored --pid-file /run/xenstored.pid
+{bin}/xen-init-dom0
+mkdir -p {console}
+{bin}/xenconsoled --log=all --log-dir={console} --pid-file=/run/xenconsoled.pid
+for d in evtchn gntdev gntalloc privcmd xenbus xenbus_backend; do
+  [ -e /dev/xen/$d ] || {{ echo "missing /dev/xen/$d"; exit 1; }}
+done
+xl info | grep -E '^(xen_version|nr_cpus|total_memory|free_memory)'
+"""
+
+
+class StepFailed(BlkifError):
+    def __init__(self, step, detail, output=""):
+        BlkifError.__init__(self, "%s: %s" % (step, detail))
+        self.step = step
+        self.detail = detail
+        self.output = output
+
+
+def xl_config(name, kernel, ramdisk, disk, extra, memory=GUEST_MEMORY_MB, vcpus=GUEST_VCPUS):
+    """Text of an ``xl create`` config for a PV guest with one disk spec."""
+    lines = [
+        ("name", repr(name)),
+        ("type", '"pv"'),
+        ("kernel", repr(kernel)),
+        ("ramdisk", repr(ramdisk)),
+        ("extra", repr(extra)),
+        ("memory", str(memory)),
+        ("vcpus", str(vcpus)),
+        ("disk", "[%r]" % disk),
+        ("on_crash", '"preserve"'),
+    ]
+    return "".join("%s = %s\n" % line for line in lines).replace("'", '"')
+
+
+def guest_extra(mode, blkfront=BLKFRONT_PARAMS):
+    return "console=hvc0 quiet labmode=%s labblk=%s" % (mode, blkfront)
+
+
+def available_backend():
+    """Why ``blkif serve`` cannot run yet, or None when it can."""
+    from blkif.cli import COMMANDS
+
+    return None if "serve" in COMMANDS else "not yet available: no `blkif serve` command"
+
+
+def available_frontend():
+    """Why our frontend phase cannot run yet, or None when it can."""
+    if importlib.util.find_spec("blkif.frontend") is None:
+        return "not yet available: no blkif.frontend module"
+    if importlib.util.find_spec("blkif.lab.frontend_check") is None:
+        return "not yet available: blkif.frontend exists, blkif/lab/frontend_check.py does not"
+    return None
+
+
+class Lab:
+    """One run: the work directory, QEMU, dom0's agent and the report."""
+
+    def __init__(self, workdir, report, timeout=600, python=None):
+        self.workdir = os.path.abspath(workdir)
+        self.report = report
+        self.deadline = time.monotonic() + timeout
+        self.python = python or os.path.join(_project_root(), ".venv", "bin", "python")
+        self.logs = os.path.join(self.workdir, "logs")
+        self.console = os.path.join(self.workdir, "console")
+        self.qemu = None
+        self.dom0 = control.Dom0(self.workdir, alive=self._alive)
+        self.kernel = None
+        self.plan = None
+        self.guests = {}  # name -> ConsoleReport
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _alive(self):
+        return self.qemu is not None and self.qemu.alive()
+
+    def budget(self, step_timeout):
+        """``step_timeout`` capped by what is left of the run's."""
+        left = self.deadline - time.monotonic()
+        if left <= 1:
+            raise StepFailed("budget", "the run's --timeout is used up")
+        return max(1, min(step_timeout, int(left)))
+
+    def sh(self, step, body, timeout=TIMEOUTS["command"], check=True):
+        """Run ``body`` in dom0; StepFailed on a non-zero status when ``check``."""
+        try:
+            result = self.dom0.run(body, self.budget(timeout))
+        except control.Dom0Error as exc:
+            raise StepFailed(step, str(exc))
+        if check and not result.ok:
+            reason = "timed out" if result.rc == 124 else "exit status %d" % result.rc
+            last = result.out.strip().splitlines()[-1:] or [""]
+            raise StepFailed(step, "%s: %s" % (reason, last[0]), result.out)
+        return result
+
+    def timed(self, phase, check, fn, *args):
+        """Run ``fn``, add a pass row with its detail (a string) and wall time."""
+        start = time.monotonic()
+        detail = fn(*args)
+        self.report.add(phase, check, "pass", detail or "", time.monotonic() - start)
+        return detail
+
+    def console_log(self, name):
+        return os.path.join(self.console, "guest-%s.log" % name)
+
+    def serial_tail(self):
+        try:
+            with open(os.path.join(self.logs, "serial.log"), errors="replace") as f:
+                return f.read()[-20000:]
+        except OSError:
+            return ""
+
+    # -- build and boot ---------------------------------------------------
+
+    def build(self, seed):
+        for d in (self.workdir, self.logs, self.console, os.path.join(self.workdir, "guests")):
+            os.makedirs(d, exist_ok=True)
+        version, vmlinuz = initramfs.find_kernel()
+        self.kernel = vmlinuz
+        xen = qemu.unpack_xen(os.path.join(self.workdir, "xen"))
+        dom0_cpio = os.path.join(self.workdir, "dom0.cpio")
+        size0 = initramfs.build_dom0(dom0_cpio, version, self.workdir)
+        with open(os.path.join(self.workdir, "dom0-init.sh"), "w") as f:
+            f.write(control.dom0_init(self.workdir))
+        self.plan = workload.make_plan(seed, DISK_BYTES)
+        discard = "%d %d\n" % workload.discard_range(DISK_BYTES)
+        guest_cpio = os.path.join(self.workdir, "guest.cpio")
+        size1 = initramfs.build_guest(guest_cpio, version, workload.plan_text(self.plan), discard)
+        self.argv = qemu.qemu_argv(xen, vmlinuz, dom0_cpio, self.workdir,
+                                   os.path.join(self.logs, "serial.log"))
+        return "kernel %s, dom0 initramfs %d KiB, guest %d KiB, plan seed %d (%d chunks)" % (
+            version, size0 >> 10, size1 >> 10, seed, len(self.plan))
+
+    def boot(self):
+        self.dom0.reset()
+        for name in os.listdir(self.console):
+            os.unlink(os.path.join(self.console, name))
+        self.qemu = qemu.Qemu(self.argv, os.path.join(self.logs, "qemu.log"))
+        self.qemu.start()
+        try:
+            kernel, uptime = self.dom0.wait_ready(self.budget(TIMEOUTS["boot"]))[:2]
+        except control.Dom0Error as exc:
+            raise StepFailed("boot", str(exc), self.qemu.output())
+        return "QEMU pid %d, dom0 %s, agent at dom0 uptime %ss" % (self.qemu.pid, kernel, uptime)
+
+    def setup_dom0(self):
+        body = DOM0_SETUP.format(bin=XEN_BIN, console=self.console)
+        out = self.sh("dom0 setup", body, TIMEOUTS["dom0"]).out
+        info = dict(
+            (k.strip(), v.strip()) for k, _, v in
+            (line.partition(":") for line in out.splitlines() if ":" in line)
+        )
+        return "Xen %s, %s CPUs, %s MiB free; xenstored, xenconsoled up" % (
+            info.get("xen_version", "?"), info.get("nr_cpus", "?"), info.get("free_memory", "?"))
+
+    # -- guests -----------------------------------------------------------
+
+    def run_guest(self, phase, name, disk, mode):
+        """xl create a guest, wait for its ``LAB DONE``, add a row per check.
+
+        Returns (domid, ConsoleReport).  StepFailed if it never finishes.
+        """
+        cfg = os.path.join(self.workdir, "guests", name + ".cfg")
+        with open(cfg, "w") as f:
+            f.write(xl_config(name, self.kernel, os.path.join(self.workdir, "guest.cpio"),
+                              disk, guest_extra(mode)))
+        start = time.monotonic()
+        self.sh("%s: xl create %s" % (phase, name), "xl create %s" % shlex.quote(cfg),
+                TIMEOUTS["create"])
+        domid = self.sh("%s: xl domid" % phase, "xl domid %s" % name).out.strip()
+        self.report.add(phase, "xl create " + name, "pass", "domid %s" % domid,
+                        time.monotonic() - start)
+        log = self.console_log(name)
+        deadline = time.monotonic() + self.budget(TIMEOUTS["guest"])
+        guest = workload.ConsoleReport()
+        while guest.done is None:
+            if not self._alive():
+                raise StepFailed("%s: guest %s" % (phase, name), "QEMU exited")
+            if time.monotonic() > deadline:
+                raise StepFailed("%s: guest %s" % (phase, name),
+                                 "no LAB DONE on its console within %ds" % TIMEOUTS["guest"])
+            time.sleep(0.5)
+            if os.path.exists(log):
+                with open(log, errors="replace") as f:
+                    guest = workload.parse_console(f.read())
+        self.guests[name] = guest
+        for check, passed, detail in guest.checks:
+            self.report.add(phase, "guest %s" % check, "pass" if passed else "fail", detail)
+        self.report.add(phase, "guest %s done" % name, "pass" if guest.done == 0 else "fail",
+                        "rc=%d" % guest.done, time.monotonic() - start)
+        if guest.done != 0:
+            raise StepFailed("%s: guest %s" % (phase, name), "guest checks failed")
+        return int(domid), guest
+
+    def read_negotiated(self, phase, domid, backend_domid=0):
+        """Both sides' xenstore nodes of the VBD; adds them to the report."""
+        back = "/local/domain/%d/backend/vbd/%d/%d" % (backend_domid, domid, DEVID)
+        front = "/local/domain/%d/device/vbd/%d" % (domid, DEVID)
+        out = self.sh("%s: xenstore-ls" % phase,
+                      "xenstore-ls -f %s\necho ====\nxenstore-ls -f %s" % (back, front)).out
+        back_text, _, front_text = out.partition("====")
+        backend = workload.summarize_backend(workload.parse_xenstore_ls(back_text, back))
+        frontend = workload.summarize_frontend(workload.parse_xenstore_ls(front_text, front))
+        self.report.negotiated["%s backend (%s)" % (phase, back)] = backend
+        self.report.negotiated["%s frontend (%s)" % (phase, front)] = frontend
+        if backend.get("state") != "4" or frontend.get("state") != "4":
+            raise StepFailed("%s: xenstore" % phase, "states backend=%s frontend=%s, want 4/4" % (
+                backend.get("state"), frontend.get("state")))
+        return backend, frontend
+
+    def destroy(self, phase, name, domid, backend_domid=0):
+        """xl destroy, then wait for libxl to remove the backend directory."""
+        back = "/local/domain/%d/backend/vbd/%d" % (backend_domid, domid)
+        body = ("xl destroy %s\n"
+                "for i in $(seq 150); do xenstore-exists %s || exit 0; sleep 0.2; done\n"
+                "echo backend nodes still there: ; xenstore-ls -f %s; exit 1") % (name, back, back)
+        start = time.monotonic()
+        self.sh("%s: xl destroy %s" % (phase, name), body, TIMEOUTS["destroy"])
+        self.report.add(phase, "xl destroy " + name, "pass", "backend nodes removed",
+                        time.monotonic() - start)
+
+    # -- phases -----------------------------------------------------------
+
+    def baseline(self):
+        """Linux blkback (loop device in dom0 tmpfs) serving Linux blkfront."""
+        phase = "baseline"
+        start = time.monotonic()
+        loop = self.sh("%s: loop device" % phase, (
+            "modprobe -a xen-blkback loop\n"
+            "mkdir -p /run/lab && truncate -s %d /run/lab/baseline.img\n"
+            "losetup -f --show /run/lab/baseline.img") % DISK_BYTES).out.strip().splitlines()[-1]
+        self.report.add(phase, "blkback on loop", "pass",
+                        "%s <- /run/lab/baseline.img (%d MiB, dom0 tmpfs)" % (loop, DISK_BYTES >> 20),
+                        time.monotonic() - start)
+        disk = "phy:%s,%s,w" % (loop, VDEV)
+        try:
+            domid, first = self.run_guest(phase, "lab-baseline-1", disk, "full")
+            backend, frontend = self.read_negotiated(phase, domid)
+            self.report.negotiated["%s guest (/sys/block/xvda)" % phase] = dict(first.values)
+            self.report.add(phase, "negotiated", "pass", negotiated_summary(backend, frontend, first))
+            self.destroy(phase, "lab-baseline-1", domid)
+            domid2, second = self.run_guest(phase, "lab-baseline-2", disk, "verify")
+            self.report.add(phase, "re-create reads data", *compare_md5(first, second))
+            self.destroy(phase, "lab-baseline-2", domid2)
+        finally:
+            if self._alive():
+                self.sh("%s: losetup -d" % phase, "losetup -d %s; rm -f /run/lab/baseline.img" % loop,
+                        check=False)
+
+    def close(self):
+        """Stop QEMU; returns a detail string for the cleanup row."""
+        if self.qemu is None:
+            return "QEMU never started"
+        status = self.qemu.stop()
+        return "QEMU pid %d stopped (status %s)" % (self.qemu.pid, status)
+
+
+def negotiated_summary(backend, frontend, guest):
+    return ("indirect %s/max_segments %s, queues %s/%s, ring order %s/%s, persistent %s/%s, "
+            "discard %s, flush %s") % (
+        backend.get("feature-max-indirect-segments"), guest.values.get("max_segments"),
+        backend.get("multi-queue-max-queues"), frontend.get("multi-queue-num-queues", "1"),
+        backend.get("max-ring-page-order"), frontend.get("ring-page-order", "0"),
+        backend.get("feature-persistent"), frontend.get("feature-persistent"),
+        backend.get("feature-discard"), backend.get("feature-flush-cache"))
+
+
+def compare_md5(first, second):
+    """(status, detail) of the second guest's reads against the first's writes."""
+    if not first.md5:
+        return "fail", "first guest reported no chunk checksums"
+    differ = [i for i in first.md5 if second.md5.get(i) != first.md5[i]]
+    if differ:
+        return "fail", "%d of %d chunks differ (first: %s)" % (len(differ), len(first.md5), differ[0])
+    return "pass", "%d chunks read back identical after destroy/create" % len(first.md5)
+
+
+def _project_root():
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
