@@ -251,6 +251,20 @@ def test_end_access_while_mapped_is_deferred_until_unmap(hv):
         assert bytes(again.buffer) == bytes(PAGE_SIZE)
 
 
+def test_a_domain_can_map_its_own_grants(hv):
+    # As gntalloc to domain 0 then gntdev in dom0: a frontend and a backend
+    # both in domain 0, here even in one process.
+    with open_platform("sim", domid=0, path=hv.path) as dom0:
+        pages = dom0.grant_pages(0, 1)
+        with dom0.map_grants(0, pages.refs) as mapping:
+            mapping.buffer[0:4] = b"self"
+            assert bytes(pages.buffer[0:4]) == b"self"
+        port = dom0.evtchn_alloc_unbound(0)
+        other = dom0.evtchn_bind_interdomain(0, port.port)
+        other.notify()
+        assert port.wait(timeout=1) is True
+
+
 # -- grant copy -----------------------------------------------------------------
 
 def test_grant_copy(hv):
@@ -387,7 +401,9 @@ def test_sigkill_of_the_backend(hv):
 def _doomed_frontend(platform, conn):
     pages = platform.grant_pages(BACKEND, 1)
     pages.buffer[0:6] = b"before"
+    pages.buffer[100] = 0xAA  # e.g. a "frontend alive" byte
     port = platform.evtchn_alloc_unbound(BACKEND)
+    pages.set_unmap_notify(clear_byte=100, port=port)  # gntalloc's, on our side
     conn.send((pages.refs, port.port))
     time.sleep(60)
 
@@ -399,7 +415,10 @@ def test_sigkill_of_the_frontend(hv):
         refs, remote_port = peer.recv()
         port = be.evtchn_bind_interdomain(FRONTEND, remote_port)
         mapping = be.map_grants(FRONTEND, refs)
+        assert mapping.buffer[100] == 0xAA
         peer.kill()
+        assert port.wait(timeout=5) is True  # the frontend's unmap notify
+        assert mapping.buffer[100] == 0
         with pytest.raises(EventChannelClosed):
             port.wait(timeout=5)
         with pytest.raises(EventChannelClosed):
