@@ -3,7 +3,6 @@ XENSTORED_PATH pointing at its socket: what they print is what a real
 xenstored would make them print."""
 import os
 import subprocess
-import time
 
 import pytest
 
