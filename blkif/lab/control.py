@@ -51,7 +51,7 @@ def command_script(body, timeout):
 
 def dom0_init(workdir, path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"):
     """Text of dom0's stage-2 init (the agent), run from ``workdir``."""
-    return DOM0_INIT % {"workdir": workdir, "path": path}
+    return DOM0_INIT % {"workdir": workdir, "path": path, "agent": AGENT_LOOP}
 
 
 DOM0_INIT = """#!/bin/sh
@@ -77,10 +77,13 @@ mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mkdir -p $C/cmd $C/run $C/res
 echo "LAB-DOM0 agent up at $(cut -d' ' -f1 /proc/uptime)s"
 { uname -r; cut -d' ' -f1 /proc/uptime; } > $C/ready.tmp && mv $C/ready.tmp $C/ready
-while :; do
+""" + "%(agent)s"
+
+# The agent's loop on its own, so tests can run it on the host against $C.
+AGENT_LOOP = """while :; do
   for f in $C/cmd/*.sh; do
     [ -e "$f" ] || continue
-    n=${f##*/}; n=${n%%.sh}
+    n=${f##*/}; n=${n%.sh}
     mv "$f" $C/run/$n.sh
     t=$(sed -n '1s/^# timeout \\([0-9]*\\)$/\\1/p' $C/run/$n.sh)
     timeout -k 5 ${t:-60} sh $C/run/$n.sh > $C/res/$n.out 2>&1 < /dev/null

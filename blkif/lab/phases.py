@@ -56,6 +56,57 @@ xl info | grep -E '^(xen_version|nr_cpus|total_memory|free_memory)'
 """
 
 
+# The backend phase (see Lab.backend and docs/lab.md).  libxl runs the hotplug
+# script with "add" or "remove" and XENBUS_PATH set to the backend directory.
+HOTPLUG_SCRIPT = """#!/bin/sh
+# blkif lab: a userspace backend needs no device set up; just say so to libxl.
+[ "$1" = add ] && xenstore-write "$XENBUS_PATH/hotplug-status" connected
+exit 0
+"""
+SERVE_START = """rmmod xen-blkback 2>/dev/null || true
+setsid {argv} > {log} 2>&1 < /dev/null &
+echo $! > {pidfile}
+sleep 3
+kill -0 $(cat {pidfile}) || {{ echo "blkif serve exited:"; tail -5 {log}; exit 1; }}
+"""
+SERVE_STOP = """pid=$(cat {pidfile})
+kill -TERM $pid
+for i in $(seq 50); do kill -0 $pid 2>/dev/null || exit 0; sleep 0.2; done
+echo "blkif serve still running after SIGTERM"; kill -KILL $pid; exit 1
+"""
+# The frontend phase runs this in dom0; blkif/lab/frontend_check.py is to be
+# written once blkif.frontend exists (docs/lab.md says what it must do).
+FRONTEND_CHECK = "{python} -m blkif.lab.frontend_check --backend-domid 0 --target {loop}"
+
+
+def serve_argv(python):
+    """How dom0 starts our backend: the project's venv Python, xen platform."""
+    return "%s -m blkif serve --platform xen" % python
+
+
+def backend_disk_spec(image, script):
+    """xl disk spec for a VBD our backend serves (libxl writes the nodes)."""
+    return "format=raw,vdev=%s,access=rw,backendtype=phy,script=%s,target=%s" % (
+        VDEV, script, image)
+
+
+def image_matches(path, md5s):
+    """(status, detail): does the image hold each chunk's md5 the guest reported?"""
+    import hashlib
+
+    bad = []
+    with open(path, "rb") as f:
+        for index, (offset, size, digest) in sorted(md5s.items()):
+            f.seek(offset)
+            if hashlib.md5(f.read(size)).hexdigest() != digest:
+                bad.append(index)
+    if not md5s:
+        return "fail", "the guest reported no chunks"
+    if bad:
+        return "fail", "%d of %d chunks differ in %s (first: %d)" % (len(bad), len(md5s), path, bad[0])
+    return "pass", "%d chunks in %s equal what the guest wrote" % (len(md5s), path)
+
+
 class StepFailed(BlkifError):
     def __init__(self, step, detail, output=""):
         BlkifError.__init__(self, "%s: %s" % (step, detail))
@@ -268,6 +319,24 @@ class Lab:
 
     # -- phases -----------------------------------------------------------
 
+    def guest_cycle(self, phase, disk):
+        """The guest half of a phase against one disk spec.
+
+        Guest 1 (labmode=full) runs the workload; both sides' xenstore nodes
+        are read; xl destroy; guest 2 (labmode=verify) re-reads every chunk
+        through the same backend and must see guest 1's data; xl destroy.
+        Returns guest 1's ConsoleReport.
+        """
+        domid, first = self.run_guest(phase, "lab-%s-1" % phase, disk, "full")
+        backend, frontend = self.read_negotiated(phase, domid)
+        self.report.negotiated["%s guest (/sys/block/xvda)" % phase] = dict(first.values)
+        self.report.add(phase, "negotiated", "pass", negotiated_summary(backend, frontend, first))
+        self.destroy(phase, "lab-%s-1" % phase, domid)
+        domid2, second = self.run_guest(phase, "lab-%s-2" % phase, disk, "verify")
+        self.report.add(phase, "re-create reads data", *compare_md5(first, second))
+        self.destroy(phase, "lab-%s-2" % phase, domid2)
+        return first
+
     def baseline(self):
         """Linux blkback (loop device in dom0 tmpfs) serving Linux blkfront."""
         phase = "baseline"
@@ -279,19 +348,60 @@ class Lab:
         self.report.add(phase, "blkback on loop", "pass",
                         "%s <- /run/lab/baseline.img (%d MiB, dom0 tmpfs)" % (loop, DISK_BYTES >> 20),
                         time.monotonic() - start)
-        disk = "phy:%s,%s,w" % (loop, VDEV)
         try:
-            domid, first = self.run_guest(phase, "lab-baseline-1", disk, "full")
-            backend, frontend = self.read_negotiated(phase, domid)
-            self.report.negotiated["%s guest (/sys/block/xvda)" % phase] = dict(first.values)
-            self.report.add(phase, "negotiated", "pass", negotiated_summary(backend, frontend, first))
-            self.destroy(phase, "lab-baseline-1", domid)
-            domid2, second = self.run_guest(phase, "lab-baseline-2", disk, "verify")
-            self.report.add(phase, "re-create reads data", *compare_md5(first, second))
-            self.destroy(phase, "lab-baseline-2", domid2)
+            self.guest_cycle(phase, "phy:%s,%s,w" % (loop, VDEV))
         finally:
             if self._alive():
                 self.sh("%s: losetup -d" % phase, "losetup -d %s; rm -f /run/lab/baseline.img" % loop,
+                        check=False)
+
+    def backend(self):
+        """Our ``blkif serve`` (xen platform, in dom0) serving Linux blkfront.
+
+        Kernel blkback is unloaded so it cannot claim the VBD; libxl still
+        writes the usual nodes (backendtype=phy) and runs HOTPLUG_SCRIPT, which
+        only reports connected; our backend takes the VBD from Initialising.
+        The image lives in the share, so the host checks its bytes afterwards.
+        """
+        phase = "backend"
+        disks = os.path.join(self.workdir, "disks")
+        os.makedirs(disks, exist_ok=True)
+        image = os.path.join(disks, "backend.img")
+        with open(image, "wb") as f:
+            f.truncate(DISK_BYTES)
+        script = os.path.join(self.workdir, "hotplug-connected.sh")
+        with open(script, "w") as f:
+            f.write(HOTPLUG_SCRIPT)
+        os.chmod(script, 0o755)
+        serve_log = os.path.join(self.logs, "serve.log")
+        pidfile = os.path.join(self.workdir, "ctl", "serve.pid")
+        start = time.monotonic()
+        self.sh("%s: start blkif serve" % phase, SERVE_START.format(
+            argv=serve_argv(self.python), log=serve_log, pidfile=pidfile))
+        self.report.add(phase, "blkif serve", "pass", "log %s" % serve_log,
+                        time.monotonic() - start)
+        try:
+            first = self.guest_cycle(phase, backend_disk_spec(image, script))
+            self.report.add(phase, "host image", *image_matches(image, first.md5))
+        finally:
+            if self._alive():
+                self.sh("%s: stop blkif serve" % phase, SERVE_STOP.format(pidfile=pidfile),
+                        check=False)
+
+    def frontend(self):
+        """Our frontend in dom0 vs Linux blkback on a loop device in dom0."""
+        phase = "frontend"
+        loop = self.sh("%s: loop device" % phase, (
+            "modprobe -a xen-blkback loop\n"
+            "mkdir -p /run/lab && truncate -s %d /run/lab/frontend.img\n"
+            "losetup -f --show /run/lab/frontend.img") % DISK_BYTES).out.strip().splitlines()[-1]
+        try:
+            out = self.sh("%s: frontend_check" % phase, FRONTEND_CHECK.format(
+                python=self.python, loop=loop), TIMEOUTS["guest"]).out
+            return out.strip().splitlines()[-1] if out.strip() else ""
+        finally:
+            if self._alive():
+                self.sh("%s: losetup -d" % phase, "losetup -d %s; rm -f /run/lab/frontend.img" % loop,
                         check=False)
 
     def close(self):

@@ -62,7 +62,7 @@ def _secs(seconds):
     return "" if seconds is None else "%.1fs" % seconds
 
 
-def format_table(report, width=72):
+def format_table(report, width=100):
     """The report as text: the checks table, then negotiated values."""
     header = ("phase", "check", "result", "time", "details")
     lines = [header] + [
