@@ -67,3 +67,12 @@ def test_image_matches(tmp_path):
 def test_availability_messages_say_not_yet_available():
     for why in (phases.available_backend(), phases.available_frontend()):
         assert why is None or why.startswith("not yet available")
+
+
+def test_host_loops(tmp_path):
+    for name, backing in (("loop0", "/work/lab/disks/a.img"), ("loop1", "/elsewhere/b.img"),
+                          ("loop2", "/work/lab2/c.img")):
+        (tmp_path / name / "loop").mkdir(parents=True)
+        (tmp_path / name / "loop" / "backing_file").write_text(backing + "\n")
+    (tmp_path / "vda").mkdir()
+    assert phases.host_loops("/work/lab", str(tmp_path)) == ["/dev/loop0 (/work/lab/disks/a.img)"]

@@ -6,6 +6,7 @@ implied by any later one).  A failing step ends the run; QEMU is stopped in
 every case.  Exit status 0 only when no check failed.
 """
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -95,7 +96,23 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+class Terminated(BlkifError):
+    """SIGTERM arrived: end the run through the normal failure path (QEMU stopped)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated("terminated by SIGTERM")
+
+
 def run(args):
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _run(args):
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
     chosen = parse_only(args.only)
@@ -136,7 +153,7 @@ def run(args):
         report.add("lab", "error", "fail", str(exc))
         report.failure = failure_context(lab, phases.StepFailed("lab", str(exc)))
     finally:
-        report.add("cleanup", "qemu stopped", "pass", lab.close())
+        report.add("cleanup", "qemu stopped", *lab.close())
         report.seconds = time.monotonic() - started
     print(report.as_json() if args.json else format_table(report))
     if report.failure:

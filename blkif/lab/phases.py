@@ -405,11 +405,31 @@ class Lab:
                         check=False)
 
     def close(self):
-        """Stop QEMU; returns a detail string for the cleanup row."""
+        """Stop QEMU and check nothing is left: (status, detail) for the cleanup row."""
         if self.qemu is None:
-            return "QEMU never started"
+            return "pass", "QEMU never started"
         status = self.qemu.stop()
-        return "QEMU pid %d stopped (status %s)" % (self.qemu.pid, status)
+        if self.qemu.alive():
+            return "fail", "QEMU pid %d still running" % self.qemu.pid
+        loops = host_loops(self.workdir)
+        if loops:
+            return "fail", "host loop devices on the work dir: " + ", ".join(loops)
+        return "pass", "QEMU pid %d exited (status %s); no host loop devices" % (
+            self.qemu.pid, status)
+
+
+def host_loops(workdir, sysfs="/sys/block"):
+    """Host loop devices whose backing file is under ``workdir``."""
+    found = []
+    for name in sorted(os.listdir(sysfs)) if os.path.isdir(sysfs) else ():
+        try:
+            with open(os.path.join(sysfs, name, "loop", "backing_file")) as f:
+                backing = f.read().strip()
+        except OSError:
+            continue
+        if backing == workdir or backing.startswith(workdir.rstrip("/") + "/"):
+            found.append("/dev/%s (%s)" % (name, backing))
+    return found
 
 
 def negotiated_summary(backend, frontend, guest):

@@ -8,6 +8,7 @@ dom0's kernel and initramfs as multiboot modules: ``-initrd "KERNEL ARGS,INITRD"
 ``/`` goes to dom0 read-only over 9p (``hostroot``) and the work directory
 read-write (``labshare``).  Xen's and dom0's console is COM1, a file.
 """
+import ctypes
 import gzip
 import os
 import shutil
@@ -70,8 +71,17 @@ def unpack_xen(dest, source=XEN_GZ):
     return dest
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent():
+    """In the child before exec: the kernel SIGKILLs QEMU if the lab dies."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class Qemu:
-    """One QEMU process in its own session; ``stop`` always leaves none behind."""
+    """One QEMU process; ``stop`` always leaves none behind, and a lab killed
+    outright takes QEMU with it (PR_SET_PDEATHSIG)."""
 
     def __init__(self, argv, log_path):
         self.argv = argv
@@ -83,7 +93,7 @@ class Qemu:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         self.started = time.monotonic()
 
