@@ -76,3 +76,11 @@ def test_host_loops(tmp_path):
         (tmp_path / name / "loop" / "backing_file").write_text(backing + "\n")
     (tmp_path / "vda").mkdir()
     assert phases.host_loops("/work/lab", str(tmp_path)) == ["/dev/loop0 (/work/lab/disks/a.img)"]
+
+
+def test_budget_names_the_step_that_ran_out(tmp_path):
+    lab = phases.Lab(str(tmp_path), None, timeout=0)
+    with pytest.raises(phases.StepFailed) as info:
+        lab.budget(60, "baseline: guest lab-baseline-1")
+    assert info.value.step == "baseline: guest lab-baseline-1"
+    assert phases.Lab(str(tmp_path), None, timeout=600).budget(60, "x") == 60

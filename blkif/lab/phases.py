@@ -172,17 +172,17 @@ class Lab:
     def _alive(self):
         return self.qemu is not None and self.qemu.alive()
 
-    def budget(self, step_timeout):
-        """``step_timeout`` capped by what is left of the run's."""
+    def budget(self, step_timeout, step):
+        """``step_timeout`` capped by what is left of the run's; StepFailed if none."""
         left = self.deadline - time.monotonic()
         if left <= 1:
-            raise StepFailed("budget", "the run's --timeout is used up")
+            raise StepFailed(step, "the run's --timeout is used up")
         return max(1, min(step_timeout, int(left)))
 
     def sh(self, step, body, timeout=TIMEOUTS["command"], check=True):
         """Run ``body`` in dom0; StepFailed on a non-zero status when ``check``."""
         try:
-            result = self.dom0.run(body, self.budget(timeout))
+            result = self.dom0.run(body, self.budget(timeout, step))
         except control.Dom0Error as exc:
             raise StepFailed(step, str(exc))
         if check and not result.ok:
@@ -190,6 +190,15 @@ class Lab:
             last = result.out.strip().splitlines()[-1:] or [""]
             raise StepFailed(step, "%s: %s" % (reason, last[0]), result.out)
         return result
+
+    def cleanup_sh(self, body, timeout=30):
+        """Best-effort dom0 command in a ``finally``: outside the run's budget,
+        errors ignored, so it never hides the failure being handled."""
+        if self._alive():
+            try:
+                self.dom0.run(body, timeout)
+            except control.Dom0Error:
+                pass
 
     def timed(self, phase, check, fn, *args):
         """Run ``fn``, add a pass row with its detail (a string) and wall time."""
@@ -236,7 +245,7 @@ class Lab:
         self.qemu = qemu.Qemu(self.argv, os.path.join(self.logs, "qemu.log"))
         self.qemu.start()
         try:
-            kernel, uptime = self.dom0.wait_ready(self.budget(TIMEOUTS["boot"]))[:2]
+            kernel, uptime = self.dom0.wait_ready(self.budget(TIMEOUTS["boot"], "boot"))[:2]
         except control.Dom0Error as exc:
             raise StepFailed("boot", str(exc), self.qemu.output())
         return "QEMU pid %d, dom0 %s, agent at dom0 uptime %ss" % (self.qemu.pid, kernel, uptime)
@@ -269,7 +278,7 @@ class Lab:
         self.report.add(phase, "xl create " + name, "pass", "domid %s" % domid,
                         time.monotonic() - start)
         log = self.console_log(name)
-        deadline = time.monotonic() + self.budget(TIMEOUTS["guest"])
+        deadline = time.monotonic() + self.budget(TIMEOUTS["guest"], "%s: guest %s" % (phase, name))
         guest = workload.ConsoleReport()
         while guest.done is None:
             if not self._alive():
@@ -351,9 +360,7 @@ class Lab:
         try:
             self.guest_cycle(phase, "phy:%s,%s,w" % (loop, VDEV))
         finally:
-            if self._alive():
-                self.sh("%s: losetup -d" % phase, "losetup -d %s; rm -f /run/lab/baseline.img" % loop,
-                        check=False)
+            self.cleanup_sh("losetup -d %s; rm -f /run/lab/baseline.img" % loop)
 
     def backend(self):
         """Our ``blkif serve`` (xen platform, in dom0) serving Linux blkfront.
@@ -383,10 +390,13 @@ class Lab:
         try:
             first = self.guest_cycle(phase, backend_disk_spec(image, script))
             self.report.add(phase, "host image", *image_matches(image, first.md5))
-        finally:
-            if self._alive():
-                self.sh("%s: stop blkif serve" % phase, SERVE_STOP.format(pidfile=pidfile),
-                        check=False)
+            start = time.monotonic()
+            self.sh("%s: stop blkif serve" % phase, SERVE_STOP.format(pidfile=pidfile))
+            self.report.add(phase, "blkif serve stops on SIGTERM", "pass", "",
+                            time.monotonic() - start)
+        except BaseException:
+            self.cleanup_sh(SERVE_STOP.format(pidfile=pidfile))
+            raise
 
     def frontend(self):
         """Our frontend in dom0 vs Linux blkback on a loop device in dom0."""
@@ -400,9 +410,7 @@ class Lab:
                 python=self.python, loop=loop), TIMEOUTS["guest"]).out
             return out.strip().splitlines()[-1] if out.strip() else ""
         finally:
-            if self._alive():
-                self.sh("%s: losetup -d" % phase, "losetup -d %s; rm -f /run/lab/frontend.img" % loop,
-                        check=False)
+            self.cleanup_sh("losetup -d %s; rm -f /run/lab/frontend.img" % loop)
 
     def close(self):
         """Stop QEMU and check nothing is left: (status, detail) for the cleanup row."""
