@@ -84,3 +84,17 @@ def test_budget_names_the_step_that_ran_out(tmp_path):
         lab.budget(60, "baseline: guest lab-baseline-1")
     assert info.value.step == "baseline: guest lab-baseline-1"
     assert phases.Lab(str(tmp_path), None, timeout=600).budget(60, "x") == 60
+
+
+def test_one_run_per_workdir(tmp_path):
+    import argparse
+    import fcntl
+
+    from blkif.errors import BlkifError
+
+    with open(tmp_path / "lab.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        args = argparse.Namespace(workdir=str(tmp_path), timeout=60, only="boot", seed=1,
+                                  keep=False, json=False)
+        with pytest.raises(BlkifError, match="another blkif lab"):
+            cli.run(args)

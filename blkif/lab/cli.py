@@ -5,6 +5,7 @@ root), build, boot, then the phases ``--only`` selects (boot and dom0 are
 implied by any later one).  A failing step ends the run; QEMU is stopped in
 every case.  Exit status 0 only when no check failed.
 """
+import fcntl
 import os
 import signal
 import subprocess
@@ -116,7 +117,18 @@ def _run(args):
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
     chosen = parse_only(args.only)
-    workdir = args.workdir or os.path.join(phases._project_root(), "lab-work")
+    workdir = os.path.abspath(args.workdir or os.path.join(phases._project_root(), "lab-work"))
+    os.makedirs(workdir, exist_ok=True)
+    lock = open(os.path.join(workdir, "lab.lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise BlkifError("another blkif lab is running in %s (use --workdir)" % workdir)
+    with lock:
+        return _run_locked(args, chosen, workdir)
+
+
+def _run_locked(args, chosen, workdir):
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
     report = Report()
     lab = phases.Lab(workdir, report, timeout=args.timeout)
