@@ -11,7 +11,7 @@ import socket
 
 SOCKET_NAME = "hypervisor.sock"
 PID_NAME = "hypervisor.pid"
-MAX_MESSAGE = 1 << 17  # small enough that every recv buffer stays cheap
+MAX_MESSAGE = 1 << 17
 MAX_FDS = 16
 # Limits that keep every message below MAX_MESSAGE: refs per map or grant
 # call, ops per copy request (the client splits longer copies).
@@ -34,7 +34,12 @@ def send(sock, message, fds=()):
 
 def recv(sock):
     """One message and the list of fds that came with it; (None, []) at EOF."""
-    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+    # Peek the packet's length first (MSG_TRUNC reports it): a receive buffer
+    # of MAX_MESSAGE bytes for every small reply costs more than the syscall.
+    size = sock.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC)
+    if size > MAX_MESSAGE:
+        size = MAX_MESSAGE  # reported as truncated below
+    data, fds, flags, _ = socket.recv_fds(sock, max(size, 1), MAX_FDS)
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         for fd in fds:
             os.close(fd)
