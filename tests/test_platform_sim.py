@@ -48,16 +48,22 @@ def _fds(pid="self"):
     return sorted(os.listdir("/proc/%s/fd" % pid))
 
 
+def _our_shm():
+    # The sim keeps memory in memfds, never in /dev/shm; other jobs on this
+    # machine may use /dev/shm meanwhile, so look only for names of ours.
+    return [name for name in os.listdir("/dev/shm") if "blkif" in name]
+
+
 @pytest.fixture
 def hv():
-    shm_before = set(os.listdir("/dev/shm"))
+    assert _our_shm() == []
     with SimHypervisor() as hypervisor:
         # stdio, epoll, listener, the wake-up socketpair, the owner's pipe;
         # the start-up pipe is closed right after saying ready.
         assert _until(lambda: len(_fds(hypervisor.pid)) == 8)
         hypervisor.baseline_fds = _fds(hypervisor.pid)
         yield hypervisor
-    assert set(os.listdir("/dev/shm")) == shm_before
+    assert _our_shm() == []
     assert not os.path.exists(hypervisor.path)
 
 
@@ -467,6 +473,11 @@ def test_start_and_stop_commands_clean_up(tmp_path):
     with open_platform("sim", domid=3, path=directory) as p:
         assert p.domid == 3
         p.grant_pages(0, 1)
+    second = subprocess.run(run + ["start", directory], capture_output=True, timeout=30)
+    assert second.returncode != 0  # one hypervisor per directory
+    assert b"did not start" in second.stderr
+    with open_platform("sim", domid=3, path=directory):
+        pass  # and the first one still serves
     pid = int(open(os.path.join(directory, "hypervisor.pid")).read())
     subprocess.run(run + ["stop", directory], check=True, timeout=30)
     assert os.listdir(directory) == []

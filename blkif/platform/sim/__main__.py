@@ -3,6 +3,7 @@ import argparse
 import os
 import sys
 
+from blkif.platform.errors import PlatformUnavailable
 from blkif.platform.sim import control
 from blkif.platform.sim.hypervisor import Hypervisor
 
@@ -17,7 +18,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     directory = os.path.abspath(args.directory)
     if args.command == "start":
-        print("sim hypervisor pid %d serving %s" % (control.start(directory), directory))
+        try:
+            pid = control.start(directory)
+        except PlatformUnavailable as exc:
+            print("error: %s" % exc, file=sys.stderr)
+            return 1
+        print("sim hypervisor pid %d serving %s" % (pid, directory))
         print("export BLKIF_SIM=%s" % directory)
         return 0
     if args.command == "stop":
