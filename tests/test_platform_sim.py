@@ -4,6 +4,7 @@ The test process plays one domain, a forked child the other; they meet
 through a real sim hypervisor and share real memory.  Each test checks what
 the other side sees, not what we wrote.
 """
+import asyncio
 import faulthandler
 import multiprocessing
 import os
@@ -367,6 +368,30 @@ def test_ports_poll_coalesce_and_report_a_closed_peer(hv):
         with pytest.raises(EventChannelClosed):
             b.wait(timeout=1)
         sel.close()
+
+
+def test_ports_work_with_asyncio(hv):
+    async def main(a, b):
+        loop = asyncio.get_running_loop()
+        arrived = loop.create_future()
+
+        def on_readable():
+            if b.clear() and not arrived.done():
+                arrived.set_result(True)
+
+        loop.add_reader(b.fileno(), on_readable)
+        try:
+            loop.call_later(0.01, a.notify)
+            return await asyncio.wait_for(arrived, timeout=5)
+        finally:
+            loop.remove_reader(b.fileno())
+
+    with open_platform("sim", domid=FRONTEND, path=hv.path) as fe, \
+            open_platform("sim", domid=BACKEND, path=hv.path) as be:
+        a = fe.evtchn_alloc_unbound(BACKEND)
+        b = be.evtchn_bind_interdomain(FRONTEND, a.port)
+        assert asyncio.run(main(a, b)) is True
+        assert b.clear() is False
 
 
 # -- a participant killed with SIGKILL ----------------------------------------------
