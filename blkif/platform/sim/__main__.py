@@ -1,5 +1,6 @@
 """``python -m blkif.platform.sim start|stop|run DIR``: the sim hypervisor."""
 import argparse
+import logging
 import os
 import sys
 
@@ -13,6 +14,10 @@ def main(argv=None):
     parser.add_argument("command", choices=["start", "stop", "run"],
                         help="start: detached; stop: stop and clean up; run: foreground")
     parser.add_argument("directory", help="where the hypervisor's socket lives ($BLKIF_SIM)")
+    parser.add_argument("--log-level", default="WARNING",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="run: log to stderr from this level (INFO: every "
+                             "connect, disconnect and freed domain)")
     parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--watch-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -28,6 +33,8 @@ def main(argv=None):
         return 0
     if args.command == "stop":
         return 0 if control.stop(directory) else 1
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s sim-hypervisor %(levelname)s %(message)s")
     os.makedirs(directory, exist_ok=True)
     hypervisor = Hypervisor(directory, watch_fd=args.watch_fd)
     if args.ready_fd is not None:

@@ -16,14 +16,18 @@ Single-threaded; signal handlers only wake the loop (set_wakeup_fd).
 """
 import errno
 import itertools
+import logging
 import os
 import selectors
 import signal
 import socket
+import struct
 
 from blkif.abi.constants import GNTST_bad_domain, GNTST_no_space, GNTST_okay, PAGE_SIZE
 from blkif.platform.sim import protocol
 from blkif.platform.sim.domain import Domain
+
+log = logging.getLogger("blkif.platform.sim")
 
 
 class Refused(Exception):
@@ -62,6 +66,7 @@ class Conn:
 
     def __init__(self, sock):
         self.sock = sock
+        self.pid = 0
         self.domain = None
         self.grants = {}  # id -> (refs, notify)
         self.maps = {}  # handle -> (granter Domain, refs, writable, notify)
@@ -147,6 +152,9 @@ class Hypervisor:
     def _accept(self):
         sock, _ = self._listener.accept()
         conn = Conn(sock)
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        conn.pid = pid
         self.conns[sock.fileno()] = conn
         self._sel.register(sock, selectors.EVENT_READ, conn)
 
@@ -196,6 +204,7 @@ class Hypervisor:
             domain = self.domains[domid] = Domain(domid)
         domain.conns.add(conn)
         conn.domain = domain
+        log.info("event=hello domid=%d pid=%d", domid, conn.pid)
         fds = [os.dup(domain.gnttab.ro_fd), os.dup(domain.memory.fd)]
         return {"gnttab_size": domain.gnttab.size}, fds
 
@@ -207,12 +216,16 @@ class Hypervisor:
         if domain.finished and self.domains.get(domain.domid) is domain:
             del self.domains[domain.domid]
             domain.close()
+            log.info("event=domain-freed domid=%d", domain.domid)
 
     def _disconnect(self, conn):
         """A process went away (or is being dropped): release all it held."""
         if self.conns.pop(conn.sock.fileno(), None) is None:
             return
         self._sel.unregister(conn.sock)
+        log.info("event=disconnect domid=%s pid=%d maps=%d grants=%d ports=%d",
+                 conn.domain.domid if conn.domain else "-", conn.pid, len(conn.maps),
+                 len(conn.grants), len(conn.ports))
         for handle in list(conn.maps):
             self._unmap(conn, handle)
         for copy_id in list(conn.copies):
