@@ -9,6 +9,7 @@ left in /dev/shm: the kernel frees a domain's memory when the last process
 holding or mapping it lets go.
 """
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -42,7 +43,6 @@ def _spawn(directory, detached):
     if not detached:
         os.close(watch_r)
     try:
-        import select
         readable, _, _ = select.select([ready_r], [], [], READY_TIMEOUT)
         ok = bool(readable) and os.read(ready_r, 1) == b"R"
     finally:
