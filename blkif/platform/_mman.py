@@ -10,6 +10,7 @@ import mmap
 
 from blkif.abi import ffi, lib
 from blkif.abi.constants import PAGE_SIZE
+from blkif.errors import LocalProtocolError
 
 
 def _runs(offsets):
@@ -47,3 +48,15 @@ def map_pages(fd, offsets, writable):
         region.close()
         raise
     return region
+
+
+def close_region(obj):
+    """Unmap ``obj._region``; refuse (leaving it usable) while the caller
+    still holds memoryviews of it."""
+    obj._view.release()
+    try:
+        obj._region.close()
+    except BufferError:
+        obj._view = memoryview(obj._region)
+        raise LocalProtocolError(
+            "release every memoryview of the pages before unmapping them") from None

@@ -20,6 +20,7 @@ import time
 from blkif.abi import ffi, lib
 from blkif.abi.constants import GNTST_general_error, PAGE_SIZE
 from blkif.errors import LocalProtocolError
+from blkif.platform._mman import close_region
 from blkif.platform.base import GrantedPages, GrantRef, Mapping, Platform, Port
 from blkif.platform.errors import EventChannelError, GrantError, PlatformUnavailable
 
@@ -206,18 +207,6 @@ def _unmap_grant_ref(fd, index, count):
     _ioctl(fd, lib.IOCTL_GNTDEV_UNMAP_GRANT_REF, op)
 
 
-def _release(obj):
-    """Unmap ``obj._region``; refuse (leaving it usable) while the caller
-    still holds memoryviews of it."""
-    obj._view.release()
-    try:
-        obj._region.close()
-    except BufferError:
-        obj._view = memoryview(obj._region)
-        raise LocalProtocolError(
-            "release every memoryview of the pages before unmapping them") from None
-
-
 class XenGrantedPages(GrantedPages):
     def __init__(self, platform, fd, index, remote_domid, refs, readonly, region):
         self._platform, self._fd, self._index = platform, fd, index
@@ -247,7 +236,7 @@ class XenGrantedPages(GrantedPages):
     def close(self):
         self.end_access()
         if not self._region.closed:
-            _release(self)
+            close_region(self)
         self._platform._objects.discard(self)
 
 
@@ -273,7 +262,7 @@ class XenMapping(Mapping):
     def unmap(self):
         if self._region.closed:
             return
-        _release(self)
+        close_region(self)
         _unmap_grant_ref(self._fd, self._index, len(self.refs))
         self._platform._objects.discard(self)
 

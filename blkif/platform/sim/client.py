@@ -48,18 +48,6 @@ def _raise_for(reply):
     raise PlatformError("sim hypervisor refused: %r" % (reply,))
 
 
-def _close_region(obj):
-    """Unmap ``obj._region``; refuse (leaving it usable) while the caller
-    still holds memoryviews of it."""
-    obj._view.release()
-    try:
-        obj._region.close()
-    except BufferError:
-        obj._view = memoryview(obj._region)
-        raise LocalProtocolError(
-            "release every memoryview of the pages before unmapping them") from None
-
-
 class SimPlatform(Platform):
     """Domain ``domid`` of the sim hypervisor serving directory ``path``
     (default: $BLKIF_SIM)."""
@@ -252,7 +240,7 @@ class SimGrantedPages(GrantedPages):
             except PlatformUnavailable:
                 pass  # the hypervisor is gone: nothing left to revoke
         if not self._region.closed:
-            _close_region(self)
+            _mman.close_region(self)
         self._platform._objects.discard(self)
 
 
@@ -275,7 +263,7 @@ class SimMapping(Mapping):
     def unmap(self):
         if self._region.closed:
             return
-        _close_region(self)
+        _mman.close_region(self)
         self._platform._objects.discard(self)
         try:
             self._platform._call({"op": "unmap", "handle": self._handle})
