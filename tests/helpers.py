@@ -32,3 +32,28 @@ def require_header(path):
     """Path of a system header, or skip/fail as :func:`require` does."""
     require(os.path.exists(path), "header %s (apt package libxen-dev)" % path)
     return path
+
+
+def compile_and_run(tmp_path, name, source, bits=64):
+    """Build ``source`` with gcc -m``bits`` and run it; its stdout lines
+    ``kind name value`` come back as {(kind, name): value-string}.
+
+    Missing gcc, or 32-bit libc headers for -m32, skip (fail under CI).
+    """
+    import subprocess
+
+    gcc = require_tool("gcc")
+    src, exe = tmp_path / (name + ".c"), tmp_path / name
+    src.write_text(source)
+    build = subprocess.run([gcc, "-m%d" % bits, "-o", str(exe), str(src)],
+                           capture_output=True, text=True)
+    require(build.returncode == 0 or "gnu/stubs-32.h" not in build.stderr,
+            "32-bit libc headers (apt package gcc-multilib)")
+    assert build.returncode == 0, build.stderr
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    result = {}
+    for line in out.splitlines():
+        kind, rest = line.split(" ", 1)
+        key, value = rest.rsplit(" ", 1)
+        result[(kind, key)] = value
+    return result

@@ -5,13 +5,12 @@ constant the layer declares; -m64 checks the x86_64 structs, -m32 the x86_32
 ones.  Nothing here is typed in twice: the field lists come from cffi itself.
 """
 import re
-import subprocess
 
 import pytest
 
 from blkif import abi
 from blkif.abi import constants, ffi
-from helpers import require, require_header, require_tool
+from helpers import compile_and_run, require_header
 
 # Our struct suffix -> the C type in blkif.h / ring.h.
 STRUCTS = {
@@ -74,25 +73,7 @@ def _c_program(tag):
 
 def _compiled(tmp_path, tag, bits):
     require_header("/usr/include/xen/io/blkif.h")
-    gcc = require_tool("gcc")
-    src = tmp_path / ("layout_%s.c" % tag)
-    exe = tmp_path / ("layout_%s" % tag)
-    src.write_text(_c_program(tag))
-    build = subprocess.run(
-        [gcc, "-m%d" % bits, "-o", str(exe), str(src)], capture_output=True, text=True
-    )
-    require(
-        build.returncode == 0 or "gnu/stubs-32.h" not in build.stderr,
-        "32-bit libc headers (apt package gcc-multilib)",
-    )
-    assert build.returncode == 0, build.stderr
-    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
-    result = {}
-    for line in out.splitlines():
-        kind, rest = line.split(" ", 1)
-        name, value = rest.rsplit(" ", 1)
-        result[(kind, name)] = value
-    return result
+    return compile_and_run(tmp_path, "layout_" + tag, _c_program(tag), bits)
 
 
 @pytest.mark.parametrize("tag,bits", [("x86_64", 64), ("x86_32", 32)])

@@ -5,10 +5,9 @@ prints every ioctl number, constant, sizeof and offsetof the layer declares;
 the field lists come from cffi itself, so nothing is typed in twice.  The host
 is x86_64, the only ABI the compiled layer serves.
 """
-import subprocess
 
 from blkif.abi import ffi, lib
-from helpers import require_header, require_tool
+from helpers import compile_and_run, require_header
 
 HEADERS = ["gntdev.h", "gntalloc.h", "evtchn.h"]
 
@@ -75,19 +74,8 @@ def _c_program():
 def _compiled(tmp_path):
     for header in HEADERS:
         require_header("/usr/include/xen/" + header)
-    gcc = require_tool("gcc")
-    src, exe = tmp_path / "devices.c", tmp_path / "devices"
-    src.write_text(_c_program())
-    build = subprocess.run([gcc, "-m64", "-o", str(exe), str(src)],
-                           capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr
-    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
-    result = {}
-    for line in out.splitlines():
-        kind, rest = line.split(" ", 1)
-        name, value = rest.rsplit(" ", 1)
-        result[(kind, name)] = int(value)
-    return result
+    return {key: int(value) for key, value in
+            compile_and_run(tmp_path, "devices", _c_program()).items()}
 
 
 def test_every_size_and_offset_matches_the_headers(tmp_path):
