@@ -19,6 +19,7 @@ from blkif.abi.constants import (
     BLKIF_OP_FLUSH_DISKCACHE,
     BLKIF_OP_READ,
     BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER,
     BLKIF_RSP_OKAY,
     BLKIF_SEGS_PER_INDIRECT_FRAME,
     PAGE_SIZE,
@@ -115,9 +116,13 @@ class FrontQueue:
     def submit_write(self, offset, data):
         return self._split(BLKIF_OP_WRITE, offset, len(data), memoryview(data))
 
-    def submit_flush(self):
+    def submit_flush(self, operation=BLKIF_OP_FLUSH_DISKCACHE):
+        """A cache flush; ``operation`` BLKIF_OP_WRITE_BARRIER for a backend
+        that offers only feature-barrier (an empty barrier, as blkfront's)."""
+        if operation not in (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER):
+            raise LocalProtocolError("operation %d is not a flush" % operation)
         tag = self._tag(1, 0)
-        self.waiting.append((tag, BLKIF_OP_FLUSH_DISKCACHE, 0, 0, None, 0))
+        self.waiting.append((tag, operation, 0, 0, None, 0))
         return tag
 
     def submit_discard(self, offset, length):
