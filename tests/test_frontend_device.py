@@ -291,9 +291,10 @@ def test_detach_handshake(world):
         assert dev.queues, "rings released before the backend closed"
         dom0.switch_state(BACK + "/state", S.Closing)
         dom0.wait_for_state(FRONT + "/state", S.Closed, 5)
+        assert dev._retired, "rings released while the backend may map them"
         dom0.switch_state(BACK + "/state", S.Closed)
         future.result(5)
-    assert not dev.queues and dev._closed
+    assert not dev.queues and not dev._retired and dev._closed
     dev.detach()  # idempotent
     with pytest.raises(LocalProtocolError, match="detached"):
         dev.read(0, 512)
@@ -318,3 +319,4 @@ def test_native_protocol_is_written(world):
     dev, conn = attach_by_hand(world)
     with quick(dev):
         assert conn.protocol == NATIVE.protocol
+

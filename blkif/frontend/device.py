@@ -15,11 +15,12 @@ How it works:
   :meth:`IOHandle.result` drive the rings until it finishes.
 - The backend goes away (Closing, Closed, its directory removed, or an event
   channel closes because its process died): every transfer in flight fails
-  with :class:`BlockIOError`, the queues are released and we switch Closed.
+  with :class:`BlockIOError` and we switch Closed.  The rings are released
+  once the backend is Closed (it has unmapped them), or at once if it died.
   With ``reconnect`` we start over (Initialising) once the backend is Closed
   or InitWait again; the backend then goes InitWait and setup runs again.
-- :meth:`BlockDevice.detach`: Closing, wait for the backend to close,
-  release, Closed.
+- :meth:`BlockDevice.detach`: Closing; when the backend is Closing, Closed;
+  when it is Closed too, release the rings.
 
 Nothing runs in the background except the xenstore watch thread, which only
 writes a byte to a pipe: the caller's thread runs the state machine and the
@@ -201,6 +202,7 @@ class BlockDevice:
         self.state = S.Unknown          # ours, as last written
         self.backend_state = S.Unknown  # theirs, as last read
         self.queues = []
+        self._retired = []  # queues closed but maybe still mapped by the backend
         self.offer = self.disk = None
         self.negotiated = {}
         self._inflight = {}  # (queue index, tag) -> IOHandle
@@ -244,9 +246,10 @@ class BlockDevice:
         self._react()
 
     def detach(self, timeout=None):
-        """Close cleanly: let transfers finish, Closing, wait for the backend
-        to close, release the rings, Closed.  Idempotent; logs (does not raise)
-        if the backend does not answer within ``timeout``."""
+        """Close cleanly: let transfers finish, Closing, Closed once the
+        backend is Closing, release the rings once it is Closed.  Idempotent;
+        logs (does not raise) if the backend does not answer within
+        ``timeout``, and releases everything anyway."""
         if self._closed:
             return
         timeout = self.options.timeout if timeout is None else timeout
@@ -273,6 +276,7 @@ class BlockDevice:
         """Release everything now, whatever the backend does; Closed."""
         self._start_over = False
         self._teardown("device detached")
+        self._release_retired()
         if self.state != S.Closed and not self.xs.closed:
             try:
                 self._switch(S.Closed)
@@ -313,6 +317,8 @@ class BlockDevice:
                 if self._closed or self._error is not None:
                     return
                 self.backend_state = self.xs.read_state(self.backend + "/state")
+                if self._retired and self.backend_state in (S.Closed, S.Unknown):
+                    self._release_retired()
                 action = self._action(self.backend_state)
                 if action is None:
                     return
@@ -337,6 +343,7 @@ class BlockDevice:
         return action
 
     def _do_start_over(self):
+        self._release_retired()
         self._switch(S.Initialising)
 
     def _do_setup(self):
@@ -375,7 +382,9 @@ class BlockDevice:
                                               self.options.abi, order, indirect,
                                               self.options.pool_pages))
         except BaseException:
-            self._release_queues()
+            self._retired.extend(self.queues)
+            self.queues = []
+            self._release_retired()
             raise
         for i, queue in enumerate(self.queues):
             fd = queue.port.fileno()
@@ -417,11 +426,17 @@ class BlockDevice:
                       "on" if offer.discard else "off")
 
     def _do_close(self):
-        """Blkfront ``blkfront_closing``: fail what is in flight, release, Closed."""
+        """Blkfront ``blkfront_closing``: fail what is in flight, Closed.
+
+        The rings stay granted until the backend is Closed (it has unmapped
+        and unbound by then), as blkfront frees them only later."""
         self._lost("backend is %s" % self.backend_state.name)
 
-    def _lost(self, reason):
-        """The connection is gone: fail transfers, release the rings, Closed."""
+    def _lost(self, reason, release=False):
+        """The connection is gone: fail transfers, retire the rings, Closed.
+
+        ``release``: free the rings now (the backend died, nobody maps them).
+        """
         if self.state == S.Initialised:
             self._failed_setups += 1
         if self.state == S.Closing:
@@ -429,6 +444,8 @@ class BlockDevice:
         else:
             self.log.warning("connection lost (%s)", reason)
         self._teardown("backend went away (%s)" % reason)
+        if release:
+            self._release_retired()
         try:
             self._switch(S.Closed)
         except XenstoreError as exc:
@@ -441,24 +458,27 @@ class BlockDevice:
                 "backend closed %d setups in a row without connecting" % self._failed_setups))
 
     def _teardown(self, reason):
+        """Fail every transfer, stop polling the rings and retire them."""
         for handle in self._inflight.values():
             handle._finish(BLKIF_RSP_ERROR, None, reason)
         self._inflight.clear()
-        for queue in self.queues:
-            queue.fail_all(BLKIF_RSP_ERROR)
-        self._release_queues()
-        self.disk = None
-
-    def _release_queues(self):
         for fd in self._port_fds:
             self._selector.unregister(fd)
         self._port_fds.clear()
         for queue in self.queues:
+            queue.fail_all(BLKIF_RSP_ERROR)
+        self._retired.extend(self.queues)
+        self.queues = []
+        self.disk = None
+
+    def _release_retired(self):
+        """End access to retired rings and pools, close their channels."""
+        for queue in self._retired:
             try:
                 queue.close()
             except (PlatformError, LocalProtocolError) as exc:
                 self.log.warning("releasing a queue: %s", exc)
-        self.queues = []
+        self._retired.clear()
 
     def _fail(self, exc):
         """Error state: every later call says so.  Rings released, Closed."""
@@ -466,6 +486,7 @@ class BlockDevice:
         self._error = exc
         self._start_over = False
         self._teardown("device failed: %s" % exc)
+        self._release_retired()
         if not self.xs.closed and self.state != S.Closed:
             try:
                 self._switch(S.Closed)
@@ -496,8 +517,10 @@ class BlockDevice:
         try:
             queue.port.clear()
             done = queue.complete()
-        except EventChannelClosed as exc:
-            self._lost("queue %d: %s" % (index, exc))
+        except (EventChannelClosed, ConnectionResetError) as exc:
+            # ConnectionResetError: the sim's clear() when the peer died with
+            # our notifications unread; the same thing as EventChannelClosed.
+            self._lost("queue %d: %s" % (index, exc), release=True)
             self._react()
             return
         except RemoteProtocolError as exc:
@@ -630,7 +653,7 @@ class BlockDevice:
         try:
             self.queues[index].kick()
         except EventChannelClosed as exc:
-            self._lost("queue %d: %s" % (index, exc))
+            self._lost("queue %d: %s" % (index, exc), release=True)
             self._react()
         return handle
 
