@@ -16,6 +16,8 @@ from blkif.frontend import BlockDevice, BlockIOError, FrontendOptions, NotConnec
 from blkif.negotiate import BackendOffer, Connection, DiskInfo
 from blkif.platform import open_platform
 from blkif.platform.sim import SimHypervisor
+from blkif.request import ResponseWriter
+from blkif.ring import BackRing
 from blkif.toolstack import backend_path, create, frontend_path
 from xenstore import Xenstore, XenbusState as S, domain_socket_path
 from xenstore_fixtures import xenstored  # noqa: F401
@@ -200,6 +202,41 @@ def test_discard_needs_the_feature_and_4k_sectors_need_4k_alignment(world):
             dev.read(512, 4096)
 
 
+def test_flush_falls_back_to_an_empty_barrier(world):
+    offer = BackendOffer(max_queues=1, flush=False, barrier=True)
+    dev, _ = attach_by_hand(world, offer=offer)
+    with quick(dev):
+        dev.submit_flush()
+        (shadow,) = [sh for sh in dev.queues[0].shadow if sh is not None]
+        assert shadow.op == c.BLKIF_OP_WRITE_BARRIER and shadow.length == 0
+
+
+def test_a_response_to_no_request_fails_the_device(world, hypervisor):
+    dev, conn = attach_by_hand(world, offer=BackendOffer(max_queues=1))
+    with quick(dev), open_platform("sim", domid=0, path=hypervisor.path) as back:
+        mapping = back.map_grants(DOMID, conn.queues[0].ring_refs)
+        port = back.evtchn_bind_interdomain(DOMID, conn.queues[0].event_channel)
+        view = mapping.buffer
+        ring = BackRing(view, NATIVE)
+        handle = dev.submit_read(0, 512)
+        assert ring.pending_requests() == 1
+        ring.copy_request(bytearray(NATIVE.request_size))
+        ResponseWriter(NATIVE).put(ring, 999, c.BLKIF_OP_READ, c.BLKIF_RSP_OKAY)
+        ring.push_responses()
+        port.notify()
+        with pytest.raises(BlockIOError, match="device failed: queue 0: response for "
+                                               "unknown request id 999"):
+            handle.result()
+        with pytest.raises(NotConnected, match="device failed") as info:
+            dev.wait_connected(1)
+        assert isinstance(info.value.__cause__, RemoteProtocolError)
+        assert world[0].read_state(FRONT + "/state") == S.Closed
+        ring.release()
+        view.release()
+        port.close()
+        mapping.unmap()
+
+
 # -- the backend goes away and comes back ----------------------------------------
 
 def test_backend_closing_fails_pending_and_reconnects(world):
@@ -207,6 +244,7 @@ def test_backend_closing_fails_pending_and_reconnects(world):
     dev, _ = attach_by_hand(world, offer=BackendOffer(max_queues=4, max_ring_page_order=2))
     with quick(dev):
         pending = [dev.submit_read(i * 4096, 4096) for i in range(8)]
+        assert [len(q.pending) for q in dev.queues] == [2, 2, 2, 2]  # spread over queues
         assert not dev.wait(pending, 0.05)  # nobody serves the rings
         dom0.switch_state(BACK + "/state", S.Closing)
         assert len(dev.wait(pending, 5)) == 8

@@ -212,10 +212,15 @@ class BlockDevice:
         self._failed_setups = 0
         self._error = None
         self._closed = False
-        self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._watch = xs.watch(self.backend + "/state", callback=self._wake)
+        except BaseException:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            raise
+        self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._watch = xs.watch(self.backend + "/state", callback=self._wake)
 
     # -- attach and detach --------------------------------------------------
 
@@ -224,10 +229,10 @@ class BlockDevice:
         """Connect VBD ``vdev`` (``xvda`` or a devid) of guest ``domid``.
 
         ``xs`` is connected as that guest, ``platform`` opened as it.  Returns a
-        Connected device; raises :class:`NotConnected` if the backend does
-        not connect within ``options.timeout``, UsageError if there is no
-        such VBD, RemoteProtocolError if the backend breaks the protocol.
-        Nothing stays granted or watched after a failure.
+        Connected device.  Raises UsageError if there is no such VBD, and
+        :class:`NotConnected` if the backend does not connect within
+        ``options.timeout`` or breaks the protocol (``__cause__`` is then the
+        RemoteProtocolError).  Nothing stays granted or watched after a failure.
         """
         devid = vdev if isinstance(vdev, int) else vdev_to_devid(vdev)
         dev = cls(xs, platform, domid, devid, options or FrontendOptions())
