@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 S = XenbusState
 RSP_NAMES = {BLKIF_RSP_OKAY: "BLKIF_RSP_OKAY", BLKIF_RSP_ERROR: "BLKIF_RSP_ERROR",
              BLKIF_RSP_EOPNOTSUPP: "BLKIF_RSP_EOPNOTSUPP"}
-# Nodes of ours that describe rings: removed when a new setup does not rewrite them.
+# Nodes of ours that describe rings: a new setup removes them before writing its own.
 RING_NODES = re.compile(r"^(ring-ref\d*|event-channel|ring-page-order"
                         r"|multi-queue-num-queues|queue-\d+)$")
 # Backend states from which a Closed frontend starts over (reconnect).
@@ -373,7 +373,7 @@ class BlockDevice:
             "ring_page_order": order, "ring_pages": 1 << order, "queues": nqueues,
             "indirect_segments": indirect, "persistent": persistent,
         }
-        self.log.info("offered %d queue(s) of %d ring page(s), indirect %d, persistent %s, %s",
+        self.log.info("setup: %d queue(s) of %d ring page(s), indirect %d, persistent %s, %s",
                       nqueues, 1 << order, indirect, "on" if persistent else "off",
                       self.options.abi.protocol)
 
@@ -397,12 +397,12 @@ class BlockDevice:
             self._port_fds.append(fd)
 
     def _publish(self, nodes):
-        """Our ring nodes (stale ones removed) and Initialised, in one transaction."""
+        """Our ring nodes and Initialised, in one transaction; the ring nodes
+        of an earlier connection go first (it may have had more pages or queues)."""
         for txn in self.xs.transactions():
             with txn:
-                fresh = {key.split("/")[0] for key in nodes}
                 for name in txn.list(self.path):
-                    if RING_NODES.match(name) and name not in fresh:
+                    if RING_NODES.match(name):
                         txn.rm("%s/%s" % (self.path, name))
                 for key, value in nodes.items():
                     txn.write("%s/%s" % (self.path, key), value)
