@@ -19,6 +19,8 @@ from xenstore import XenstoreError
 COMMANDS = {
     "calc": ("blkif.calc", "ring-size calculator: slots, segments and bytes in flight"),
     "vbd": ("blkif.toolstack", "create, destroy and list VBDs in xenstore as libxl does"),
+    "serve": ("blkif.backend.service", "the backend service: one worker process per VBD"),
+    "stats": ("blkif.backend.status", "counters of a running `blkif serve`, per VBD"),
     "lab": ("blkif.lab.cli", "boot a real Xen host in QEMU and prove blkif against Linux's drivers"),
 }
 

@@ -249,7 +249,8 @@ S = XenbusState
 
 # Backend: what to do when the frontend enters a state (blkback frontend_changed).
 #   init_wait: if we are Closed, go back to InitWait (the frontend reconnects)
-#   connect:   unless already Connected, read the frontend's nodes, map, Connected
+#   connect:   from InitWait only, read the frontend's nodes, map, Connected
+#              (a Closed backend waits for the frontend to start over)
 #   closing:   stop taking requests, finish in-flight ones, switch to Closing
 #   closed:    unmap and unbind, switch to Closed
 #   remove:    the frontend is gone: closed, then drop the device
@@ -289,8 +290,8 @@ def backend_action(own, frontend):
     action = BACKEND_ON_FRONTEND.get(frontend, "fatal")
     if action == "init_wait" and own != S.Closed:
         return None
-    if action == "connect" and own == S.Connected:
-        return None
+    if action == "connect" and own not in (S.InitWait, S.Initialised):
+        return None  # connected already, or closed: the frontend starts over first
     if action == "closing" and own in (S.Closing, S.Closed):
         return None
     if action == "closed" and own == S.Closed:

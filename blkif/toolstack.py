@@ -59,6 +59,21 @@ def vdev_to_devid(vdev):
     raise UsageError("virtual device %r is out of range" % vdev)
 
 
+def introduce(xs, domid):
+    """Make ``domid`` a guest of our xenstored: introduce it and create its
+    home (dom0 owns it, the guest reads it) with ``device/`` and ``data/``
+    the guest owns, as libxl does at domain creation."""
+    xs.introduce_domain(domid)
+    home = "/local/domain/%d" % domid
+    for txn in xs.transactions():
+        with txn:
+            txn.mkdir(home)
+            txn.set_perms(home, ["n0", "r%d" % domid])
+            for sub in ("device", "data"):
+                txn.mkdir("%s/%s" % (home, sub))
+                txn.set_perms("%s/%s" % (home, sub), ["n%d" % domid])
+
+
 def backend_path(backend_domid, domid, devid):
     return "/local/domain/%d/backend/vbd/%d/%d" % (backend_domid, domid, devid)
 

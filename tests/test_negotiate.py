@@ -146,6 +146,7 @@ def test_linux_backend_transitions():
     assert backend_action(S.InitWait, S.Initialised) == "connect"
     assert backend_action(S.InitWait, S.Connected) == "connect"
     assert backend_action(S.Connected, S.Connected) is None
+    assert backend_action(S.Closed, S.Connected) is None  # stale: wait for Initialising
     assert backend_action(S.Connected, S.Closing) == "closing"
     assert backend_action(S.Closing, S.Closed) == "closed"
     assert backend_action(S.Closed, S.Initialising) == "init_wait"  # reconnect

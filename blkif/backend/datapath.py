@@ -20,6 +20,7 @@ from blkif.abi.constants import (
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,
     BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
     BLKIF_OP_WRITE_BARRIER,
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_ERROR,
@@ -35,15 +36,18 @@ from blkif.ring import BackRing
 log = logging.getLogger(__name__)
 
 MAX_PERSISTENT_GRANTS = 1056  # Linux xen_blkif_max_pgrants
+KINDS = (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE,
+         BLKIF_OP_DISCARD)  # what a request does; indirect ones are counted apart too
 
 
 class Stats:
     """Counters for one VBD, summed over its rings (``blkif stats``)."""
 
-    FIELDS = ("requests", "errors", "read_bytes", "write_bytes", "batches", "notifies")
+    FIELDS = ("requests", "indirect", "errors", "read_bytes", "write_bytes", "batches",
+              "notifies")
 
     def __init__(self):
-        self.ops = {name: 0 for name in OP_NAMES.values()}
+        self.ops = {OP_NAMES[op]: 0 for op in KINDS}
         for name in self.FIELDS:
             setattr(self, name, 0)
         self.in_flight = 0
@@ -120,7 +124,9 @@ class RingServer:
         except RequestError as err:
             self._fail(err)
             return
-        stats.ops[OP_NAMES[req.operation]] += 1
+        stats.ops[OP_NAMES[req.kind]] += 1  # an indirect read counts as a read
+        if req.kind != req.operation:
+            stats.indirect += 1
         try:
             status = self._execute(req)
         except RequestError as err:

@@ -1,0 +1,258 @@
+"""The backend service, ``blkif serve``: a supervisor of per-VBD workers.
+
+It watches ``/local/domain/<backend>/backend/vbd`` and keeps one worker
+process (``blkif.backend.worker``) per VBD directory found there: started
+when the directory appears, sent SIGTERM when it goes.  A worker that dies
+is that VBD's failure alone: it is logged, and the worker restarted after a
+back-off that doubles with each crash; more than ``MAX_CRASHES`` crashes
+within ``CRASH_WINDOW`` seconds (or exit status 3, "cannot be served as
+configured") marks the VBD failed instead of feeding a crash loop.
+
+Signal handlers only record what happened and wake the loop (SIGCHLD
+included); the loop reaps, rescans and acts.  SIGTERM/SIGINT stop every
+worker in order: SIGTERM, their ``--grace`` to let frontends close, then
+SIGKILL for any still running.  ``service.json`` in the state directory
+holds the workers and the last exits (``blkif stats``).
+"""
+import collections
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+from blkif.backend import status, worker
+from xenstore import NoEntry, Xenstore
+
+log = logging.getLogger(__name__)
+
+CRASH_WINDOW = 60.0
+MAX_CRASHES = 5
+FIRST_BACKOFF = 0.25
+MAX_BACKOFF = 30.0
+KILL_MARGIN = 2.0  # beyond the workers' grace before SIGKILL
+
+
+class WorkerHandle:
+    """The supervisor's view of one VBD's worker."""
+
+    def __init__(self, domid, devid, path):
+        self.domid, self.devid, self.path = domid, devid, path
+        self.proc = None
+        self.status = "starting"  # running, restarting, stopping, failed
+        self.restarts = 0
+        self.crashes = collections.deque()
+        self.next_start = 0.0
+        self.last_exit = None
+
+    @property
+    def label(self):
+        return "vbd %d/%d" % (self.domid, self.devid)
+
+    def as_dict(self):
+        return {"domid": self.domid, "devid": self.devid, "path": self.path,
+                "pid": self.proc.pid if self.proc else None, "status": self.status,
+                "restarts": self.restarts, "last_exit": self.last_exit}
+
+
+def describe_exit(code):
+    if code < 0:
+        return "killed by %s" % signal.Signals(-code).name
+    return "exit status %d" % code
+
+
+class Service:
+    def __init__(self, args):
+        self.args = args
+        self.root = "/local/domain/%d/backend/vbd" % args.backend_domid
+        self.state_dir = args.state_dir or status.default_state_dir()
+        self.worker_argv = ([sys.executable, "-m", "blkif.backend.worker"]
+                            + worker.option_argv(args) + ["-v"] * getattr(args, "verbose", 0))
+        self.workers = {}  # (domid, devid) -> WorkerHandle
+        self.finished = collections.deque(maxlen=32)  # final status of exited workers
+        self.stopping = False
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self.wake_r, selectors.EVENT_READ)
+
+    def wake(self, *_):
+        try:
+            os.write(self.wake_w, b"\0")
+        except BlockingIOError:
+            pass
+
+    def _on_stop(self, signum, _frame):
+        self.stopping = True
+        self.wake()
+
+    def run(self):
+        os.makedirs(self.state_dir, exist_ok=True)
+        worker.open_backend_platform(self.args).close()  # fail here, not in every worker
+        handlers = {s: signal.signal(s, self._on_stop) for s in worker.STOP_SIGNALS}
+        handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self.wake)
+        try:
+            with Xenstore.open(self.args.xenstore) as xs:
+                log.info("serving VBDs under %s (state in %s)", self.root, self.state_dir)
+                with xs.watch(self.root, "blkif-serve", callback=self.wake):
+                    while not self.stopping:
+                        self._round(xs)
+                        self._write_status("running")
+            return 0
+        finally:
+            self._stop_all()
+            self._write_status("stopped")
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+
+    def _round(self, xs):
+        """Wait for a change (or the next restart), then reap, rescan, act."""
+        now = time.monotonic()
+        waits = [h.next_start - now for h in self.workers.values() if h.status == "restarting"]
+        timeout = max(0.0, min(waits + [1.0]))
+        if self.selector.select(timeout):
+            try:
+                while os.read(self.wake_r, 256):
+                    pass
+            except BlockingIOError:
+                pass
+        self._reap()
+        if not self.stopping:
+            self._scan(xs)
+
+    def _present(self, xs):
+        found = set()
+        try:
+            domids = xs.list(self.root)
+        except NoEntry:
+            return found
+        for domid in domids:
+            try:
+                devids = xs.list("%s/%s" % (self.root, domid))
+            except NoEntry:
+                continue
+            found.update((int(domid), int(devid)) for devid in devids
+                         if domid.isdigit() and devid.isdigit())
+        return found
+
+    def _scan(self, xs):
+        present = self._present(xs)
+        now = time.monotonic()
+        for key in present - set(self.workers):
+            domid, devid = key
+            self.workers[key] = WorkerHandle(domid, devid, "%s/%d/%d" % (self.root, domid, devid))
+        for key, handle in list(self.workers.items()):
+            if key not in present:
+                if handle.proc is None or handle.proc.poll() is not None:
+                    self._forget(handle)
+                elif handle.status != "stopping":
+                    log.info("%s: removed; stopping its worker", handle.label)
+                    handle.status = "stopping"
+                    handle.proc.terminate()
+            elif handle.status in ("starting", "restarting") and now >= handle.next_start:
+                self._start(handle)
+
+    def _start(self, handle):
+        handle.proc = subprocess.Popen(self.worker_argv + [handle.path], stdin=subprocess.DEVNULL)
+        handle.status = "running"
+        log.info("%s: worker %d started", handle.label, handle.proc.pid)
+
+    def _reap(self):
+        for handle in list(self.workers.values()):
+            if handle.proc is None or handle.status in ("failed", "restarting"):
+                continue
+            code = handle.proc.poll()
+            if code is None:
+                continue
+            handle.last_exit = describe_exit(code)
+            self._record_final(handle)
+            if handle.status == "stopping" or self.stopping:
+                log.info("%s: worker %d stopped (%s)", handle.label, handle.proc.pid,
+                         handle.last_exit)
+                self._forget(handle)
+            elif code == worker.EXIT_UNSERVABLE:
+                log.error("%s: cannot be served (see its error node); not restarting",
+                          handle.label)
+                handle.status = "failed"
+            else:
+                self._crashed(handle)
+
+    def _crashed(self, handle):
+        now = time.monotonic()
+        handle.crashes.append(now)
+        while handle.crashes and handle.crashes[0] < now - CRASH_WINDOW:
+            handle.crashes.popleft()
+        n = len(handle.crashes)
+        if n > MAX_CRASHES:
+            log.error("%s: worker %d %s; %d crashes in %.0f s: giving up on this VBD",
+                      handle.label, handle.proc.pid, handle.last_exit, n, CRASH_WINDOW)
+            handle.status = "failed"
+            return
+        delay = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (n - 1))
+        log.error("%s: worker %d %s; restarting in %.2f s (crash %d of %d allowed in %.0f s)",
+                  handle.label, handle.proc.pid, handle.last_exit, delay, n, MAX_CRASHES,
+                  CRASH_WINDOW)
+        handle.status = "restarting"
+        handle.restarts += 1
+        handle.next_start = now + delay
+
+    def _record_final(self, handle):
+        path = status.vbd_file(self.state_dir, handle.domid, handle.devid)
+        final = {"domid": handle.domid, "devid": handle.devid, "exit": handle.last_exit}
+        try:
+            vbd = status.read_status(self.state_dir)["vbds"]
+        except Exception:  # noqa: BLE001 - a status file is best effort
+            vbd = []
+        for entry in vbd:
+            if (entry["domid"], entry["devid"]) == (handle.domid, handle.devid):
+                final.update(rings_mapped=entry["rings_mapped"],
+                             channels_bound=entry["channels_bound"],
+                             persistent_grants=entry["counters"]["persistent_grants"],
+                             connections=entry["connections"])
+        self.finished.append(final)
+        if handle.status == "stopping" and os.path.exists(path):
+            os.unlink(path)
+
+    def _forget(self, handle):
+        self.workers.pop((handle.domid, handle.devid), None)
+
+    def _stop_all(self):
+        """SIGTERM every worker, wait out the grace, SIGKILL stragglers."""
+        live = [h for h in self.workers.values() if h.proc and h.proc.poll() is None]
+        for handle in live:
+            handle.status = "stopping"
+            handle.proc.terminate()
+        deadline = time.monotonic() + self.args.grace + KILL_MARGIN
+        for handle in live:
+            try:
+                handle.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("%s: worker %d ignored SIGTERM; killing it", handle.label,
+                          handle.proc.pid)
+                handle.proc.kill()
+                handle.proc.wait()
+        for handle in live:
+            handle.last_exit = describe_exit(handle.proc.returncode)
+            self._record_final(handle)
+        if live:
+            log.info("stopped %d worker(s)", len(live))
+
+    def _write_status(self, state):
+        try:
+            status.write_status(os.path.join(self.state_dir, "service.json"), {
+                "pid": os.getpid(), "state": state, "root": self.root,
+                "platform": self.args.platform,
+                "workers": [h.as_dict() for h in self.workers.values()],
+                "finished": list(self.finished),
+            })
+        except OSError as exc:
+            log.warning("cannot write the service status: %s", exc.strerror)
+
+
+def add_arguments(parser):
+    worker.add_options(parser)
+
+
+def run(args):
+    return Service(args).run()

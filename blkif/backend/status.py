@@ -1,0 +1,88 @@
+"""Status files of a running service, and ``blkif stats`` that reads them.
+
+Each worker rewrites ``vbd-<domid>-<devid>.json`` in the state directory
+about once a second and when it exits; the supervisor keeps ``service.json``
+(its workers, restarts and failures).  Files are replaced atomically, so a
+reader never sees half of one.
+"""
+import glob
+import json
+import os
+
+from blkif.errors import UsageError
+
+
+def default_state_dir():
+    """/run/blkif for root, else $XDG_RUNTIME_DIR/blkif or /tmp/blkif-<uid>."""
+    if os.geteuid() == 0:
+        return "/run/blkif"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(runtime, "blkif") if runtime else "/tmp/blkif-%d" % os.getuid()
+
+
+def vbd_file(state_dir, domid, devid):
+    return os.path.join(state_dir, "vbd-%d-%d.json" % (domid, devid))
+
+
+def write_status(path, status):
+    """Replace ``path`` with ``status`` as JSON, atomically."""
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    with open(tmp, "w") as f:
+        json.dump(status, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_status(state_dir):
+    """{"service": {...} or None, "vbds": [...]} from ``state_dir``."""
+    if not os.path.isdir(state_dir):
+        raise UsageError("no blkif service state in %s (is `blkif serve` running with "
+                         "this --state-dir?)" % state_dir)
+    service = None
+    service_file = os.path.join(state_dir, "service.json")
+    if os.path.exists(service_file):
+        with open(service_file) as f:
+            service = json.load(f)
+    vbds = []
+    for path in sorted(glob.glob(os.path.join(state_dir, "vbd-*.json"))):
+        try:
+            with open(path) as f:
+                vbds.append(json.load(f))
+        except (OSError, ValueError):
+            continue  # removed or being replaced as we read: it will be back
+    vbds.sort(key=lambda v: (v["domid"], v["devid"]))
+    return {"service": service, "vbds": vbds}
+
+
+def add_arguments(parser):
+    parser.add_argument("--state-dir", metavar="DIR", default=None,
+                        help="the service's state directory (default: %s)" % default_state_dir())
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _row(vbd, worker):
+    c = vbd["counters"]
+    ops = c["ops"]
+    return "%-6d %-6d %-10s %-8s %8d %8d %8d %6d %6d %10d %10d %6d %6d" % (
+        vbd["domid"], vbd["devid"], vbd["state"], worker.get("status", "-"),
+        c["requests"], ops.get("read", 0), ops.get("write", 0),
+        ops.get("flush_diskcache", 0) + ops.get("write_barrier", 0), ops.get("discard", 0),
+        c["read_bytes"], c["write_bytes"], c["errors"], c["in_flight"])
+
+
+def run(args):
+    state = read_status(args.state_dir or default_state_dir())
+    if args.json:
+        print(json.dumps(state, indent=2, sort_keys=True))
+        return 0
+    workers = {}
+    if state["service"]:
+        svc = state["service"]
+        print("service pid %d, %d VBD(s), state %s" % (svc["pid"], len(svc["workers"]),
+                                                     svc["state"]))
+        workers = {(w["domid"], w["devid"]): w for w in svc["workers"]}
+    print("%-6s %-6s %-10s %-8s %8s %8s %8s %6s %6s %10s %10s %6s %6s" % (
+        "domid", "devid", "state", "worker", "requests", "reads", "writes", "flush",
+        "disc", "read_B", "write_B", "errors", "flight"))
+    for vbd in state["vbds"]:
+        print(_row(vbd, workers.get((vbd["domid"], vbd["devid"]), {})))
+    return 0

@@ -1,0 +1,270 @@
+"""One VBD's worker process: ``python -m blkif.backend.worker [options] PATH``.
+
+The service starts one per VBD, so disks do not contend for one interpreter
+and a guest that breaks its VBD (or this process) cannot touch another's.
+
+The loop waits on one selector: a wake-up pipe (written by xenstore watch
+callbacks and by signals) and every connected ring's event channel.  A port
+that fires is cleared and its ring served in one batch; a xenstore change
+re-reads both states (:meth:`Vbd.changed`).  About once a second the worker
+rewrites its status file and checks that its parent is still alive.
+
+SIGTERM or SIGINT (or the parent dying): serve what is on the rings, switch
+Closing, keep serving until the frontend closes or ``--grace`` seconds pass,
+then unmap, unbind, flush the store, switch Closed and exit 0.
+Exit status 3 means the VBD cannot be served as configured (e.g. its backing
+store cannot be opened); the error node says why and restarting won't help.
+"""
+import argparse
+import logging
+import os
+import selectors
+import signal
+import sys
+import time
+
+from blkif.backend import status
+from blkif.backend.xenbus import BackendOptions, Vbd
+from blkif.errors import BlkifError, RemoteProtocolError, UsageError
+from blkif.negotiate import MAX_QUEUES
+from blkif.platform import EventChannelClosed, PlatformError, open_platform
+from blkif.abi.constants import BLKIF_MAX_INDIRECT_SEGMENTS, XENBUS_MAX_RING_GRANT_ORDER
+from xenstore import XenbusState, Xenstore, XenstoreError
+
+log = logging.getLogger(__name__)
+
+EXIT_UNSERVABLE = 3
+TICK = 1.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _bounded(low, high):
+    def parse(text):
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a number" % text) from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError("%d is not in %d..%d" % (value, low, high))
+        return value
+    return parse
+
+
+# (flag, argparse keywords): shared by ``blkif serve`` and the worker it starts.
+OPTIONS = (
+    ("--platform", dict(choices=("xen", "sim"), default="xen",
+                        help="xen: /dev/xen devices (dom0); sim: the simulated hypervisor")),
+    ("--sim-path", dict(metavar="DIR", help="simulated hypervisor directory (default $BLKIF_SIM)")),
+    ("--xenstore", dict(metavar="PATH",
+                        help="xenstored socket (default: $XENSTORED_PATH or the system's)")),
+    ("--backend-domid", dict(type=_bounded(0, 0x7FEF), default=0, metavar="N",
+                             help="the domain we serve as (default 0)")),
+    ("--max-indirect-segments", dict(type=_bounded(0, BLKIF_MAX_INDIRECT_SEGMENTS), default=256,
+                                     metavar="N",
+                                     help="feature-max-indirect-segments (default 256, "
+                                          "0 disables indirect requests)")),
+    ("--max-ring-page-order", dict(type=_bounded(0, XENBUS_MAX_RING_GRANT_ORDER), default=4,
+                                   metavar="N", help="max-ring-page-order (default 4)")),
+    ("--max-queues", dict(type=_bounded(1, MAX_QUEUES), default=BackendOptions.max_queues,
+                          metavar="N", help="multi-queue-max-queues (default: one per CPU)")),
+    ("--no-persistent", dict(action="store_true", help="do not offer persistent grants")),
+    ("--direct", dict(action="store_true", help="open backing stores with O_DIRECT")),
+    ("--state-dir", dict(metavar="DIR", default=None,
+                         help="status files for `blkif stats` (default: %s)"
+                         % status.default_state_dir())),
+    ("--grace", dict(type=float, default=5.0, metavar="SECONDS",
+                     help="on stop, how long a connected frontend has to close (default 5)")),
+)
+
+
+def add_options(parser):
+    for flag, kwargs in OPTIONS:
+        parser.add_argument(flag, **kwargs)
+
+
+def option_argv(args):
+    """``args`` turned back into command-line options (for the worker's argv)."""
+    argv = []
+    for flag, kwargs in OPTIONS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if kwargs.get("action") == "store_true":
+            argv += [flag] if value else []
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def backend_options(args):
+    return BackendOptions(
+        max_indirect_segments=args.max_indirect_segments,
+        max_ring_page_order=args.max_ring_page_order,
+        max_queues=args.max_queues,
+        persistent=not args.no_persistent,
+        direct=args.direct,
+    )
+
+
+def open_backend_platform(args):
+    options = {"domid": args.backend_domid}
+    if args.platform == "sim" and args.sim_path:
+        options["path"] = args.sim_path
+    return open_platform(args.platform, **options)
+
+
+class Worker:
+    """Runs one :class:`Vbd` until it is removed or the worker is told to stop."""
+
+    def __init__(self, vbd, state_dir, grace):
+        self.vbd = vbd
+        self.grace = grace
+        self.status_file = status.vbd_file(state_dir, vbd.domid, vbd.devid) if state_dir else None
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
+        self.ports = {}  # fd -> RingServer
+        self.stopping = False
+        self.parent = os.getppid()
+        self._next_tick = 0.0
+
+    def wake(self, *_):
+        try:
+            os.write(self.wake_w, b"\0")
+        except BlockingIOError:
+            pass  # already awake
+
+    def _on_signal(self, signum, _frame):
+        self.stopping = True
+        self.wake()
+
+    def run(self):
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._on_signal)
+        xs = self.vbd.xs
+        watches = [xs.watch(self.vbd.path, "backend", callback=self.wake)]
+        try:
+            self.vbd.start()
+            watches.append(xs.watch(self.vbd.frontend + "/state", "frontend",
+                                    callback=self.wake))
+            while not self.stopping and not self.vbd.gone:
+                self._step(TICK)
+            self._stop()
+        finally:
+            for watch in watches:
+                watch.close()
+            self.vbd.shutdown()
+            self._sync_ports()
+            self._write_status()
+
+    def _step(self, timeout):
+        """Wait for one round of events (at most ``timeout`` s) and handle them."""
+        self._sync_ports()
+        for key, _ in self.selector.select(timeout):
+            if key.data is None:
+                self._drain_wake()
+                self._guarded(self.vbd.changed)
+            elif self.ports.get(key.fd) in self.vbd.servers:  # not closed meanwhile
+                self._serve(self.ports[key.fd])
+        now = time.monotonic()
+        if now >= self._next_tick:
+            self._next_tick = now + TICK
+            self._write_status()
+            if os.getppid() != self.parent:
+                log.warning("%s: the service is gone; stopping", self.vbd.label)
+                self.stopping = True
+
+    def _drain_wake(self):
+        try:
+            while os.read(self.wake_r, 256):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _serve(self, server):
+        def serve():
+            server.port.clear()
+            server.service()
+        self._guarded(serve)
+
+    def _guarded(self, action):
+        """Run ``action``; a broken frontend closes this VBD, never the worker."""
+        try:
+            action()
+        except EventChannelClosed:
+            if self.vbd.servers:
+                self.vbd.fatal("the frontend closed its event channel")
+        except (RemoteProtocolError, PlatformError) as exc:
+            self.vbd.fatal(str(exc))
+
+    def _sync_ports(self):
+        """Poll exactly the ports of the rings now connected."""
+        live = {server.port.fileno(): server for server in self.vbd.servers}
+        for fd in [fd for fd, server in self.ports.items() if live.get(fd) is not server]:
+            self.selector.unregister(fd)
+            del self.ports[fd]
+        for fd, server in live.items():
+            if fd not in self.ports:
+                self.selector.register(fd, selectors.EVENT_READ, "port")
+                self.ports[fd] = server
+                self._serve(server)  # requests may be waiting already
+
+    def _stop(self):
+        """Closing, and serve until the frontend has closed or the grace is over."""
+        vbd = self.vbd
+        if vbd.gone or vbd.state != XenbusState.Connected:
+            return
+        log.info("%s: stopping: waiting up to %.1f s for the frontend to close",
+                 vbd.label, self.grace)
+        self._guarded(vbd.drain)
+        vbd._switch(XenbusState.Closing)
+        deadline = time.monotonic() + self.grace
+        while vbd.servers and time.monotonic() < deadline:
+            front = vbd.xs.read_state(vbd.frontend + "/state")
+            if front in (XenbusState.Closed, XenbusState.Unknown):
+                break
+            self._step(max(0.0, min(0.1, deadline - time.monotonic())))
+
+    def _write_status(self):
+        if not self.status_file:
+            return
+        state = self.vbd.status()
+        state["pid"] = os.getpid()
+        try:
+            status.write_status(self.status_file, state)
+        except OSError as exc:
+            log.warning("%s: cannot write %s: %s", self.vbd.label, self.status_file,
+                        exc.strerror)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="blkif-worker", description=__doc__.split("\n")[0])
+    add_options(parser)
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("path", help="the VBD's backend directory in xenstore")
+    args = parser.parse_args(argv)
+    label = args.path
+    logging.basicConfig(
+        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+        format="%(asctime)s %(levelname)s blkif-worker[%(process)d]: %(message)s")
+    try:
+        with Xenstore.open(args.xenstore) as xs, open_backend_platform(args) as platform:
+            vbd = Vbd(xs, platform, args.path, backend_options(args))
+            worker = Worker(vbd, args.state_dir or status.default_state_dir(), args.grace)
+            try:
+                worker.run()
+            except (BlkifError, OSError) as exc:
+                if vbd.store is None:  # never started: tell the toolstack why
+                    vbd.fatal("cannot serve: %s" % exc)
+                    print("blkif-worker: %s: %s" % (label, exc), file=sys.stderr)
+                    return EXIT_UNSERVABLE
+                raise
+    except UsageError as exc:
+        print("blkif-worker: %s: %s" % (label, exc), file=sys.stderr)
+        return 2
+    except (BlkifError, XenstoreError, OSError) as exc:
+        print("blkif-worker: %s: %s" % (label, exc), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

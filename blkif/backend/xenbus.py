@@ -1,0 +1,284 @@
+"""A VBD's control path (Linux: xen-blkback/xenbus.c).
+
+:class:`Vbd` owns one backend directory, the backing store named by its
+``params`` and ``mode`` nodes and, while connected, one mapped ring, bound
+event channel and :class:`RingServer` per queue.
+
+Its life follows Linux blkback:
+
+- :meth:`Vbd.start` opens the store, publishes the offer (features, ring and
+  queue limits) and switches to InitWait.  A state left over from a worker
+  that died (Initialised/Connected/Closing) is first switched to Closed, so
+  the frontend starts over instead of trusting rings nobody serves.
+- :meth:`Vbd.changed` runs after any xenstore change: it reads both states
+  and does what :func:`blkif.negotiate.backend_action` says.  Connecting
+  reads the frontend's nodes with :meth:`Connection.read` (every value capped
+  at the offer), maps the rings, binds the channels and publishes the disk.
+- A frontend that breaks the protocol gets Linux's ``xenbus_dev_fatal``: an
+  error node under ``/local/domain/<backend>/error/<backend path>``, the rings
+  released and Closing.  Only this VBD stops.
+
+Nothing here waits: the worker (``blkif.backend.worker``) feeds it xenstore
+changes and calls :meth:`RingServer.service` when a port fires.
+"""
+import errno
+import logging
+import os
+from dataclasses import dataclass
+
+from blkif.abi.constants import VDISK_READONLY
+from blkif.backend.datapath import RingServer, Stats
+from blkif.backend.store import Store
+from blkif.errors import RemoteProtocolError
+from blkif.negotiate import MAX_QUEUES, BackendOffer, Connection, DiskInfo, backend_action
+from blkif.platform import PlatformError
+from blkif.request import Limits
+from xenstore import BadValue, XenbusState, XenstoreError
+
+log = logging.getLogger(__name__)
+
+S = XenbusState
+STALE = (S.Initialised, S.Connected, S.Closing)  # a dead worker's connection
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What the operator lets every VBD offer (``blkif serve`` options)."""
+
+    max_indirect_segments: int = 256
+    max_ring_page_order: int = 4
+    max_queues: int = min(os.cpu_count() or 1, MAX_QUEUES)  # Linux: one per CPU
+    persistent: bool = True
+    direct: bool = False
+
+
+class Vbd:
+    """One VBD: ``path`` is its backend directory, e.g. backend/vbd/1/51712."""
+
+    def __init__(self, xs, platform, path, options=BackendOptions()):
+        self.xs = xs
+        self.platform = platform
+        self.path = path
+        self.options = options
+        parts = path.rstrip("/").split("/")
+        self.backend_domid = int(parts[3])
+        self.domid, self.devid = int(parts[-2]), int(parts[-1])
+        self.label = "vbd %d/%d" % (self.domid, self.devid)
+        self.stats = Stats()
+        self.store = None
+        self.offer = None
+        self.frontend = None
+        self.state = S.Unknown
+        self.servers = []  # one RingServer per queue while connected
+        self._rings = []  # (mapping, port) per queue
+        self.negotiated = {}
+        self.connections = 0
+        self.gone = False  # our directory was removed: the worker may exit
+
+    # -- xenstore helpers -------------------------------------------------
+
+    def _node(self, key, default=None):
+        return self.xs.read_str("%s/%s" % (self.path, key), default)
+
+    def _switch(self, state, txn=None):
+        (txn or self.xs).switch_state(self.path + "/state", state)
+        if state != self.state:
+            log.info("%s: %s -> %s", self.label, self.state.name, state.name)
+        self.state = state
+
+    def _frontend_reader(self):
+        front = self.frontend
+        return lambda key: self.xs.read_str("%s/%s" % (front, key), None)
+
+    # -- life cycle -------------------------------------------------------
+
+    def start(self):
+        """Open the store, publish the offer and go to InitWait."""
+        params = self._node("params", "")
+        mode = self._node("mode", "w")
+        self.frontend = self._node("frontend", "")
+        if not params or not self.frontend:
+            raise RemoteProtocolError("%s: backend node %s missing" % (
+                self.label, "params" if not params else "frontend"))
+        self.store = Store(params, writable="w" in mode, direct=self.options.direct)
+        opts = self.options
+        self.offer = BackendOffer(
+            max_ring_page_order=opts.max_ring_page_order,
+            max_queues=opts.max_queues,
+            max_indirect_segments=opts.max_indirect_segments,
+            persistent=opts.persistent,
+            discard=self.store.discard_supported and self._node("discard-enable", "1") != "0",
+            discard_secure=False,
+        )
+        own = self.state = self.xs.read_state(self.path + "/state")
+        if own in STALE:
+            log.warning("%s: found state %s from a worker that died; closing that connection",
+                        self.label, own.name)
+        for txn in self.xs.transactions():
+            with txn:
+                for key, value in self.offer.nodes().items():
+                    txn.write("%s/%s" % (self.path, key), value)
+                if own in STALE or own == S.Closed:
+                    self._switch(S.Closed, txn)
+                else:
+                    self._switch(S.InitWait, txn)
+        log.info("%s: serving %s (%s, %d sectors%s)", self.label, params,
+                 "read-write" if self.store.writable else "read-only", self.store.sectors,
+                 ", O_DIRECT" if opts.direct else "")
+        self.changed()
+
+    def changed(self):
+        """Act on the current states of both ends (after any watch event)."""
+        if not self.xs.exists(self.path):
+            self.gone = True
+            self.disconnect()
+            return
+        own = self.xs.read_state(self.path + "/state")
+        if own != self.state and own in (S.Closing, S.Closed):
+            # The toolstack (libxl on ``xl destroy``) asks us to close.
+            log.info("%s: toolstack switched us to %s", self.label, own.name)
+            self.state = own
+            self.disconnect()
+            self._switch(S.Closed)
+            return
+        try:
+            front = self.xs.read_state(self.frontend + "/state")
+        except BadValue as exc:
+            if self.state not in (S.Closing, S.Closed):
+                self.fatal(str(exc))
+            return
+        action = backend_action(self.state, front)
+        if action is None:
+            return
+        log.debug("%s: frontend %s: %s", self.label, front.name, action)
+        if action == "init_wait":
+            self._switch(S.InitWait)
+        elif action == "connect":
+            self.connect()
+        elif action == "closing":
+            self.drain()
+            self._switch(S.Closing)
+        elif action in ("closed", "remove"):
+            if action == "remove" and self.state not in (S.Connected, S.Closing):
+                return  # no frontend yet: nothing to tear down
+            self.disconnect()
+            self._switch(S.Closed)
+        else:
+            self.fatal("frontend entered state %s" % front.name)
+
+    def connect(self):
+        """Read the frontend's rings, map them, bind the channels, Connected."""
+        try:
+            conn = Connection.read(self._frontend_reader(), self.offer)
+            self._attach(conn)
+        except (RemoteProtocolError, PlatformError) as exc:
+            self.fatal("connecting rings: %s" % exc)
+            return
+        disk = DiskInfo(
+            sectors=self.store.sectors,
+            sector_size=self.store.logical_block_size,
+            physical_sector_size=self.store.physical_block_size,
+            info=0 if self.store.writable else VDISK_READONLY,
+        )
+        for txn in self.xs.transactions():
+            with txn:
+                for key, value in disk.nodes().items():
+                    txn.write("%s/%s" % (self.path, key), value)
+                self._switch(S.Connected, txn)
+        self.connections += 1
+        self.negotiated = {
+            "protocol": conn.abi.protocol, "ring_page_order": conn.ring_page_order,
+            "queues": len(conn.queues), "persistent": conn.persistent,
+            "max_indirect_segments": self.offer.max_indirect_segments,
+            "discard": self.offer.discard,
+        }
+        log.info("%s: connected: %s, %d queue(s) of %d ring page(s), persistent grants %s",
+                 self.label, conn.abi.protocol, len(conn.queues), 1 << conn.ring_page_order,
+                 "on" if conn.persistent else "off")
+
+    def _attach(self, conn):
+        limits = Limits(
+            sectors=self.store.sectors, readonly=not self.store.writable,
+            flush=self.offer.flush, barrier=self.offer.barrier, discard=self.offer.discard,
+            discard_secure=self.offer.discard_secure,
+            max_indirect_segments=self.offer.max_indirect_segments,
+        )
+        try:
+            for i, queue in enumerate(conn.queues):
+                mapping = self.platform.map_grants(self.domid, queue.ring_refs, writable=True)
+                try:
+                    port = self.platform.evtchn_bind_interdomain(self.domid, queue.event_channel)
+                except BaseException:
+                    mapping.unmap()
+                    raise
+                self._rings.append((mapping, port))
+                self.servers.append(RingServer(
+                    self.platform, self.domid, mapping.buffer, port, conn.abi, limits,
+                    self.store, persistent=conn.persistent, stats=self.stats,
+                    label="%s q%d" % (self.label, i)))
+        except BaseException:
+            self.disconnect()
+            raise
+
+    def drain(self):
+        """Serve whatever the frontend has already put on the rings."""
+        for server in self.servers:
+            try:
+                server.service()
+            except (RemoteProtocolError, PlatformError) as exc:
+                log.warning("%s: while draining: %s", self.label, exc)
+
+    def disconnect(self):
+        """Finish what is on the rings, then unmap and unbind everything."""
+        if not self.servers and not self._rings:
+            return
+        self.drain()
+        for server in self.servers:
+            server.close()
+        for mapping, port in self._rings:
+            port.close()
+            mapping.unmap()
+        self.servers.clear()
+        self._rings.clear()
+        if self.store is not None and self.store.writable:
+            self._flush_store()
+        log.info("%s: disconnected", self.label)
+
+    def _flush_store(self):
+        try:
+            self.store.flush()
+        except OSError as exc:
+            log.error("%s: flushing %s: %s", self.label, self.store.path, exc.strerror)
+
+    def fatal(self, message):
+        """Linux ``xenbus_dev_fatal``: error node, release the rings, Closing."""
+        log.error("%s: %s; closing the device", self.label, message)
+        error_dir = "/local/domain/%d/error%s" % (
+            self.backend_domid, self.path[len("/local/domain/%d" % self.backend_domid):])
+        try:
+            self.xs.write(error_dir + "/error", "%d %s" % (errno.EIO, message))
+        except XenstoreError as exc:
+            log.warning("%s: cannot write error node: %s", self.label, exc)
+        self.disconnect()
+        self._switch(S.Closing)
+
+    def shutdown(self):
+        """The service stops: serve what is queued, release it all, Closed."""
+        if self.state in (S.Connected, S.Closing):
+            self.disconnect()
+            if not self.gone:
+                self._switch(S.Closed)
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def status(self):
+        """The VBD's state and counters, for ``blkif stats``."""
+        return {
+            "domid": self.domid, "devid": self.devid, "path": self.path,
+            "params": self.store.path if self.store else None,
+            "state": self.state.name, "connections": self.connections,
+            "negotiated": self.negotiated if self.servers else {},
+            "rings_mapped": len(self._rings), "channels_bound": len(self._rings),
+            "counters": self.stats.as_dict(),
+        }
