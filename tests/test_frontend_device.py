@@ -1,12 +1,21 @@
 """BlockDevice, the frontend's xenbus side and block-device API.
 
-Against a backend the test plays by hand in a real xenstored of ours (the
-guest connected as domain 1 through its own socket): the nodes we write at
-Initialised, argument checks against the published disk, the backend going
-away and coming back, detach, timeouts.
+First against a backend the test plays by hand in a real xenstored of ours
+(the guest connected as domain 1 through its own socket): the nodes we write
+at Initialised, argument checks against the published disk, the backend going
+away and coming back, detach, timeouts.  Then against ``blkif serve`` as a
+subprocess on the sim platform with image files: random verified I/O over
+many configurations, a killed worker, a stopped and restarted service.
 """
 import concurrent.futures
 import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -18,9 +27,9 @@ from blkif.platform import open_platform
 from blkif.platform.sim import SimHypervisor
 from blkif.request import ResponseWriter
 from blkif.ring import BackRing
-from blkif.toolstack import backend_path, create, frontend_path
+from blkif.toolstack import backend_path, create, destroy, frontend_path, introduce
 from xenstore import Xenstore, XenbusState as S, domain_socket_path
-from xenstore_fixtures import xenstored  # noqa: F401
+from xenstore_fixtures import ROOT, start_server, stop_server, xenstored  # noqa: F401
 
 DOMID, DEVID = 1, 51712
 FRONT, BACK = frontend_path(DOMID, DEVID), backend_path(0, DOMID, DEVID)
@@ -39,7 +48,7 @@ def world(xenstored, hypervisor, tmp_path):  # noqa: F811
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(SECTORS * 512))
     with Xenstore.open(xenstored) as dom0:
-        dom0.introduce_domain(DOMID)
+        introduce(dom0, DOMID)
         create(dom0, DOMID, "xvda", str(image))
         with Xenstore.open(domain_socket_path(xenstored, DOMID)) as guest, \
                 open_platform("sim", domid=DOMID, path=hypervisor.path) as platform:
@@ -356,4 +365,271 @@ def test_native_protocol_is_written(world):
     dev, conn = attach_by_hand(world)
     with quick(dev):
         assert conn.protocol == NATIVE.protocol
+
+
+# -- against the backend service: `blkif serve` as a subprocess ------------------
+
+IMAGE_SIZE = 4 << 20
+LENGTHS = [512, 1536, 4096, 8192, 45056, 45568, 65536, 262144, 1 << 20]
+
+
+class Served:
+    """Our xenstored, the sim hypervisor and ``blkif serve``, each a process."""
+
+    def __init__(self, tmp, hv_path, xs_path):
+        self.tmp, self.hv_path, self.xs_path = tmp, hv_path, xs_path
+        self.state_dir = str(tmp / "state")
+        self.proc = None
+        self.log = None
+        self.options = ()
+        self.vdevs = iter("xvd" + chr(c) for c in range(ord("a"), ord("z") + 1))
+
+    def start(self, *options):
+        self.options = options
+        self.log = open(self.tmp / "serve.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "blkif", "-vv", "serve", "--platform", "sim",
+             "--sim-path", self.hv_path, "--xenstore", self.xs_path,
+             "--state-dir", self.state_dir, "--grace", "5", *options],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.log is not None:
+            self.log.close()
+        return self.proc.returncode
+
+    def restart(self, *options):
+        self.stop()
+        self.start(*options)
+
+    def worker_pid(self, devid, timeout=5):
+        """The pid of the worker serving (DOMID, devid), from service.json."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with open(os.path.join(self.state_dir, "service.json")) as f:
+                    workers = json.load(f).get("workers", [])
+            except (OSError, ValueError):
+                workers = []
+            for w in workers:
+                if (w["domid"], w["devid"]) == (DOMID, devid) and w.get("pid") and (
+                        w["status"] == "running"):
+                    return w["pid"]
+            time.sleep(0.05)
+        raise AssertionError("no worker for devid %d in service.json" % devid)
+
+    def vbd_status(self, devid, ready=lambda status: True, timeout=3):
+        """The worker's status file once ``ready(status)`` (it is rewritten each second)."""
+        path = os.path.join(self.state_dir, "vbd-%d-%d.json" % (DOMID, devid))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with open(path) as f:
+                    status = json.load(f)
+                if ready(status):
+                    return status
+            except (OSError, ValueError):
+                status = None
+            if time.monotonic() > deadline:
+                raise AssertionError("worker status never ready: %r" % (status,))
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def served(hypervisor, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("served")
+    xs_path = str(tmp / "xenstored.sock")
+    xs_proc = start_server(xs_path)
+    with Xenstore.open(xs_path) as dom0:
+        introduce(dom0, DOMID)
+    service = Served(tmp, hypervisor.path, xs_path)
+    service.start("--max-queues", "4")
+    yield service
+    code = service.stop()
+    log = (tmp / "serve.log").read_text()
+    assert code == 0, log
+    assert "Traceback" not in log, log
+    code, err = stop_server(xs_proc)
+    assert code == 0, err
+
+
+@contextlib.contextmanager
+def new_vbd(served, hypervisor, tmp_path, mode="w"):
+    """(image, devid, guest xenstore, guest platform) of a fresh VBD."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(IMAGE_SIZE))
+    vdev = next(served.vdevs)
+    with Xenstore.open(served.xs_path) as dom0:
+        devid = create(dom0, DOMID, vdev, str(image), mode)
+        with Xenstore.open(domain_socket_path(served.xs_path, DOMID)) as guest, \
+                open_platform("sim", domid=DOMID, path=hypervisor.path) as platform:
+            yield image, devid, guest, platform
+        destroy(dom0, DOMID, vdev)
+
+
+@pytest.fixture
+def vbd(served, hypervisor, tmp_path):
+    with new_vbd(served, hypervisor, tmp_path) as made:
+        yield made
+
+
+def pick_ranges(rng, size, count):
+    """``count`` random sector ranges of mixed sizes that do not overlap."""
+    taken = []
+    while len(taken) < count:
+        length = rng.choice(LENGTHS)
+        offset = 512 * rng.randrange((size - length) // 512 + 1)
+        if all(offset + length <= o or o + n <= offset for o, n in taken):
+            taken.append((offset, length))
+    return taken
+
+
+def exercise(dev, image, rng, rounds=3, batch=24):
+    """Random reads, writes and discards, many in flight, verified against a
+    model, against what the device reads back and against the image file."""
+    model = bytearray(image.read_bytes())
+    discard = dev.negotiated["discard"]
+    for _ in range(rounds):
+        reads = []
+        for offset, length in pick_ranges(rng, dev.size, batch):
+            kind = rng.choice(["write", "write", "read", "discard" if discard else "read"])
+            if kind == "write":
+                data = rng.randbytes(length)
+                model[offset:offset + length] = data
+                handle = dev.submit_write(offset, data)
+            elif kind == "discard":
+                model[offset:offset + length] = bytes(length)
+                handle = dev.submit_discard(offset, length)
+            else:
+                handle = dev.submit_read(offset, length)
+                reads.append((handle, offset, length))
+        assert not [h for h in dev.wait(timeout=10) if h.error], "a transfer failed"
+        for handle, offset, length in reads:
+            assert handle.result() == model[offset:offset + length]
+        dev.flush()
+        assert image.read_bytes() == model
+    offset, length = pick_ranges(rng, dev.size, 1)[0]
+    assert dev.read(offset, length) == model[offset:offset + length]
+    return model
+
+
+CONFIGS = {
+    "q1-o0-direct": FrontendOptions(max_queues=1, max_ring_page_order=0,
+                                    max_indirect_segments=0, timeout=10),
+    "q2-o1-ind32-nopersist": FrontendOptions(max_queues=2, max_ring_page_order=1,
+                                             max_indirect_segments=32, persistent=False,
+                                             timeout=10),
+    "q3-o2-ind256": FrontendOptions(max_queues=3, max_ring_page_order=2, timeout=10),
+    "q4-o4-x86_32": FrontendOptions(max_queues=4, abi=X86_32, timeout=10),
+    "q4-o3-x86_32-direct-nopersist": FrontendOptions(
+        max_ring_page_order=3, max_indirect_segments=0, persistent=False, abi=X86_32,
+        timeout=10),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_random_io_against_the_service(served, vbd, name):
+    image, devid, guest, platform = vbd
+    options = CONFIGS[name]
+    with BlockDevice.attach(guest, platform, DOMID, devid, options) as dev:
+        got = dev.negotiated
+        wants = options.wants()
+        assert got["queues"] == min(wants.max_queues, 4) == len(dev.queues)
+        assert got["ring_page_order"] == wants.max_ring_page_order
+        indirect = min(wants.max_indirect_segments, 256)  # the service offers 256
+        assert got["indirect_segments"] == (0 if indirect <= 11 else indirect)
+        assert got["persistent"] == options.persistent
+        assert got["protocol"] == options.abi.protocol
+        assert got["sectors"] * 512 == IMAGE_SIZE and not got["readonly"]
+        exercise(dev, image, random.Random(name))
+        back = served.vbd_status(devid, lambda st: st["negotiated"])["negotiated"]
+        assert (back["queues"], back["ring_page_order"], back["persistent"],
+                back["protocol"]) == (got["queues"], got["ring_page_order"],
+                                      got["persistent"], got["protocol"])
+    assert_detached(guest, platform, devid)
+
+
+def assert_detached(guest, platform, devid):
+    """Both ends Closed and nothing of ours granted or bound any more."""
+    assert guest.read_state(frontend_path(DOMID, devid) + "/state") == S.Closed
+    assert guest.read_state(backend_path(0, DOMID, devid) + "/state") == S.Closed
+    assert not platform._objects, "grants or ports left behind"
+
+
+def write_some(dev, rng, count=16):
+    """Submit ``count`` writes at random places: [(handle, offset, data)]."""
+    out = []
+    for offset, length in pick_ranges(rng, dev.size, count):
+        data = rng.randbytes(length)
+        out.append((dev.submit_write(offset, data), offset, data))
+    return out
+
+
+def test_killed_worker_fails_what_is_pending_then_reconnects(served, vbd):
+    image, devid, guest, platform = vbd
+    rng = random.Random("kill")
+    with BlockDevice.attach(guest, platform, DOMID, devid, FrontendOptions(timeout=10)) as dev:
+        model = exercise(dev, image, rng, rounds=1)
+        pid = served.worker_pid(devid)
+        os.kill(pid, signal.SIGSTOP)  # requests stay on the rings, unserved
+        pending = [h for h, _, _ in write_some(dev, rng)]
+        pending += [dev.submit_read(o, n) for o, n in pick_ranges(rng, dev.size, 8)]
+        assert not dev.wait(pending, 0.1)
+        os.kill(pid, signal.SIGKILL)
+        assert len(dev.wait(pending, 5)) == len(pending)
+        for handle in pending:
+            with pytest.raises(BlockIOError, match="backend went away"):
+                handle.result()
+        assert image.read_bytes() == model  # flushed data intact, nothing else written
+        dev.wait_connected(10)  # the service restarted the worker; we started over
+        assert served.worker_pid(devid) != pid
+        assert dev.read(0, IMAGE_SIZE) == model
+        exercise(dev, image, rng, rounds=1)
+    assert_detached(guest, platform, devid)
+
+
+def test_service_stop_and_restart(served, vbd):
+    image, devid, guest, platform = vbd
+    rng = random.Random("restart")
+    with BlockDevice.attach(guest, platform, DOMID, devid, FrontendOptions(timeout=2)) as dev:
+        model = exercise(dev, image, rng, rounds=1)
+        in_flight = write_some(dev, rng)
+        served.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while served.proc.poll() is None and time.monotonic() < deadline:
+            dev.poll(0.1)  # the worker serves what is queued, then waits for our Closed
+        assert served.stop() == 0
+        dev.wait([h for h, _, _ in in_flight], 1)
+        for handle, offset, data in in_flight:  # served before the close, or failed
+            assert handle.done
+            if handle.error is None:
+                model[offset:offset + len(data)] = data
+            else:
+                assert isinstance(handle.error, BlockIOError)
+        with pytest.raises(BlockIOError, match="not connected within 2.0s"):
+            dev.read(0, 512)
+        assert guest.read_state(frontend_path(DOMID, devid) + "/state") == S.Initialising
+        assert image.read_bytes() == model  # the worker flushed before it closed
+        served.start(*served.options)
+        assert dev.read(0, IMAGE_SIZE) == model  # waits for the reconnection
+        exercise(dev, image, rng, rounds=1)
+    assert_detached(guest, platform, devid)
+
+
+def test_read_only_vbd(served, hypervisor, tmp_path):
+    with new_vbd(served, hypervisor, tmp_path, mode="r") as (image, devid, guest, platform):
+        with BlockDevice.attach(guest, platform, DOMID, devid,
+                                FrontendOptions(timeout=10)) as dev:
+            assert dev.negotiated["readonly"]
+            assert dev.read(4096, 65536) == image.read_bytes()[4096:4096 + 65536]
+            with pytest.raises(LocalProtocolError, match="read-only"):
+                dev.write(0, bytes(512))
+
 
