@@ -392,6 +392,22 @@ class Served:
              "--sim-path", self.hv_path, "--xenstore", self.xs_path,
              "--state-dir", self.state_dir, "--grace", "5", *options],
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+        self._service_json(lambda st: st.get("pid") == self.proc.pid)  # handlers are in
+
+    def _service_json(self, ready, timeout=10):
+        """service.json once ``ready(it)``; the service rewrites it every round."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "blkif serve exited"
+            try:
+                with open(os.path.join(self.state_dir, "service.json")) as f:
+                    status = json.load(f)
+                if ready(status):
+                    return status
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise AssertionError("service.json never ready")
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
@@ -409,21 +425,13 @@ class Served:
         self.stop()
         self.start(*options)
 
-    def worker_pid(self, devid, timeout=5):
-        """The pid of the worker serving (DOMID, devid), from service.json."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with open(os.path.join(self.state_dir, "service.json")) as f:
-                    workers = json.load(f).get("workers", [])
-            except (OSError, ValueError):
-                workers = []
-            for w in workers:
-                if (w["domid"], w["devid"]) == (DOMID, devid) and w.get("pid") and (
-                        w["status"] == "running"):
-                    return w["pid"]
-            time.sleep(0.05)
-        raise AssertionError("no worker for devid %d in service.json" % devid)
+    def worker_pid(self, devid):
+        """The pid of the running worker serving (DOMID, devid)."""
+        def running(status):
+            return [w["pid"] for w in status.get("workers", [])
+                    if (w["domid"], w["devid"]) == (DOMID, devid) and w.get("pid")
+                    and w["status"] == "running"]
+        return running(self._service_json(running))[0]
 
     def vbd_status(self, devid, ready=lambda status: True, timeout=3):
         """The worker's status file once ``ready(status)`` (it is rewritten each second)."""
@@ -633,3 +641,21 @@ def test_read_only_vbd(served, hypervisor, tmp_path):
                 dev.write(0, bytes(512))
 
 
+
+
+def test_the_service_offer_caps_what_we_use(served, hypervisor, tmp_path):
+    limits = ("--max-queues", "1", "--max-ring-page-order", "0",
+              "--max-indirect-segments", "0", "--no-persistent")
+    defaults = served.options
+    served.restart(*limits)
+    try:
+        with new_vbd(served, hypervisor, tmp_path) as (image, devid, guest, platform):
+            with BlockDevice.attach(guest, platform, DOMID, devid,
+                                    FrontendOptions(timeout=10)) as dev:
+                got = dev.negotiated
+                assert (got["queues"], got["ring_page_order"], got["indirect_segments"],
+                        got["persistent"]) == (1, 0, 0, False)
+                exercise(dev, image, random.Random("capped"), rounds=1)
+            assert_detached(guest, platform, devid)
+    finally:
+        served.restart(*defaults)
