@@ -144,9 +144,9 @@ class Service:
             self.workers[key] = WorkerHandle(domid, devid, "%s/%d/%d" % (self.root, domid, devid))
         for key, handle in list(self.workers.items()):
             if key not in present:
-                if handle.proc is None or handle.proc.poll() is not None:
-                    self._forget(handle)
-                elif handle.status != "stopping":
+                if handle.status in ("starting", "restarting", "failed"):
+                    self._forget(handle)  # no live worker (a dead one was reaped)
+                elif handle.status == "running":
                     log.info("%s: removed; stopping its worker", handle.label)
                     handle.status = "stopping"
                     handle.proc.terminate()

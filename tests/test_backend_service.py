@@ -1,0 +1,387 @@
+"""``blkif serve`` across processes on the sim platform: our xenstored, the
+service and its workers, and a frontend domain negotiated by hand, with every
+byte checked against the image file on disk."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from backend_fixtures import RawFrontend, Service, error_node
+from blkif.abi import X86_32, X86_64, constants as c, ffi
+from blkif.backend import service as service_mod
+from blkif.negotiate import FrontendWants
+from blkif.platform import EventChannelClosed
+from blkif.platform.sim import SimHypervisor
+from xenstore import XenbusState as S
+from xenstore_fixtures import ROOT
+
+OKAY, ERROR, NOTSUP = c.BLKIF_RSP_OKAY, c.BLKIF_RSP_ERROR, c.BLKIF_RSP_EOPNOTSUPP
+
+
+@pytest.fixture(scope="module")
+def hv():
+    with SimHypervisor() as hv:
+        yield hv
+
+
+@pytest.fixture(scope="module")
+def service(hv, tmp_path_factory):
+    svc = Service(hv, tmp_path_factory.mktemp("serve"), "--max-queues", "4")
+    yield svc
+    assert svc.close() == 0, svc.output()
+    assert "Traceback" not in svc.output()
+
+
+@pytest.fixture
+def vbd(service, tmp_path):
+    domid, devid = service.new_vbd(tmp_path / "disk.img")
+    fe = RawFrontend(service, domid, devid)
+    yield fe, tmp_path / "disk.img", domid, devid
+    fe.shutdown()
+
+
+def workload(fe, image, seed, rounds=40):
+    """Random writes, reads, flushes and discards over every queue; checked
+    against a model and, after a flush, against the file."""
+    rng = random.Random(seed)
+    size = os.path.getsize(image)
+    model = bytearray(open(image, "rb").read())
+    for i in range(rounds):
+        q = fe.queues[i % len(fe.queues)]
+        length = rng.choice([512, 4096, 4096 * rng.randint(1, 300), 1 << 20])
+        offset = rng.randrange(0, size - length, 512)
+        what = rng.random()
+        if what < 0.5:
+            data = os.urandom(length)
+            tag = q.submit_write(offset, data)
+            model[offset:offset + length] = data
+        elif what < 0.9:
+            tag = q.submit_read(offset, length)
+        else:
+            tag = q.submit_discard(offset, length)
+            model[offset:offset + length] = bytes(length)
+        comp = fe.run(q, [tag])[tag]
+        assert comp.ok, (i, comp.status)
+        if comp.data is not None:
+            assert comp.data == model[offset:offset + length], i
+    q = fe.queues[0]
+    tag = q.submit_flush()
+    assert fe.run(q, [tag])[tag].ok
+    assert open(image, "rb").read() == model
+
+
+MATRIX = [  # abi, queues, order, indirect, persistent
+    (X86_64, 1, 0, 0, False), (X86_64, 2, 1, 256, True), (X86_32, 3, 2, 32, False),
+    (X86_32, 4, 3, 0, True), (X86_64, 1, 4, 256, False), (X86_32, 1, 4, 512, True),
+]
+
+
+@pytest.mark.parametrize("abi,queues,order,indirect,persistent", MATRIX,
+                         ids=["%s-q%d-o%d-ind%d-p%d" % (a.tag, q, o, i, p)
+                              for a, q, o, i, p in MATRIX])
+def test_negotiated_io_matches_the_image(service, vbd, abi, queues, order, indirect,
+                                         persistent):
+    fe, image, domid, devid = vbd
+    conn = fe.connect(abi=abi, wants=FrontendWants(order, queues, indirect, persistent))
+    assert len(conn.queues) == queues and conn.ring_page_order == order
+    assert fe.disk.sectors == os.path.getsize(image) // 512
+    workload(fe, image, seed=order * 10 + queues)
+    time.sleep(1.2)  # one status tick
+    vbd_status = _vbd_status(service, domid, devid)
+    assert vbd_status["negotiated"]["protocol"] == abi.protocol
+    assert vbd_status["negotiated"]["queues"] == queues
+    assert vbd_status["negotiated"]["persistent"] is persistent
+    assert vbd_status["rings_mapped"] == queues
+    counters = vbd_status["counters"]
+    assert counters["errors"] == 0 and counters["in_flight"] == 0
+    assert (counters["indirect"] > 0) == bool(indirect)
+    assert (counters["persistent_grants"] > 0) == persistent
+    fe.close()
+    assert fe.read_back("state") == str(int(S.Closed))
+
+
+def _vbd_status(service, domid, devid):
+    with open(os.path.join(service.state_dir, "vbd-%d-%d.json" % (domid, devid))) as f:
+        return json.load(f)
+
+
+def test_the_offer_is_what_we_configured(vbd):
+    fe = vbd[0]
+    offer = fe.offer()
+    assert (offer.max_queues, offer.max_ring_page_order, offer.max_indirect_segments) == (4, 4, 256)
+    assert offer.persistent and offer.flush and offer.barrier and offer.discard
+
+
+def test_reconnect_after_close(service, vbd):
+    fe, image, domid, devid = vbd
+    for seed in range(2):
+        fe.connect(wants=FrontendWants(seed, 1 + seed, 256, bool(seed)))
+        workload(fe, image, seed, rounds=10)
+        fe.close()
+        fe.xs.switch_state(fe.front + "/state", S.Initialising)
+        assert fe.backend_state([S.InitWait]) == S.InitWait
+
+
+@pytest.mark.parametrize("nodes,reason", [
+    ({"ring-page-order": "5"}, "ring-page-order"),
+    ({"multi-queue-num-queues": "9"}, "multi-queue-num-queues"),
+    ({"protocol": "sparc-abi"}, "sparc-abi"),
+    ({"event-channel": "junk"}, "event-channel"),
+    ({"ring-ref": "999999"}, "ring"),
+    ({"event-channel": "4000"}, "connecting rings"),
+], ids=["order", "queues", "protocol", "port-junk", "bad-gref", "bad-port"])
+def test_bad_frontend_nodes_get_an_error_node_and_closing(service, vbd, nodes, reason):
+    fe, _, domid, devid = vbd
+    fe.setup(wants=FrontendWants(0, 1, 0, False), extra=nodes)
+    assert fe.backend_state([S.Connected, S.Closing]) == S.Closing
+    assert reason in error_node(service, domid, devid)
+
+
+def _raw_requests(fe, build):
+    """Put requests made by ``build(encoder, ring)`` on queue 0; responses by id."""
+    q = fe.queues[0]
+    build(q.encoder, q.ring)
+    if q.ring.push_requests():
+        q.port.notify()
+    got = {}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        q.port.wait(0.2)
+        while q.ring.pending_responses():
+            rid, op, status = q.encoder.take_response(q.ring)
+            got[rid] = (op, status)
+        if len(got) >= 1 and not q.ring.final_check_for_responses():
+            return got
+    raise AssertionError("no responses")
+
+
+def test_bad_requests_get_error_responses_and_the_vbd_carries_on(service, vbd):
+    fe, image, domid, devid = vbd
+    fe.connect(wants=FrontendWants(0, 1, 0, False))
+    q = fe.queues[0]
+    ref = q.pool.refs[0]
+    sectors = fe.disk.sectors
+
+    def build(enc, ring):
+        enc.rw(ring, 99, 1001, 0, [(ref, 0, 7)])  # unknown operation
+        enc.rw(ring, c.BLKIF_OP_READ, 1002, 0, [(ref, 0, 7)] * 11)
+        slot = ring.slot((ring.req_prod_pvt - 1) & 0xFFFFFFFF)
+        ffi.cast(q.abi.ctype("request") + " *", slot).nr_segments = 12  # one too many
+        enc.rw(ring, c.BLKIF_OP_READ, 1003, 0, [(ref, 5, 2)])  # first_sect > last_sect
+        enc.rw(ring, c.BLKIF_OP_READ, 1004, 0, [(ref, 0, 8)])  # last_sect 8
+        enc.rw(ring, c.BLKIF_OP_READ, 1005, sectors - 4, [(ref, 0, 7)])  # past the end
+        enc.rw(ring, c.BLKIF_OP_READ, 1006, 0, [])  # a read without segments
+        enc.rw(ring, c.BLKIF_OP_READ, 1007, 0, [(123456, 0, 7)])  # a gref never granted
+        enc.rw(ring, c.BLKIF_OP_READ, 1008, 8, [(ref, 0, 7)])  # fine
+    got = _raw_requests(fe, build)
+    assert got[1001] == (99, NOTSUP)
+    for rid in range(1002, 1008):
+        assert got[rid][1] == ERROR, rid
+    assert got[1008] == (c.BLKIF_OP_READ, OKAY)
+    assert fe.read_back("state") == str(int(S.Connected))
+    workload(fe, image, seed=5, rounds=5)
+
+
+def test_read_only_vbd_refuses_writes_and_discards(service, tmp_path):
+    image = tmp_path / "ro.img"
+    image.write_bytes(os.urandom(1 << 20))
+    before = image.read_bytes()
+    domid, devid = service.new_vbd(image, mode="r")
+    fe = RawFrontend(service, domid, devid)
+    try:
+        fe.connect(wants=FrontendWants(0, 1, 0, False))
+        assert fe.disk.readonly and fe.read_back("feature-discard") == "0"
+        q = fe.queues[0]
+        tags = [q.submit_write(0, os.urandom(4096)), q.submit_discard(0, 4096),
+                q.submit_read(0, 8192)]
+        done = fe.run(q, tags)
+        # No discard is offered on a read-only VBD: it is an unknown operation there.
+        assert [done[t].status for t in tags] == [ERROR, NOTSUP, OKAY]
+        assert done[tags[2]].data == before[:8192]
+        assert image.read_bytes() == before
+    finally:
+        fe.shutdown()
+
+
+def test_ring_overrun_shuts_down_only_that_vbd(service, vbd, tmp_path):
+    fe, image, domid, devid = vbd
+    other_id = service.new_vbd(tmp_path / "other.img")
+    other = RawFrontend(service, *other_id)
+    try:
+        fe.connect(wants=FrontendWants(0, 1, 0, False))
+        other.connect(wants=FrontendWants(0, 1, 0, False))
+        q = fe.queues[0]
+        q.ring.sring.req_prod = q.ring.req_prod_pvt + q.ring.size + 5  # hostile producer
+        q.port.notify()
+        assert fe.backend_state([S.Closing]) == S.Closing
+        assert "overrun" in error_node(service, domid, devid)
+        workload(other, tmp_path / "other.img", seed=3, rounds=10)
+        assert other.read_back("state") == str(int(S.Connected))
+    finally:
+        other.shutdown()
+
+
+def test_sigkill_of_a_worker_is_that_vbds_failure_only(service, vbd, tmp_path):
+    fe, image, domid, devid = vbd
+    other_id = service.new_vbd(tmp_path / "other.img")
+    other = RawFrontend(service, *other_id)
+    try:
+        fe.connect(wants=FrontendWants(2, 2, 256, True))
+        other.connect(wants=FrontendWants(0, 1, 0, False))
+        q = fe.queues[0]
+        data = os.urandom(1 << 20)
+        tags = [q.submit_write(0, data), q.submit_flush()]
+        assert all(comp.ok for comp in fe.run(q, tags).values())
+        pid = service.worker_pid(domid, devid)
+        q.submit_write(1 << 20, os.urandom(1 << 20))  # in flight as the worker dies
+        os.kill(pid, signal.SIGKILL)
+        try:
+            q.kick()
+        except EventChannelClosed:
+            pass  # the frontend sees the backend gone (or not yet: it may still be dying)
+        # The restarted worker closes the dead connection; we start over.
+        assert fe.backend_state([S.Closed]) == S.Closed
+        assert service.worker_pid(domid, devid) != pid
+        fe.release()
+        fe.xs.switch_state(fe.front + "/state", S.Closed)
+        fe.xs.switch_state(fe.front + "/state", S.Initialising)
+        fe.connect(wants=FrontendWants(0, 1, 0, False))
+        q = fe.queues[0]
+        tag = q.submit_read(0, 1 << 20)
+        assert fe.run(q, [tag])[tag].data == data
+        assert image.read_bytes()[:1 << 20] == data
+        workload(other, tmp_path / "other.img", seed=4, rounds=5)
+        workers = {(w["domid"], w["devid"]): w for w in service.status()["workers"]}
+        assert workers[(domid, devid)]["restarts"] == 1
+        assert workers[other_id]["restarts"] == 0
+        assert "killed by SIGKILL" in service.output()
+    finally:
+        other.shutdown()
+
+
+def test_unservable_vbd_is_reported_not_restarted(service, tmp_path):
+    domid, devid = service.new_vbd(tmp_path / "disk.img")
+    service.dom0.write("/local/domain/0/backend/vbd/%d/%d/params" % (domid, devid), "/nope")
+    # The worker may have started on the good path already; a fresh VBD shows it plainly.
+    domid, devid = service.new_vbd(tmp_path / "gone.img")
+    os.unlink(tmp_path / "gone.img")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        workers = {(w["domid"], w["devid"]): w for w in service.status()["workers"]}
+        if workers.get((domid, devid), {}).get("status") == "failed":
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("VBD never marked failed: %s" % service.status())
+    assert "cannot open backing store" in error_node(service, domid, devid)
+    assert service.dom0.read_state(
+        "/local/domain/0/backend/vbd/%d/%d/state" % (domid, devid)) == S.Closing
+
+
+def test_toolstack_close_and_removal(service, vbd):
+    """``xl destroy``: libxl writes Closing and waits for Closed, then removes
+    the directories; the worker stops with nothing left mapped."""
+    fe, image, domid, devid = vbd
+    fe.connect(wants=FrontendWants(1, 2, 256, True))
+    workload(fe, image, seed=9, rounds=5)
+    back = fe.back
+    service.dom0.write(back + "/state", str(int(S.Closing)))
+    assert service.dom0.wait_for_state(back + "/state", [S.Closed], 10) == S.Closed
+    from blkif import toolstack
+    toolstack.destroy(service.dom0, domid, "xvda")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        finished = [f for f in service.status()["finished"]
+                    if (f["domid"], f["devid"]) == (domid, devid)]
+        if finished:
+            break
+        time.sleep(0.05)
+    assert finished and finished[-1]["rings_mapped"] == 0
+    assert finished[-1]["channels_bound"] == 0 and finished[-1]["persistent_grants"] == 0
+    assert not os.path.exists(os.path.join(service.state_dir, "vbd-%d-%d.json" % (domid, devid)))
+
+
+def test_sigterm_finishes_requests_and_closes_every_vbd(hv, tmp_path):
+    svc = Service(hv, tmp_path)
+    try:
+        domid, devid = svc.new_vbd(tmp_path / "disk.img")
+        fe = RawFrontend(svc, domid, devid)
+        fe.connect(wants=FrontendWants(0, 1, 256, False))
+        q = fe.queues[0]
+        data = os.urandom(2 << 20)
+        tags = [q.submit_write(0, data), q.submit_flush()]
+        q.kick()
+        svc.proc.send_signal(signal.SIGTERM)
+        done = fe.run(q, tags)
+        assert all(comp.ok for comp in done.values())
+        assert fe.backend_state([S.Closing, S.Closed]) in (S.Closing, S.Closed)
+        fe.xs.switch_state(fe.front + "/state", S.Closed)
+        start = time.monotonic()
+        assert svc.stop() == 0
+        assert time.monotonic() - start < 5
+        assert fe.read_back("state") == str(int(S.Closed))
+        assert (tmp_path / "disk.img").read_bytes()[:2 << 20] == data
+        fe.shutdown()
+    finally:
+        svc.close()
+    assert "Traceback" not in svc.output()
+
+
+def test_stats_command(service, vbd):
+    fe, image, domid, devid = vbd
+    fe.connect(wants=FrontendWants(0, 1, 0, False))
+    workload(fe, image, seed=1, rounds=5)
+    time.sleep(1.2)
+    out = subprocess.run([sys.executable, "-m", "blkif", "stats", "--state-dir",
+                          service.state_dir, "--json"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    vbds = {(v["domid"], v["devid"]): v for v in json.loads(out)["vbds"]}
+    counters = vbds[(domid, devid)]["counters"]
+    assert counters["requests"] == sum(counters["ops"].values()) >= 6
+    table = subprocess.run([sys.executable, "-m", "blkif", "stats", "--state-dir",
+                            service.state_dir], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout
+    assert any(line.split()[:3] == [str(domid), str(devid), "Connected"]
+               for line in table.splitlines())
+
+
+@pytest.mark.parametrize("argv,code,text", [
+    (["serve", "--platform", "xen", "--state-dir", "{tmp}"], 1, "/dev/xen"),
+    (["serve", "--max-indirect-segments", "5000"], 2, "not in 0..4096"),
+    (["serve", "--max-ring-page-order", "5"], 2, "not in 0..4"),
+    (["stats", "--state-dir", "{tmp}/none"], 2, "no blkif service state"),
+])
+def test_cli_errors_are_one_line(tmp_path, argv, code, text):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "blkif", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == code
+    assert len(proc.stderr.strip().splitlines()) == 1 and text in proc.stderr
+
+
+class _Proc:
+    pid = 4242
+
+
+def test_crash_loop_backs_off_then_gives_up():
+    svc = service_mod.Service(SimpleNamespace(
+        backend_domid=0, state_dir="/nonexistent", platform="sim", sim_path=None,
+        xenstore=None, max_indirect_segments=256, max_ring_page_order=4, max_queues=1,
+        no_persistent=False, direct=False, grace=1.0))
+    handle = service_mod.WorkerHandle(1, 51712, "/local/domain/0/backend/vbd/1/51712")
+    handle.proc, handle.last_exit = _Proc(), "killed by SIGKILL"
+    delays = []
+    for _ in range(service_mod.MAX_CRASHES):
+        before = time.monotonic()
+        svc._crashed(handle)
+        assert handle.status == "restarting"
+        delays.append(handle.next_start - before)
+    assert [round(d / service_mod.FIRST_BACKOFF) for d in delays] == [1, 2, 4, 8, 16]
+    svc._crashed(handle)
+    assert handle.status == "failed" and handle.restarts == service_mod.MAX_CRASHES
