@@ -152,6 +152,7 @@ class RawFrontend:
             queue.port.wait(0.2)
             for comp in queue.complete():
                 done[comp.tag] = comp
+            queue.kick()
         return done
 
     def close(self):

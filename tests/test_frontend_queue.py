@@ -58,11 +58,13 @@ def drive(queue, server, tags):
         if queue.port.wait(0):
             for comp in queue.complete():
                 done[comp.tag] = comp
+            queue.kick()
         if set(tags) <= set(done):
             return done
         server.service()
         for comp in queue.complete():
             done[comp.tag] = comp
+        queue.kick()
     raise AssertionError("transfers never completed: %s" % sorted(set(tags) - set(done)))
 
 

@@ -522,9 +522,7 @@ class BlockDevice:
         try:
             queue.port.clear()
             done = queue.complete()
-        except (EventChannelClosed, ConnectionResetError) as exc:
-            # ConnectionResetError: the sim's clear() when the peer died with
-            # our notifications unread; the same thing as EventChannelClosed.
+        except EventChannelClosed as exc:
             self._lost("queue %d: %s" % (index, exc), release=True)
             self._react()
             return
@@ -535,6 +533,11 @@ class BlockDevice:
             handle = self._inflight.pop((index, comp.tag), None)
             if handle is not None:
                 handle._finish(comp.status, comp.data)
+        try:
+            queue.kick()  # requests that waited for a slot or pages
+        except EventChannelClosed as exc:
+            self._lost("queue %d: %s" % (index, exc), release=True)
+            self._react()
 
     def _drive(self, until, timeout):
         """Poll until ``until()`` or ``timeout`` s pass; True if ``until()``."""

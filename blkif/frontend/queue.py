@@ -168,7 +168,9 @@ class FrontQueue:
             self.encoder.rw(self.ring, op, rid, sector, segs)
 
     def complete(self):
-        """Consume every response; returns the transfers that finished."""
+        """Consume every response; returns the transfers that finished.
+
+        Freed slots and pages may let waiting requests go: :meth:`kick` next."""
         done = []
         while True:
             while self.ring.pending_responses():
@@ -180,7 +182,6 @@ class FrontQueue:
                     done.append(finished)
             if not self.ring.final_check_for_responses():
                 break
-        self.kick()
         return done
 
     def _finish(self, rid, status):

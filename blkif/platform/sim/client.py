@@ -301,6 +301,8 @@ class SimPort(Port):
                 data = sock.recv(4096)
             except BlockingIOError:
                 break
+            except ConnectionResetError:  # the peer died with our events unread
+                data = b""
             if not data:
                 self._peer_gone = True
             got = True if data else got
