@@ -1,9 +1,12 @@
-"""Backing stores on real files: zero-copy vectored I/O, flush, hole punching."""
+"""Backing stores on real files and a loop device: zero-copy vectored I/O,
+flush, hole punching and BLKDISCARD."""
 import os
+import subprocess
 
 import pytest
 
 from blkif.backend.store import Store, StoreError
+from helpers import require, require_tool
 
 
 @pytest.fixture
@@ -80,3 +83,34 @@ def test_direct_io_on_page_aligned_buffers(image):
         page = mmap.mmap(-1, 4096)
         store.readv([page], 4096)
         assert page[:] == image.read_bytes()[4096:8192]
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """A loop device over a 4 MiB file of random bytes (root and losetup needed)."""
+    losetup = require_tool("losetup")
+    require(os.geteuid() == 0 and os.path.exists("/dev/loop-control"), "root and /dev/loop-control")
+    backing = tmp_path / "loop.img"
+    backing.write_bytes(os.urandom(4 << 20))
+    dev = subprocess.run([losetup, "--find", "--show", str(backing)], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    yield dev, backing
+    subprocess.run([losetup, "--detach", dev], check=True)
+
+
+def test_block_device_size_io_and_discard(loop_device):
+    dev, backing = loop_device
+    with Store(dev) as store:
+        assert store.is_device and store.sectors == (4 << 20) // 512
+        assert store.logical_block_size == 512
+        assert store.discard_supported and store.discard_granularity >= 512
+        payload = os.urandom(8192)
+        store.writev([bytearray(payload)], 65536)
+        store.flush()
+        got = bytearray(8192)
+        store.readv([got], 65536)
+        assert got == payload
+        store.discard(1 << 20, 1 << 20)
+        store.readv([got], 1 << 20)
+        assert got == bytes(8192)
+    assert backing.read_bytes()[65536:65536 + 8192] == payload

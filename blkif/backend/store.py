@@ -49,6 +49,19 @@ def _ioctl_int(fd, request):
     return struct.unpack("<i", buf)[0]
 
 
+def _device_queue_limits(rdev):
+    """The discard limits a block device's queue reports in sysfs ({} if unreadable)."""
+    queue = "/sys/dev/block/%d:%d/queue" % (os.major(rdev), os.minor(rdev))
+    out = {}
+    for name in ("discard_max_bytes", "discard_granularity"):
+        try:
+            with open(os.path.join(queue, name)) as f:
+                out[name] = int(f.read())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
 class Store:
     """An open backing store.  ``path`` is a regular file or a block device.
 
@@ -85,8 +98,13 @@ class Store:
             self.close()
             raise StoreError("backing store %s is neither a file nor a block device" % path)
         self.sectors = self.size // SECTOR_SIZE
-        # A device or filesystem that cannot discard fails that request alone.
+        # Files: hole punching (a filesystem without it fails that request alone).
         self.discard_supported = writable
+        self.discard_granularity = 4096
+        if self.is_device:
+            limits = _device_queue_limits(os.fstat(self.fd).st_rdev)
+            self.discard_supported = writable and limits.get("discard_max_bytes", 0) > 0
+            self.discard_granularity = limits.get("discard_granularity") or self.logical_block_size
 
     def readv(self, buffers, offset):
         """Fill ``buffers`` from ``offset``.

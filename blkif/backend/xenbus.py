@@ -108,6 +108,7 @@ class Vbd:
             max_indirect_segments=opts.max_indirect_segments,
             persistent=opts.persistent,
             discard=self.store.discard_supported and self._node("discard-enable", "1") != "0",
+            discard_granularity=self.store.discard_granularity,
             discard_secure=False,
         )
         own = self.state = self.xs.read_state(self.path + "/state")
