@@ -296,6 +296,21 @@ def test_sigkill_of_a_worker_is_that_vbds_failure_only(service, vbd, tmp_path):
         other.shutdown()
 
 
+def test_a_hung_worker_is_killed_and_restarted(hv, tmp_path):
+    svc = Service(hv, tmp_path, "--hung-timeout", "1.5")
+    try:
+        domid, devid = svc.new_vbd(tmp_path / "disk.img")
+        pid = svc.worker_pid(domid, devid)
+        os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while svc.worker_pid(domid, devid) == pid:
+            assert time.monotonic() < deadline, svc.output()
+            time.sleep(0.1)
+        assert "has not reported" in svc.output() and "killed by SIGKILL" in svc.output()
+    finally:
+        assert svc.close() == 0
+
+
 def test_unservable_vbd_is_reported_not_restarted(service, tmp_path):
     domid, devid = service.new_vbd(tmp_path / "disk.img")
     service.dom0.write("/local/domain/0/backend/vbd/%d/%d/params" % (domid, devid), "/nope")
@@ -404,7 +419,7 @@ def test_crash_loop_backs_off_then_gives_up():
     svc = service_mod.Service(SimpleNamespace(
         backend_domid=0, state_dir="/nonexistent", platform="sim", sim_path=None,
         xenstore=None, max_indirect_segments=256, max_ring_page_order=4, max_queues=1,
-        no_persistent=False, direct=False, grace=1.0))
+        no_persistent=False, direct=False, grace=1.0, hung_timeout=30.0))
     handle = service_mod.WorkerHandle(1, 51712, "/local/domain/0/backend/vbd/1/51712")
     handle.proc, handle.last_exit = _Proc(), "killed by SIGKILL"
     delays = []

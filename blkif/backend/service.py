@@ -6,7 +6,9 @@ when the directory appears, sent SIGTERM when it goes.  A worker that dies
 is that VBD's failure alone: it is logged, and the worker restarted after a
 back-off that doubles with each crash; more than ``MAX_CRASHES`` crashes
 within ``CRASH_WINDOW`` seconds (or exit status 3, "cannot be served as
-configured") marks the VBD failed instead of feeding a crash loop.
+configured") marks the VBD failed instead of feeding a crash loop.  A
+worker rewrites its status file every second; one silent for
+``--hung-timeout`` seconds is killed as hung and restarted like a crash.
 
 Signal handlers only record what happened and wake the loop (SIGCHLD
 included); the loop reaps, rescans and acts.  SIGTERM/SIGINT stop every
@@ -45,6 +47,7 @@ class WorkerHandle:
         self.restarts = 0
         self.crashes = collections.deque()
         self.next_start = 0.0
+        self.started = 0.0
         self.last_exit = None
 
     @property
@@ -120,6 +123,7 @@ class Service:
         self._reap()
         if not self.stopping:
             self._scan(xs)
+            self._check_hung()
 
     def _present(self, xs):
         found = set()
@@ -156,7 +160,24 @@ class Service:
     def _start(self, handle):
         handle.proc = subprocess.Popen(self.worker_argv + [handle.path], stdin=subprocess.DEVNULL)
         handle.status = "running"
+        handle.started = time.time()
         log.info("%s: worker %d started", handle.label, handle.proc.pid)
+
+    def _check_hung(self):
+        """SIGKILL a worker whose status file stopped changing (its heartbeat)."""
+        limit = self.args.hung_timeout
+        now = time.time()
+        for handle in self.workers.values():
+            if handle.status != "running" or now - handle.started < limit:
+                continue
+            try:
+                beat = os.stat(status.vbd_file(self.state_dir, handle.domid, handle.devid)).st_mtime
+            except OSError:
+                beat = handle.started
+            if now - max(beat, handle.started) > limit:
+                log.error("%s: worker %d has not reported for %.0f s; killing it as hung",
+                          handle.label, handle.proc.pid, now - max(beat, handle.started))
+                handle.proc.kill()
 
     def _reap(self):
         for handle in list(self.workers.values()):
@@ -252,6 +273,8 @@ class Service:
 
 def add_arguments(parser):
     worker.add_options(parser)
+    parser.add_argument("--hung-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="kill and restart a worker silent for this long (default 30)")
 
 
 def run(args):
