@@ -11,6 +11,8 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backend_fixtures import RawFrontend, Service, error_node
 from blkif.abi import X86_32, X86_64, constants as c, ffi
@@ -141,6 +143,39 @@ def test_bad_frontend_nodes_get_an_error_node_and_closing(service, vbd, nodes, r
     fe.setup(wants=FrontendWants(0, 1, 0, False), extra=nodes)
     assert fe.backend_state([S.Connected, S.Closing]) == S.Closing
     assert reason in error_node(service, domid, devid)
+
+
+JUNK = st.one_of(
+    st.integers(-5, 2**33).map(str),
+    st.sampled_from(["", "0", "1", "16", "4294967295", "x86_32-abi", "x86_64-abi", "arm-abi"]),
+    st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=8),
+)
+FRONTEND_KEYS = ["ring-ref", "ring-ref0", "ring-ref1", "event-channel", "ring-page-order",
+                 "protocol", "multi-queue-num-queues", "queue-0/ring-ref", "queue-1/event-channel",
+                 "feature-persistent"]
+
+
+@settings(max_examples=12, deadline=None)
+@given(junk=st.dictionaries(st.sampled_from(FRONTEND_KEYS), JUNK, min_size=1, max_size=4),
+       queues=st.integers(1, 2), order=st.integers(0, 1))
+def test_random_frontend_nodes_never_hurt_the_worker(service, tmp_path_factory, junk, queues,
+                                                      order):
+    """Whatever a guest writes, its VBD ends Connected or Closing with an
+    error node, still closes when the frontend does, and the worker lives."""
+    image = tmp_path_factory.mktemp("fuzz") / "disk.img"
+    domid, devid = service.new_vbd(image, size=1 << 20)
+    fe = RawFrontend(service, domid, devid)
+    try:
+        pid = service.worker_pid(domid, devid)
+        fe.setup(wants=FrontendWants(order, queues, 0, False), extra=junk)
+        state = fe.backend_state([S.Connected, S.Closing])
+        if state == S.Closing:
+            assert error_node(service, domid, devid)
+        # Either way it still follows the frontend: Closing, then Closed.
+        fe.close()
+        assert service.worker_pid(domid, devid) == pid
+    finally:
+        fe.shutdown()
 
 
 def _raw_requests(fe, build, count):
