@@ -48,6 +48,17 @@ def vbd(service, tmp_path):
     fe.shutdown()
 
 
+@pytest.fixture
+def other(service, tmp_path):
+    """A second VBD, connected, that must not notice what happens to the first."""
+    image = tmp_path / "other.img"
+    ids = service.new_vbd(image)
+    fe = RawFrontend(service, *ids)
+    fe.connect(wants=FrontendWants(0, 1, 0, False))
+    yield fe, image, ids
+    fe.shutdown()
+
+
 def workload(fe, image, seed, rounds=40):
     """Random writes, reads, flushes and discards over every queue; checked
     against a model and, after a flush, against the file."""
@@ -275,60 +286,48 @@ def test_read_only_vbd_refuses_writes_and_discards(service, tmp_path):
         fe.shutdown()
 
 
-def test_ring_overrun_shuts_down_only_that_vbd(service, vbd, tmp_path):
+def test_ring_overrun_shuts_down_only_that_vbd(service, vbd, other):
     fe, image, domid, devid = vbd
-    other_id = service.new_vbd(tmp_path / "other.img")
-    other = RawFrontend(service, *other_id)
-    try:
-        fe.connect(wants=FrontendWants(0, 1, 0, False))
-        other.connect(wants=FrontendWants(0, 1, 0, False))
-        q = fe.queues[0]
-        q.ring.sring.req_prod = q.ring.req_prod_pvt + q.ring.size + 5  # hostile producer
-        q.port.notify()
-        assert fe.backend_state([S.Closing]) == S.Closing
-        assert "overrun" in error_node(service, domid, devid)
-        workload(other, tmp_path / "other.img", seed=3, rounds=10)
-        assert other.read_back("state") == str(int(S.Connected))
-    finally:
-        other.shutdown()
+    fe.connect(wants=FrontendWants(0, 1, 0, False))
+    q = fe.queues[0]
+    q.ring.sring.req_prod = q.ring.req_prod_pvt + q.ring.size + 5  # hostile producer
+    q.port.notify()
+    assert fe.backend_state([S.Closing]) == S.Closing
+    assert "overrun" in error_node(service, domid, devid)
+    workload(other[0], other[1], seed=3, rounds=10)
+    assert other[0].read_back("state") == str(int(S.Connected))
 
 
-def test_sigkill_of_a_worker_is_that_vbds_failure_only(service, vbd, tmp_path):
+def test_sigkill_of_a_worker_is_that_vbds_failure_only(service, vbd, other):
     fe, image, domid, devid = vbd
-    other_id = service.new_vbd(tmp_path / "other.img")
-    other = RawFrontend(service, *other_id)
+    fe.connect(wants=FrontendWants(2, 2, 256, True))
+    q = fe.queues[0]
+    data = os.urandom(1 << 20)
+    tags = [q.submit_write(0, data), q.submit_flush()]
+    assert all(comp.ok for comp in fe.run(q, tags).values())
+    pid = service.worker_pid(domid, devid)
+    q.submit_write(1 << 20, os.urandom(1 << 20))  # in flight as the worker dies
+    os.kill(pid, signal.SIGKILL)
     try:
-        fe.connect(wants=FrontendWants(2, 2, 256, True))
-        other.connect(wants=FrontendWants(0, 1, 0, False))
-        q = fe.queues[0]
-        data = os.urandom(1 << 20)
-        tags = [q.submit_write(0, data), q.submit_flush()]
-        assert all(comp.ok for comp in fe.run(q, tags).values())
-        pid = service.worker_pid(domid, devid)
-        q.submit_write(1 << 20, os.urandom(1 << 20))  # in flight as the worker dies
-        os.kill(pid, signal.SIGKILL)
-        try:
-            q.kick()
-        except EventChannelClosed:
-            pass  # the frontend sees the backend gone (or not yet: it may still be dying)
-        # The restarted worker closes the dead connection; we start over.
-        assert fe.backend_state([S.Closed]) == S.Closed
-        assert service.worker_pid(domid, devid) != pid
-        fe.release()
-        fe.xs.switch_state(fe.front + "/state", S.Closed)
-        fe.xs.switch_state(fe.front + "/state", S.Initialising)
-        fe.connect(wants=FrontendWants(0, 1, 0, False))
-        q = fe.queues[0]
-        tag = q.submit_read(0, 1 << 20)
-        assert fe.run(q, [tag])[tag].data == data
-        assert image.read_bytes()[:1 << 20] == data
-        workload(other, tmp_path / "other.img", seed=4, rounds=5)
-        workers = {(w["domid"], w["devid"]): w for w in service.status()["workers"]}
-        assert workers[(domid, devid)]["restarts"] == 1
-        assert workers[other_id]["restarts"] == 0
-        assert "killed by SIGKILL" in service.output()
-    finally:
-        other.shutdown()
+        q.kick()
+    except EventChannelClosed:
+        pass  # the frontend sees the backend gone (or not yet: it may still be dying)
+    # The restarted worker closes the dead connection; we start over.
+    assert fe.backend_state([S.Closed]) == S.Closed
+    assert service.worker_pid(domid, devid) != pid
+    fe.release()
+    fe.xs.switch_state(fe.front + "/state", S.Closed)
+    fe.xs.switch_state(fe.front + "/state", S.Initialising)
+    fe.connect(wants=FrontendWants(0, 1, 0, False))
+    q = fe.queues[0]
+    tag = q.submit_read(0, 1 << 20)
+    assert fe.run(q, [tag])[tag].data == data
+    assert image.read_bytes()[:1 << 20] == data
+    workload(other[0], other[1], seed=4, rounds=5)
+    workers = {(w["domid"], w["devid"]): w for w in service.status()["workers"]}
+    assert workers[(domid, devid)]["restarts"] == 1
+    assert workers[other[2]]["restarts"] == 0
+    assert "killed by SIGKILL" in service.output()
 
 
 def test_a_hung_worker_is_killed_and_restarted(hv, tmp_path):
