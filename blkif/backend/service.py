@@ -26,6 +26,7 @@ import sys
 import time
 
 from blkif.backend import status, worker
+from blkif.wakeup import Wakeup
 from xenstore import NoEntry, Xenstore
 
 log = logging.getLogger(__name__)
@@ -76,29 +77,23 @@ class Service:
         self.workers = {}  # (domid, devid) -> WorkerHandle
         self.finished = collections.deque(maxlen=32)  # final status of exited workers
         self.stopping = False
+        self.wakeup = Wakeup()  # the xenstore watch, SIGCHLD and stop signals
         self.selector = selectors.DefaultSelector()
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.selector.register(self.wake_r, selectors.EVENT_READ)
-
-    def wake(self, *_):
-        try:
-            os.write(self.wake_w, b"\0")
-        except BlockingIOError:
-            pass
+        self.selector.register(self.wakeup.fileno(), selectors.EVENT_READ)
 
     def _on_stop(self, signum, _frame):
         self.stopping = True
-        self.wake()
+        self.wakeup.wake()
 
     def run(self):
         os.makedirs(self.state_dir, exist_ok=True)
         worker.open_backend_platform(self.args).close()  # fail here, not in every worker
         handlers = {s: signal.signal(s, self._on_stop) for s in worker.STOP_SIGNALS}
-        handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self.wake)
+        handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self.wakeup.wake)
         try:
             with Xenstore.open(self.args.xenstore) as xs:
                 log.info("serving VBDs under %s (state in %s)", self.root, self.state_dir)
-                with xs.watch(self.root, "blkif-serve", callback=self.wake):
+                with xs.watch(self.root, "blkif-serve", callback=self.wakeup.wake):
                     while not self.stopping:
                         self._round(xs)
                         self._write_status("running")
@@ -115,11 +110,7 @@ class Service:
         waits = [h.next_start - now for h in self.workers.values() if h.status == "restarting"]
         timeout = max(0.0, min(waits + [1.0]))
         if self.selector.select(timeout):
-            try:
-                while os.read(self.wake_r, 256):
-                    pass
-            except BlockingIOError:
-                pass
+            self.wakeup.drain()
         self._reap()
         if not self.stopping:
             self._scan(xs)

@@ -28,6 +28,7 @@ from blkif.backend.xenbus import BackendOptions, Vbd
 from blkif.errors import BlkifError, RemoteProtocolError, UsageError
 from blkif.negotiate import MAX_QUEUES
 from blkif.platform import EventChannelClosed, PlatformError, open_platform
+from blkif.wakeup import Wakeup
 from blkif.abi.constants import BLKIF_MAX_INDIRECT_SEGMENTS, XENBUS_MAX_RING_GRANT_ORDER
 from xenstore import XenbusState, Xenstore, XenstoreError
 
@@ -118,33 +119,27 @@ class Worker:
         self.vbd = vbd
         self.grace = grace
         self.status_file = status.vbd_file(state_dir, vbd.domid, vbd.devid) if state_dir else None
+        self.wakeup = Wakeup()  # xenstore watches and signals
         self.selector = selectors.DefaultSelector()
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
+        self.selector.register(self.wakeup.fileno(), selectors.EVENT_READ, None)
         self.ports = {}  # fd -> RingServer
         self.stopping = False
         self.parent = os.getppid()
         self._next_tick = 0.0
 
-    def wake(self, *_):
-        try:
-            os.write(self.wake_w, b"\0")
-        except BlockingIOError:
-            pass  # already awake
-
     def _on_signal(self, signum, _frame):
         self.stopping = True
-        self.wake()
+        self.wakeup.wake()
 
     def run(self):
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_signal)
         xs = self.vbd.xs
-        watches = [xs.watch(self.vbd.path, "backend", callback=self.wake)]
+        watches = [xs.watch(self.vbd.path, "backend", callback=self.wakeup.wake)]
         try:
             self.vbd.start()
             watches.append(xs.watch(self.vbd.frontend + "/state", "frontend",
-                                    callback=self.wake))
+                                    callback=self.wakeup.wake))
             while not self.stopping and not self.vbd.gone:
                 self._step(TICK)
             self._stop()
@@ -160,7 +155,7 @@ class Worker:
         self._sync_ports()
         for key, _ in self.selector.select(timeout):
             if key.data is None:
-                self._drain_wake()
+                self.wakeup.drain()
                 self._guarded(self.vbd.changed)
             elif self.ports.get(key.fd) in self.vbd.servers:  # not closed meanwhile
                 self._serve(self.ports[key.fd])
@@ -171,13 +166,6 @@ class Worker:
             if os.getppid() != self.parent:
                 log.warning("%s: the service is gone; stopping", self.vbd.label)
                 self.stopping = True
-
-    def _drain_wake(self):
-        try:
-            while os.read(self.wake_r, 256):
-                pass
-        except BlockingIOError:
-            pass
 
     def _serve(self, server):
         def serve():

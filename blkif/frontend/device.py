@@ -32,7 +32,6 @@ Connected: a backend process that died leaves Connected behind, and rings
 offered to it would never be served.
 """
 import logging
-import os
 import re
 import selectors
 import time
@@ -63,6 +62,7 @@ from blkif.negotiate import (
 )
 from blkif.platform import EventChannelClosed, PlatformError
 from blkif.toolstack import frontend_path, vdev_to_devid
+from blkif.wakeup import Wakeup
 from xenstore import NoEntry, PermissionDenied, XenbusState, XenstoreError
 
 log = logging.getLogger(__name__)
@@ -212,15 +212,14 @@ class BlockDevice:
         self._failed_setups = 0
         self._error = None
         self._closed = False
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup = Wakeup()  # the watch thread only wakes the driving thread
         try:
-            self._watch = xs.watch(self.backend + "/state", callback=self._wake)
+            self._watch = xs.watch(self.backend + "/state", callback=self._wakeup.wake)
         except BaseException:
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._wakeup.close()
             raise
         self._selector = selectors.DefaultSelector()
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._selector.register(self._wakeup.fileno(), selectors.EVENT_READ, None)
 
     # -- attach and detach --------------------------------------------------
 
@@ -290,8 +289,7 @@ class BlockDevice:
         self._closed = True
         self._watch.close()
         self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._wakeup.close()
 
     def __enter__(self):
         return self
@@ -300,13 +298,6 @@ class BlockDevice:
         self.detach()
 
     # -- the state machine --------------------------------------------------
-
-    def _wake(self, _event):
-        """Watch callback (its own thread): only wake the driving thread."""
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass  # a wake-up is pending already, or we are closed
 
     def _switch(self, state, txn=None):
         (txn or self.xs).switch_state(self.path + "/state", state)
@@ -510,11 +501,7 @@ class BlockDevice:
             elif key.data < len(self.queues) and key.fd in self._port_fds:
                 self._service(key.data)
         if woken:
-            try:
-                while os.read(self._wake_r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
+            self._wakeup.drain()
             self._react()
 
     def _service(self, index):
