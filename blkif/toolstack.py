@@ -86,8 +86,6 @@ def create(xs, domid, vdev, target, mode="w", backend_domid=0):
     """Write both directories of a new VBD; returns its devid."""
     if mode not in ("r", "w"):
         raise UsageError("mode must be r or w, not %r" % mode)
-    if domid == backend_domid:
-        raise UsageError("a VBD's guest and backend must be different domains")
     devid = vdev_to_devid(vdev)
     back = backend_path(backend_domid, domid, devid)
     front = frontend_path(domid, devid)
