@@ -21,6 +21,7 @@ COMMANDS = {
     "vbd": ("blkif.toolstack", "create, destroy and list VBDs in xenstore as libxl does"),
     "serve": ("blkif.backend.service", "the backend service: one worker process per VBD"),
     "stats": ("blkif.backend.status", "counters of a running `blkif serve`, per VBD"),
+    "demo": ("blkif.demo", "the whole stack in processes on the sim platform, verified I/O"),
     "lab": ("blkif.lab.cli", "boot a real Xen host in QEMU and prove blkif against Linux's drivers"),
 }
 
