@@ -20,8 +20,9 @@ test: $(VENV)/.installed apt-test
 demo: $(VENV)/.installed
 	$(PY) -m blkif demo $(DEMO_ARGS)
 
+# blkif against direct preadv/pwritev on its backing file, pattern by pattern (docs/bench.md).
 bench: $(VENV)/.installed
-	$(PY) -m blkif bench
+	$(PY) -m blkif bench $(BENCH_ARGS)
 
 lab: $(VENV)/.installed apt-lab
 	$(PY) -m blkif lab

@@ -22,6 +22,7 @@ COMMANDS = {
     "serve": ("blkif.backend.service", "the backend service: one worker process per VBD"),
     "stats": ("blkif.backend.status", "counters of a running `blkif serve`, per VBD"),
     "demo": ("blkif.demo", "the whole stack in processes on the sim platform, verified I/O"),
+    "bench": ("blkif.bench", "blkif against the backing file itself: IOPS, MB/s, latency"),
     "lab": ("blkif.lab.cli", "boot a real Xen host in QEMU and prove blkif against Linux's drivers"),
 }
 
