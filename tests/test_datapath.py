@@ -109,9 +109,17 @@ def test_indirect_request_of_256_segments(rig, image):
     data.buffer[:] = payload
     rig.enc.write_descriptors(desc.buffer, [(ref, 0, 7) for ref in data.refs])
     rig.enc.indirect(rig.ring, c.BLKIF_OP_WRITE, 9, 8, 256, desc.refs)
-    assert rig.run() == [(9, c.BLKIF_OP_INDIRECT, OKAY)]
+    assert rig.run() == [(9, c.BLKIF_OP_WRITE, OKAY)]  # blkback answers with indirect_op
     assert image.read_bytes()[8 * 512:8 * 512 + len(payload)] == payload
     data.close()
+    desc.close()
+
+
+def test_bad_indirect_descriptor_is_answered_with_the_indirect_op(rig, image):
+    desc = rig.front.grant_pages(0, 1, readonly=True)
+    rig.enc.write_descriptors(desc.buffer, [(rig.data.refs[0], 0, 7), (rig.data.refs[1], 3, 9)])
+    rig.enc.indirect(rig.ring, c.BLKIF_OP_READ, 10, 8, 2, desc.refs)
+    assert rig.run() == [(10, c.BLKIF_OP_READ, ERROR)]  # blkfront checks the op
     desc.close()
 
 

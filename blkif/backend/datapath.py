@@ -130,16 +130,19 @@ class RingServer:
         try:
             status = self._execute(req)
         except RequestError as err:
-            self._fail(err)
+            self._fail(err, req.kind)
             return
-        self.responses.put(self.ring, req.id, req.operation, status)
+        # Answer with what was done (an indirect request's indirect_op), as
+        # blkback's make_response does: blkfront checks it against that.
+        self.responses.put(self.ring, req.id, req.kind, status)
         stats.in_flight -= 1
 
-    def _fail(self, err):
+    def _fail(self, err, operation=None):
         log.warning("%s: %s", self.label, err)
         self.stats.errors += 1
         self.stats.in_flight -= 1
-        self.responses.put(self.ring, err.id, err.operation, err.status)
+        self.responses.put(self.ring, err.id, err.operation if operation is None else operation,
+                           err.status)
 
     def _execute(self, req):
         kind = req.kind
