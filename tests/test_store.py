@@ -42,6 +42,16 @@ def test_discard_punches_a_hole_that_reads_as_zeros(image):
             store.discard(0, 4096, secure=True)
 
 
+def test_discard_is_offered_only_where_holes_can_be_punched(image, monkeypatch):
+    before = image.read_bytes()
+    with Store(str(image)) as store:
+        assert store.discard_supported  # the probe (past the end) changed nothing
+    assert image.read_bytes() == before
+    monkeypatch.setattr("blkif.backend.store._punches_holes", lambda fd, size: False)
+    with Store(str(image)) as store:  # e.g. an image on 9p or NFSv3
+        assert not store.discard_supported
+
+
 def test_read_only_store_refuses_writes(image):
     with Store(str(image), writable=False) as store:
         assert not store.discard_supported

@@ -49,6 +49,12 @@ def _ioctl_int(fd, request):
     return struct.unpack("<i", buf)[0]
 
 
+def _punches_holes(fd, size):
+    """Can the file's filesystem punch holes?  Probed past the end of the file,
+    which changes nothing; 9p and NFSv3 cannot (EOPNOTSUPP)."""
+    return _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, size, SECTOR_SIZE) == 0
+
+
 def _device_queue_limits(rdev):
     """The discard limits a block device's queue reports in sysfs ({} if unreadable)."""
     queue = "/sys/dev/block/%d:%d/queue" % (os.major(rdev), os.minor(rdev))
@@ -98,8 +104,10 @@ class Store:
             self.close()
             raise StoreError("backing store %s is neither a file nor a block device" % path)
         self.sectors = self.size // SECTOR_SIZE
-        # Files: hole punching (a filesystem without it fails that request alone).
-        self.discard_supported = writable
+        # Files: hole punching, offered only where the filesystem can (blkback
+        # too offers discard only when the device has it; otherwise blkfront's
+        # mkfs.ext4 and every later discard get EOPNOTSUPP).
+        self.discard_supported = writable and (self.is_device or _punches_holes(self.fd, self.size))
         self.discard_granularity = 4096
         if self.is_device:
             limits = _device_queue_limits(os.fstat(self.fd).st_rdev)
