@@ -18,9 +18,19 @@ that copy, with Linux blkback's rules (``dispatch_rw_block_io``,
 
 Frontend side: :class:`RequestEncoder` writes requests into ring slots and
 segment descriptors into indirect pages.
+
+Segments travel in bulk, not one object each: a request's descriptors are
+copied out as bytes and unpacked by one Struct, (gref, first_sect,
+last_sect) per segment, then split with strided slices; the common case
+(every segment a whole page) is checked with two ``count`` calls.  :class:`Request`
+keeps ``grefs`` and, only when some segment is not a whole page, ``bounds``;
+``Request.segments`` builds :class:`Segment` tuples on demand.
 """
+import functools
+import itertools
+import struct
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional
+from typing import NamedTuple
 
 from blkif.abi import ffi
 from blkif.abi.constants import (
@@ -37,6 +47,7 @@ from blkif.abi.constants import (
     BLKIF_RSP_ERROR,
     BLKIF_SEGS_PER_INDIRECT_FRAME,
     OP_NAMES,
+    PAGE_SIZE,
     SECTOR_SIZE,
     SECTORS_PER_PAGE,
     SEGMENT_DESCRIPTOR_SIZE,
@@ -68,25 +79,45 @@ class Limits:
     max_indirect_segments: int = 0  # feature-max-indirect-segments; 0: none
 
 
-@dataclass
 class Request:
     """A validated request.  ``operation`` is echoed in the response;
-    ``kind`` is what to do (the ``indirect_op`` of an indirect request)."""
+    ``kind`` is what to do (the ``indirect_op`` of an indirect request).
 
-    id: int
-    operation: int
-    kind: int
-    sector_number: int = 0
-    nr_sectors: int = 0
-    segments: Optional[List[Segment]] = None  # None until indirect pages are read
-    indirect_grefs: Optional[List[int]] = None
-    nr_segments: int = 0
-    secure: bool = False  # a secure discard
+    Its pages: ``grefs``, one per segment in order (None for an indirect
+    request until :meth:`RequestDecoder.read_indirect`), and ``bounds``:
+    None when every segment is a whole page, else ``(offset, length)`` in
+    bytes per segment.
+    """
+
+    __slots__ = ("id", "operation", "kind", "sector_number", "nr_sectors", "nr_segments",
+                 "grefs", "bounds", "indirect_grefs", "secure")
+
+    def __init__(self, id, operation, kind, sector_number=0, nr_sectors=0, nr_segments=0,
+                 secure=False):
+        self.id, self.operation, self.kind = id, operation, kind
+        self.sector_number, self.nr_sectors, self.nr_segments = (
+            sector_number, nr_sectors, nr_segments)
+        self.secure = secure  # a secure discard
+        self.grefs = self.bounds = self.indirect_grefs = None
 
     @property
     def offset(self):
         """Byte offset on the device."""
         return self.sector_number * SECTOR_SIZE
+
+    @property
+    def segments(self):
+        """[:class:`Segment`], or None until an indirect request's pages are read."""
+        if self.grefs is None:
+            return None
+        if self.bounds is None:
+            return [Segment(gref, 0, PAGE_SIZE) for gref in self.grefs]
+        return [Segment(gref, *where) for gref, where in zip(self.grefs, self.bounds)]
+
+    def __repr__(self):
+        return "<Request id %d %s %d+%d sectors, %d segments>" % (
+            self.id, OP_NAMES.get(self.kind, self.kind), self.sector_number, self.nr_sectors,
+            self.nr_segments)
 
 
 class RequestError(RemoteProtocolError):
@@ -101,11 +132,97 @@ class RequestError(RemoteProtocolError):
         self.reason = reason
 
 
-def _segment(first_sect, last_sect, gref, req):
-    if last_sect >= SECTORS_PER_PAGE or last_sect < first_sect:
-        raise RequestError(req.id, req.operation, BLKIF_RSP_ERROR,
-                           "bad segment sectors %d..%d" % (first_sect, last_sect))
-    return Segment(gref, first_sect * SECTOR_SIZE, (last_sect - first_sect + 1) * SECTOR_SIZE)
+_SEG = "struct blkif_request_segment"
+_WHOLE = SECTORS_PER_PAGE - 1  # last_sect of a whole page
+
+
+@functools.lru_cache(maxsize=128)
+def _descriptors(n):
+    """The Struct of ``n`` (at most one page of) descriptors: (gref,
+    first_sect, last_sect) each."""
+    fields = [("gref", "I"), ("first_sect", "B"), ("last_sect", "B")]
+    one, at = "", 0
+    for name, code in fields:
+        offset = ffi.offsetof(_SEG, name)
+        one += "%dx" % (offset - at) if offset > at else ""
+        one += code
+        at = offset + struct.calcsize("=" + code)
+    one += "%dx" % (SEGMENT_DESCRIPTOR_SIZE - at)
+    return struct.Struct("=" + one * n)
+
+
+def _unpack(raw):
+    """(gref, first_sect, last_sect, gref, ...) of the descriptors in ``raw``."""
+    page = BLKIF_SEGS_PER_INDIRECT_FRAME * SEGMENT_DESCRIPTOR_SIZE
+    if len(raw) <= page:
+        return _descriptors(len(raw) // SEGMENT_DESCRIPTOR_SIZE).unpack(raw)
+    flat = []
+    for at in range(0, len(raw), page):
+        piece = raw[at:at + page]
+        flat += _descriptors(len(piece) // SEGMENT_DESCRIPTOR_SIZE).unpack(piece)
+    return flat
+
+
+def _pack(flat):
+    """Descriptors from (gref, first_sect, last_sect, gref, ...) ``flat``."""
+    step = BLKIF_SEGS_PER_INDIRECT_FRAME * 3
+    if len(flat) <= step:
+        return _descriptors(len(flat) // 3).pack(*flat)
+    return b"".join(_descriptors(len(flat[at:at + step]) // 3).pack(*flat[at:at + step])
+                    for at in range(0, len(flat), step))
+
+
+def _fill_segments(req, raw):
+    """``req.grefs``, ``bounds`` and ``nr_sectors`` from descriptors ``raw``
+    (bytes, our own copy); RequestError for a bad ``first_sect..last_sect``."""
+    n = len(raw) // SEGMENT_DESCRIPTOR_SIZE
+    flat = _unpack(raw)
+    req.grefs = list(flat[0::3])
+    firsts, lasts = flat[1::3], flat[2::3]
+    if firsts.count(0) == n and lasts.count(_WHOLE) == n:
+        req.bounds = None  # whole pages, the common case
+        req.nr_sectors = n * SECTORS_PER_PAGE
+        return
+    bounds, sectors = [], 0
+    for first, last in zip(firsts, lasts):
+        if last >= SECTORS_PER_PAGE or last < first:
+            raise RequestError(req.id, req.operation, BLKIF_RSP_ERROR,
+                               "bad segment sectors %d..%d" % (first, last))
+        bounds.append((first * SECTOR_SIZE, (last - first + 1) * SECTOR_SIZE))
+        sectors += last - first + 1
+    req.bounds = bounds
+    req.nr_sectors = sectors
+
+
+def pack_segments(segments):
+    """Descriptors for ``segments`` [(gref, first_sect, last_sect)], as bytes."""
+    try:
+        return _pack(list(itertools.chain.from_iterable(segments)))
+    except struct.error as exc:
+        raise LocalProtocolError("bad segment in %r: %s" % (segments, exc)) from None
+
+
+def pack_pages(grefs, last_sect=_WHOLE):
+    """Descriptors for whole pages ``grefs``, the last one ending at ``last_sect``."""
+    n = len(grefs)
+    flat = [0, 0, _WHOLE] * n
+    flat[0::3] = grefs
+    if n:
+        flat[-1] = last_sect
+    return _pack(flat)
+
+
+def _reader(ctype, fields):
+    """A Struct reading ``fields`` [(name, format)], in offset order, of
+    ``ctype`` in one call, at the offsets cffi gives (so it holds per ABI)."""
+    fmt, at = "=", 0
+    for name, code in fields:
+        offset = ffi.offsetof(ctype, name)
+        assert offset >= at, "fields out of order"
+        fmt += "%dx" % (offset - at) if offset > at else ""
+        fmt += code
+        at = offset + struct.calcsize("=" + code)
+    return struct.Struct(fmt)
 
 
 class RequestDecoder:
@@ -122,9 +239,18 @@ class RequestDecoder:
         self.abi = abi
         self.limits = limits
         self._buf = ffi.new("char[]", abi.request_size)
-        self._rw = ffi.cast(abi.ctype("request") + " *", self._buf)
-        self._discard = ffi.cast(abi.ctype("request_discard") + " *", self._buf)
-        self._indirect = ffi.cast(abi.ctype("request_indirect") + " *", self._buf)
+        self._raw = ffi.buffer(self._buf)
+        self._operation = ffi.cast("uint8_t *", self._buf)  # at offset 0 in every layout
+        rw, ind, disc = abi.ctype("request"), abi.ctype("request_indirect"), abi.ctype(
+            "request_discard")
+        self._rw = _reader(rw, [("operation", "B"), ("nr_segments", "B"), ("id", "Q"),
+                                ("sector_number", "Q")])
+        self._seg_at = ffi.offsetof(rw, "seg")
+        self._indirect = _reader(ind, [("indirect_op", "B"), ("nr_segments", "H"),
+                                       ("id", "Q"), ("sector_number", "Q")])
+        self._indirect_grefs = ffi.offsetof(ind, "indirect_grefs")
+        self._discard = _reader(disc, [("flag", "B"), ("id", "Q"), ("sector_number", "Q"),
+                                       ("nr_sectors", "Q")])
 
     def take(self, ring):
         """Copy the next request off ``ring`` and decode it."""
@@ -133,16 +259,16 @@ class RequestDecoder:
 
     def decode(self):
         """Validate the request in our buffer (filled by :meth:`take`)."""
-        rw = self._rw
-        op = rw.operation
+        op = self._operation[0]
         if op in (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_FLUSH_DISKCACHE,
                   BLKIF_OP_WRITE_BARRIER):
-            return self._direct(op, rw)
+            return self._direct(op)
         if op == BLKIF_OP_INDIRECT:
             return self._indirect_header()
         if op == BLKIF_OP_DISCARD:
             return self._discard_request()
-        raise RequestError(rw.id, op, BLKIF_RSP_EOPNOTSUPP, "unsupported operation")
+        _, _, id, _ = self._rw.unpack_from(self._raw)
+        raise RequestError(id, op, BLKIF_RSP_EOPNOTSUPP, "unsupported operation")
 
     def _refuse_write(self, req):
         if req.kind in WRITES and self.limits.readonly:
@@ -157,67 +283,67 @@ class RequestDecoder:
                 "sectors %d..%d beyond the device's %d" % (
                     req.sector_number, end, self.limits.sectors))
 
-    def _direct(self, op, rw):
+    def _direct(self, op):
         limits = self.limits
-        req = Request(rw.id, op, op, rw.sector_number, nr_segments=rw.nr_segments)
+        _, nseg, id, sector_number = self._rw.unpack_from(self._raw)
+        req = Request(id, op, op, sector_number, nr_segments=nseg)
         if (op == BLKIF_OP_FLUSH_DISKCACHE and not limits.flush) or (
                 op == BLKIF_OP_WRITE_BARRIER and not limits.barrier):
-            raise RequestError(req.id, op, BLKIF_RSP_EOPNOTSUPP, "not advertised")
-        nseg = rw.nr_segments
+            raise RequestError(id, op, BLKIF_RSP_EOPNOTSUPP, "not advertised")
         lowest = 1 if op in (BLKIF_OP_READ, BLKIF_OP_WRITE) else 0
         if not lowest <= nseg <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            raise RequestError(req.id, op, BLKIF_RSP_ERROR, "bad segment count %d" % nseg)
+            raise RequestError(id, op, BLKIF_RSP_ERROR, "bad segment count %d" % nseg)
         self._refuse_write(req)
-        seg = rw.seg
-        req.segments = [_segment(seg[i].first_sect, seg[i].last_sect, seg[i].gref, req)
-                        for i in range(nseg)]
-        req.nr_sectors = sum(s.length for s in req.segments) // SECTOR_SIZE
+        at = self._seg_at
+        _fill_segments(req, self._raw[at:at + nseg * SEGMENT_DESCRIPTOR_SIZE])
         self._check_range(req)
         return req
 
     def _indirect_header(self):
-        ind = self._indirect
         limits = self.limits
-        req = Request(ind.id, BLKIF_OP_INDIRECT, ind.indirect_op, ind.sector_number,
-                      nr_segments=ind.nr_segments)
+        kind, nseg, id, sector_number = self._indirect.unpack_from(self._raw)
+        req = Request(id, BLKIF_OP_INDIRECT, kind, sector_number, nr_segments=nseg)
         if not limits.max_indirect_segments:
-            raise RequestError(req.id, req.operation, BLKIF_RSP_EOPNOTSUPP,
+            raise RequestError(id, req.operation, BLKIF_RSP_EOPNOTSUPP,
                                "indirect descriptors not advertised")
-        if req.kind not in (BLKIF_OP_READ, BLKIF_OP_WRITE):
-            raise RequestError(req.id, req.operation, BLKIF_RSP_ERROR,
-                               "indirect operation %d is not read or write" % req.kind)
-        if not 1 <= req.nr_segments <= limits.max_indirect_segments:
-            raise RequestError(req.id, req.operation, BLKIF_RSP_ERROR,
+        if kind not in (BLKIF_OP_READ, BLKIF_OP_WRITE):
+            raise RequestError(id, req.operation, BLKIF_RSP_ERROR,
+                               "indirect operation %d is not read or write" % kind)
+        if not 1 <= nseg <= limits.max_indirect_segments:
+            raise RequestError(id, req.operation, BLKIF_RSP_ERROR,
                                "bad indirect segment count %d (max %d)" % (
-                                   req.nr_segments, limits.max_indirect_segments))
+                                   nseg, limits.max_indirect_segments))
         self._refuse_write(req)
-        pages = -(-req.nr_segments // BLKIF_SEGS_PER_INDIRECT_FRAME)
-        req.indirect_grefs = [ind.indirect_grefs[i] for i in range(pages)]
+        pages = -(-nseg // BLKIF_SEGS_PER_INDIRECT_FRAME)
+        at = self._indirect_grefs
+        req.indirect_grefs = memoryview(self._raw[at:at + 4 * pages]).cast("I").tolist()
         return req
 
     def read_indirect(self, req, pages):
-        """Fill ``req.segments`` from the mapped indirect ``pages`` (a buffer).
+        """Fill ``req``'s segments from the mapped indirect ``pages`` (a buffer).
 
-        Each descriptor is copied once out of the shared pages, then checked.
+        The descriptors are copied once out of the shared pages, then checked.
         """
-        n = req.nr_segments
-        local = ffi.new("struct blkif_request_segment[]", n)
-        ffi.memmove(local, ffi.from_buffer(pages), n * SEGMENT_DESCRIPTOR_SIZE)
-        req.segments = [_segment(d.first_sect, d.last_sect, d.gref, req) for d in local]
-        req.nr_sectors = sum(s.length for s in req.segments) // SECTOR_SIZE
+        size = req.nr_segments * SEGMENT_DESCRIPTOR_SIZE
+        with memoryview(pages) as view:
+            if view.nbytes < size:
+                raise LocalProtocolError("%d bytes of indirect pages for %d descriptors"
+                                         % (view.nbytes, req.nr_segments))
+            raw = bytes(view[:size])
+        _fill_segments(req, raw)
         self._check_range(req)
         return req
 
     def _discard_request(self):
-        d = self._discard
         limits = self.limits
-        req = Request(d.id, BLKIF_OP_DISCARD, BLKIF_OP_DISCARD, d.sector_number,
-                      d.nr_sectors, secure=bool(d.flag & BLKIF_DISCARD_SECURE))
+        flag, id, sector_number, nr_sectors = self._discard.unpack_from(self._raw)
+        req = Request(id, BLKIF_OP_DISCARD, BLKIF_OP_DISCARD, sector_number, nr_sectors,
+                      secure=bool(flag & BLKIF_DISCARD_SECURE))
         if not limits.discard:
-            raise RequestError(req.id, req.operation, BLKIF_RSP_EOPNOTSUPP,
+            raise RequestError(id, req.operation, BLKIF_RSP_EOPNOTSUPP,
                                "discard not advertised")
         if req.secure and not limits.discard_secure:
-            raise RequestError(req.id, req.operation, BLKIF_RSP_EOPNOTSUPP,
+            raise RequestError(id, req.operation, BLKIF_RSP_EOPNOTSUPP,
                                "secure discard not advertised")
         self._refuse_write(req)
         self._check_range(req)
@@ -239,7 +365,12 @@ class ResponseWriter:
 
 
 class RequestEncoder:
-    """Frontend side: write requests into a FrontRing and indirect pages."""
+    """Frontend side: write requests into a FrontRing and indirect pages.
+
+    Segments are given as [(gref, first_sect, last_sect)] or already packed
+    (:func:`pack_segments`, :func:`pack_pages`: one memmove, no per-segment
+    field writes).
+    """
 
     def __init__(self, abi):
         self.abi = abi
@@ -247,21 +378,27 @@ class RequestEncoder:
         self._discard = abi.ctype("request_discard") + " *"
         self._indirect = abi.ctype("request_indirect") + " *"
         self._response = ffi.new(abi.ctype("response") + " *")
+        self._seg_at = ffi.offsetof(abi.ctype("request"), "seg")
 
     def rw(self, ring, operation, id, sector_number, segments, handle=0):
         """A direct request: ``segments`` are (gref, first_sect, last_sect)."""
         if len(segments) > BLKIF_MAX_SEGMENTS_PER_REQUEST:
             raise LocalProtocolError("%d segments in a direct request" % len(segments))
-        req = ffi.cast(self._rw, ring.request_slot())
+        self.rw_packed(ring, operation, id, sector_number, pack_segments(segments), handle)
+
+    def rw_packed(self, ring, operation, id, sector_number, packed, handle=0):
+        """A direct request whose descriptors are ``packed``."""
+        nseg = len(packed) // SEGMENT_DESCRIPTOR_SIZE
+        if nseg > BLKIF_MAX_SEGMENTS_PER_REQUEST:
+            raise LocalProtocolError("%d segments in a direct request" % nseg)
+        slot = ring.request_slot()
+        req = ffi.cast(self._rw, slot)
         req.operation = operation
-        req.nr_segments = len(segments)
+        req.nr_segments = nseg
         req.handle = handle
         req.id = id
         req.sector_number = sector_number
-        for i, (gref, first, last) in enumerate(segments):
-            req.seg[i].gref = gref
-            req.seg[i].first_sect = first
-            req.seg[i].last_sect = last
+        ffi.memmove(slot + self._seg_at, packed, len(packed))
         ring.advance()
 
     def indirect(self, ring, indirect_op, id, sector_number, nr_segments,
@@ -282,15 +419,15 @@ class RequestEncoder:
 
     @staticmethod
     def write_descriptors(pages, segments):
-        """Write (gref, first_sect, last_sect) descriptors into indirect ``pages``."""
-        n = len(segments)
-        desc = ffi.cast("struct blkif_request_segment *", ffi.from_buffer(pages))
-        if n * SEGMENT_DESCRIPTOR_SIZE > len(pages):
-            raise LocalProtocolError("%d descriptors overflow the indirect pages" % n)
-        for i, (gref, first, last) in enumerate(segments):
-            desc[i].gref = gref
-            desc[i].first_sect = first
-            desc[i].last_sect = last
+        """Write (gref, first_sect, last_sect) descriptors into indirect ``pages``,
+        or descriptors already packed."""
+        packed = segments if isinstance(segments, (bytes, bytearray)) else pack_segments(
+            segments)
+        with memoryview(pages) as view:
+            if len(packed) > view.nbytes:
+                raise LocalProtocolError("%d descriptors overflow the indirect pages"
+                                         % (len(packed) // SEGMENT_DESCRIPTOR_SIZE))
+            view[:len(packed)] = packed
 
     def discard(self, ring, id, sector_number, nr_sectors, secure=False, handle=0):
         req = ffi.cast(self._discard, ring.request_slot())

@@ -11,7 +11,11 @@ frontend that overruns the ring raises out of :meth:`service`
 
 Grants are mapped per request, all of its segments in one call, read-only
 for writes.  With persistent grants each gref is mapped once, kept in a
-bounded cache and reused, as Linux does with ``max_persistent_grants``.
+bounded cache and reused, as Linux does with ``max_persistent_grants``;
+indirect descriptor pages too (read-only), as blkback maps them through the
+same cache.  The hot path allocates little: a request's pages come out of the
+cache in one comprehension, and whole pages (the common case) go to
+``preadv``/``pwritev`` as they are, without a view per segment.
 """
 import errno
 import logging
@@ -62,16 +66,6 @@ class Stats:
         return out
 
 
-class _PersistentMap:
-    """A one-page mapping from the persistent cache, shaped like a Mapping."""
-
-    def __init__(self, pages):
-        self.pages = pages
-
-    def unmap(self):
-        pass
-
-
 class RingServer:
     """Serves one shared ring of a connected VBD.
 
@@ -89,7 +83,11 @@ class RingServer:
         self.ring = BackRing(ring_buffer, abi)
         self.decoder = RequestDecoder(abi, limits)
         self.responses = ResponseWriter(abi)
+        # Persistent grants: (gref, writable) -> its one-page Mapping, and each
+        # page's view by gref (data pages writable, indirect pages read-only).
         self.persistent = {} if persistent else None
+        self._data_pages = {}
+        self._indirect_pages = {}
         self.stats = stats or Stats()
         self.label = label
 
@@ -154,11 +152,11 @@ class RingServer:
                 # Everything answered so far is already written: we answer a
                 # request only when its I/O is done, so the ring is drained.
                 self.store.flush()
-            if req.segments is None:
+            if req.grefs is None:
                 self._read_indirect(req)
-            if req.segments:
+            if req.grefs:
                 self._transfer(req, kind == BLKIF_OP_READ)
-            if kind == BLKIF_OP_WRITE_BARRIER and req.segments:
+            if kind == BLKIF_OP_WRITE_BARRIER and req.grefs:
                 self.store.flush()
             return BLKIF_RSP_OKAY
         except OSError as exc:
@@ -174,57 +172,76 @@ class RingServer:
             return BLKIF_RSP_ERROR
 
     def _read_indirect(self, req):
-        with self.platform.map_grants(self.domid, req.indirect_grefs, writable=False) as m:
-            self.decoder.read_indirect(req, m.buffer)
+        grefs = req.indirect_grefs
+        pages = self._cached(self._indirect_pages, grefs, writable=False)
+        if pages is not None:  # persistent: mapped once, read-only
+            self.decoder.read_indirect(req, pages[0] if len(pages) == 1 else b"".join(pages))
+            return
+        with self.platform.map_grants(self.domid, grefs, writable=False) as mapping:
+            self.decoder.read_indirect(req, mapping.buffer)
 
-    def _map(self, grefs, writable):
-        """A mapping of ``grefs`` in order, and its buffer (pages back to back)."""
+    def _cached(self, cache, grefs, writable):
+        """The pages of ``grefs`` from persistent ``cache`` (mapping those not
+        yet there), or None: no persistent grants, or the cache is full."""
         if self.persistent is None:
-            mapping = self.platform.map_grants(self.domid, grefs, writable=writable)
-            self.stats.mapped_grants += len(grefs)
-            return mapping, [mapping.buffer]
-        pages = []
+            return None
+        try:
+            return [cache[gref] for gref in grefs]  # the hot path: all there
+        except KeyError:
+            pass
         for gref in grefs:
-            page = self.persistent.get(gref)
-            if page is None:
+            if gref not in cache:
                 if len(self.persistent) >= MAX_PERSISTENT_GRANTS:
-                    break
-                page = self.platform.map_grants(self.domid, [gref], writable=True)
-                self.persistent[gref] = page
-                self.stats.persistent_grants = len(self.persistent)
-            pages.append(page.buffer)
-        if len(pages) < len(grefs):  # cache full: map this request's grants afresh
-            mapping = self.platform.map_grants(self.domid, grefs, writable=writable)
-            self.stats.mapped_grants += len(grefs)
-            return mapping, [mapping.buffer]
-        return _PersistentMap(pages), pages
+                    return None
+                mapping = self.platform.map_grants(self.domid, [gref], writable=writable)
+                self.persistent[(gref, writable)] = mapping
+                cache[gref] = mapping.buffer
+                self.stats.persistent_grants += 1
+        return [cache[gref] for gref in grefs]
 
     def _transfer(self, req, is_read):
-        segments = req.segments
-        mapping, pages = self._map([s.gref for s in segments], is_read)
-        iov = []
+        """preadv/pwritev straight between the store and the granted pages.
+
+        Whole pages (the common case) go as they are: the cached page views
+        with persistent grants, else the one buffer of this request's mapping.
+        """
+        grefs, bounds = req.grefs, req.bounds
+        pages = self._cached(self._data_pages, grefs, writable=True)
+        mapping = None
+        if pages is None:
+            mapping = self.platform.map_grants(self.domid, grefs, writable=is_read)
+            self.stats.mapped_grants += len(grefs)
+            pages = [mapping.buffer]
+            if bounds is not None:
+                pages = [mapping.buffer[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+                         for i in range(len(grefs))]
+        iov = pages
+        if bounds is not None:
+            iov = [page[offset:offset + length] for page, (offset, length) in zip(pages, bounds)]
         try:
-            one = len(pages) == 1
-            for i, seg in enumerate(segments):
-                base = pages[0] if one else pages[i]
-                start = (i * PAGE_SIZE if one else 0) + seg.offset
-                iov.append(base[start:start + seg.length])
             if is_read:
                 self.store.readv(iov, req.offset)
                 self.stats.read_bytes += req.nr_sectors * SECTOR_SIZE
             else:
                 self.store.writev(iov, req.offset)
                 self.stats.write_bytes += req.nr_sectors * SECTOR_SIZE
-        finally:
-            for view in iov:
-                view.release()  # no exported views may outlive the mapping
-            mapping.unmap()
+        finally:  # no view of ours may outlive a mapping
+            if iov is not pages:
+                for view in iov:
+                    view.release()
+            if mapping is not None:
+                if pages[0] is not mapping.buffer:
+                    for view in pages:
+                        view.release()
+                mapping.unmap()
 
     def close(self):
         """Drop persistent grants and let go of the ring (its owner unmaps it)."""
         self.ring.release()
         if self.persistent:
-            for page in self.persistent.values():
-                page.unmap()
+            self._data_pages.clear()
+            self._indirect_pages.clear()
+            for mapping in self.persistent.values():
+                mapping.unmap()
+            self.stats.persistent_grants -= len(self.persistent)
             self.persistent.clear()
-            self.stats.persistent_grants = 0
