@@ -10,6 +10,11 @@ request whose descriptors sit in their own granted pages.
 Nothing here waits on its own: :meth:`submit_*` queue requests and return a
 tag, :meth:`kick` pushes them (notifying if the ring says so), and
 :meth:`complete` consumes responses; :class:`blkif.frontend.device` waits.
+
+Free pool pages are a stack: the pages a request frees are the next one's,
+so a backend with persistent grants keeps mapping the same few pages, and a
+request mostly gets a run of consecutive pages, whose data moves with one
+slice copy and whose grefs are one list slice.
 """
 import collections
 
@@ -26,30 +31,32 @@ from blkif.abi.constants import (
     SECTOR_SIZE,
 )
 from blkif.errors import LocalProtocolError, RemoteProtocolError
-from blkif.request import RequestEncoder
+from blkif.request import RequestEncoder, pack_pages
 from blkif.ring import FrontRing
 
 
 class _Shadow:
     """What we remember of a request in flight (blkfront's ``blk_shadow``)."""
 
-    __slots__ = ("tag", "op", "pages", "length", "part")
+    __slots__ = ("tag", "op", "pages", "length", "part", "run")
 
-    def __init__(self, tag, op, pages, length, part):
+    def __init__(self, tag, op, pages, length, part, run):
         self.tag, self.op, self.pages = tag, op, pages
-        self.length, self.part = length, part
+        self.length, self.part, self.run = length, part, run  # run: consecutive pages
 
 
 class Completion:
-    """A finished transfer: ``status`` is BLKIF_RSP_*; ``data`` for reads."""
+    """A finished transfer: ``status`` is BLKIF_RSP_*; ``data`` for reads
+    (bytes when it came in one request, else a bytearray)."""
 
-    __slots__ = ("tag", "status", "data", "_parts")
+    __slots__ = ("tag", "status", "data", "_parts", "_size")
 
     def __init__(self, tag, parts, size):
         self.tag = tag
         self.status = BLKIF_RSP_OKAY
-        self.data = bytearray(size) if size else None
+        self.data = None  # made by the first part that arrives
         self._parts = parts
+        self._size = size
 
     @property
     def ok(self):
@@ -75,7 +82,7 @@ class FrontQueue:
         self.indirect = bool(indirect_segments)
         pool_pages = max(pool_pages, self.segments)
         self.pool = platform.grant_pages(backend_domid, pool_pages)
-        self.free_pages = collections.deque(range(pool_pages))
+        self.free_pages = list(range(pool_pages - 1, -1, -1))  # a stack; page 0 on top
         ind_pages = -(-self.segments // BLKIF_SEGS_PER_INDIRECT_FRAME) if self.indirect else 0
         slots = self.ring.size
         self.ind_pool = (platform.grant_pages(backend_domid, slots * ind_pages, readonly=True)
@@ -134,7 +141,7 @@ class FrontQueue:
         """Put waiting requests on the ring while slots and pages last; push."""
         while self.waiting and not self.ring.full() and self.free_ids:
             tag, op, offset, length, data, part = self.waiting[0]
-            npages = -(-length // PAGE_SIZE)
+            npages = 0 if op == BLKIF_OP_DISCARD else -(-length // PAGE_SIZE)
             if npages > len(self.free_pages):
                 break
             self.waiting.popleft()
@@ -144,28 +151,39 @@ class FrontQueue:
 
     def _put(self, tag, op, offset, length, data, part, npages):
         rid = self.free_ids.popleft()
-        pages = [self.free_pages.popleft() for _ in range(npages)]
+        free = self.free_pages
+        pages = free[len(free) - npages:]
+        del free[len(free) - npages:]
+        pages.reverse()  # the top npages, lowest first
+        first = pages[0] if pages else 0
+        run = pages == list(range(first, first + npages))  # consecutive pages
         buf, refs = self.pool.buffer, self.pool.refs
         if data is not None:
-            for i, p in enumerate(pages):
-                n = min(PAGE_SIZE, length - i * PAGE_SIZE)
-                buf[p * PAGE_SIZE:p * PAGE_SIZE + n] = data[i * PAGE_SIZE:i * PAGE_SIZE + n]
+            if run:
+                buf[first * PAGE_SIZE:first * PAGE_SIZE + length] = data
+            else:
+                for i, p in enumerate(pages):
+                    n = min(PAGE_SIZE, length - i * PAGE_SIZE)
+                    buf[p * PAGE_SIZE:p * PAGE_SIZE + n] = data[i * PAGE_SIZE:i * PAGE_SIZE + n]
         sector = offset // SECTOR_SIZE
-        segs = [(refs[p], 0, (min(PAGE_SIZE, length - i * PAGE_SIZE) - 1) // SECTOR_SIZE)
-                for i, p in enumerate(pages)]
-        self.shadow[rid] = _Shadow(tag, op, pages, length, part)
+        self.shadow[rid] = _Shadow(tag, op, pages, length, part, run)
         if op == BLKIF_OP_DISCARD:
             self.encoder.discard(self.ring, rid, sector, length // SECTOR_SIZE)
-        elif self.indirect and op in (BLKIF_OP_READ, BLKIF_OP_WRITE) and (
-                len(segs) > BLKIF_MAX_SEGMENTS_PER_REQUEST):
-            first = rid * self.ind_pages
-            view = self.ind_pool.buffer[first * PAGE_SIZE:(first + self.ind_pages) * PAGE_SIZE]
-            self.encoder.write_descriptors(view, segs)
-            view.release()
-            grefs = self.ind_pool.refs[first:first + -(-len(segs) // BLKIF_SEGS_PER_INDIRECT_FRAME)]
-            self.encoder.indirect(self.ring, op, rid, sector, len(segs), grefs)
+            return
+        grefs = refs[first:first + npages] if run else [refs[p] for p in pages]
+        tail = (length - (npages - 1) * PAGE_SIZE) // SECTOR_SIZE - 1 if npages else 0
+        packed = pack_pages(grefs, tail)
+        if self.indirect and op in (BLKIF_OP_READ, BLKIF_OP_WRITE) and (
+                npages > BLKIF_MAX_SEGMENTS_PER_REQUEST):
+            at = rid * self.ind_pages * PAGE_SIZE
+            with self.ind_pool.buffer[at:at + self.ind_pages * PAGE_SIZE] as view:
+                self.encoder.write_descriptors(view, packed)
+            first_ind = rid * self.ind_pages
+            used = -(-npages // BLKIF_SEGS_PER_INDIRECT_FRAME)
+            self.encoder.indirect(self.ring, op, rid, sector, npages,
+                                  self.ind_pool.refs[first_ind:first_ind + used])
         else:
-            self.encoder.rw(self.ring, op, rid, sector, segs)
+            self.encoder.rw_packed(self.ring, op, rid, sector, packed)
 
     def complete(self):
         """Consume every response; returns the transfers that finished.
@@ -191,17 +209,28 @@ class FrontQueue:
         comp = self.pending[sh.tag]
         if status != BLKIF_RSP_OKAY:
             comp.status = status
-        if sh.op == BLKIF_OP_READ and comp.data is not None:
-            buf = self.pool.buffer
-            for i, p in enumerate(sh.pages):
-                n = min(PAGE_SIZE, sh.length - i * PAGE_SIZE)
-                at = sh.part + i * PAGE_SIZE
-                comp.data[at:at + n] = buf[p * PAGE_SIZE:p * PAGE_SIZE + n]
-        self.free_pages.extend(sh.pages)
+        if sh.op == BLKIF_OP_READ and comp._size:
+            if sh.length == comp._size:  # the whole transfer: straight into bytes
+                comp.data = self._gather(sh)
+            else:
+                if comp.data is None:
+                    comp.data = bytearray(comp._size)
+                comp.data[sh.part:sh.part + sh.length] = self._gather(sh)
+        self.free_pages.extend(reversed(sh.pages))  # back on top, in the same order
         comp._parts -= 1
         if comp._parts:
             return None
         return self.pending.pop(sh.tag)
+
+    def _gather(self, sh):
+        """The bytes a read request brought into its pages."""
+        buf = self.pool.buffer
+        if sh.run:
+            at = sh.pages[0] * PAGE_SIZE
+            return bytes(buf[at:at + sh.length])
+        last = sh.length - (len(sh.pages) - 1) * PAGE_SIZE
+        return b"".join([buf[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] for p in sh.pages[:-1]]
+                        + [buf[sh.pages[-1] * PAGE_SIZE:sh.pages[-1] * PAGE_SIZE + last]])
 
     def fail_all(self, status):
         """The backend went away: every transfer in flight or waiting fails."""
