@@ -14,7 +14,10 @@ image of ``--size`` bytes.  For each pattern of :data:`PATTERNS`:
   to fill); a call's latency is the call.
 
 Each side first runs the pattern unmeasured for a warm-up (caches, the
-backend's persistent grants).  ``ratio`` is blkif's IOPS over the file's:
+backend's persistent grants).  Besides wall-clock figures, which move with
+whatever else the machine runs, blkif's side reports the CPU time per I/O of
+the guest and of the backend's worker process (``cpu_us_per_io``): what the
+code costs, steadier from run to run than IOPS on a busy machine.  ``ratio`` is blkif's IOPS over the file's:
 the fraction of the backing file's speed that reaches the guest.  Patterns
 needing other negotiation (indirect descriptors off) re-attach the guest.
 Figures are for comparing runs on one machine, never assertions.
@@ -92,6 +95,22 @@ def offsets(pattern, size, rng):
         n += 1
 
 
+def process_cpu(pid):
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_pid(box, domid):
+    """The pid of the worker ``blkif serve`` runs for domain ``domid``'s VBD."""
+    with open(os.path.join(box.state_dir, "service.json")) as f:
+        for worker in json.load(f)["workers"]:
+            if worker["domid"] == domid and worker["status"] == "running":
+                return worker["pid"]
+    raise BlkifError("no worker serves domain %d" % domid)
+
+
 def summary(latencies, seconds, block_size):
     """IOPS, MB/s (10**6 bytes) and latency percentiles (ms) of one run."""
     ios = len(latencies)
@@ -136,9 +155,18 @@ def run(args):
                 negotiated = guest.call("attach", {"vdev": VDEV, "options": options})
                 attached = options
             params = dict(asdict(pattern), duration=args.duration, seed=len(results))
+            worker = worker_pid(box, DOMID)
+            start_cpu = []
+
+            def on_event(event):
+                if event.get("mark") == "measure":  # the measured part begins
+                    start_cpu.append(process_cpu(worker))
+                progress.event(event)
             blkif = guest.call("call", {"function": "blkif.bench:guest_pattern",
                                         "params": dict(params, name=name)},
-                               progress.event, timeout=args.duration + 60)
+                               on_event, timeout=args.duration + 60)
+            blkif["cpu_us_per_io"]["backend"] = round(
+                (process_cpu(worker) - start_cpu[0]) / blkif["ios"] * 1e6, 1)
             file = run_file(image, pattern, args.duration, len(results), progress, name)
             results.append(dict(
                 name=name, **asdict(pattern), negotiated=negotiated, blkif=blkif, file=file,
@@ -188,20 +216,20 @@ def run_file(image, pattern, duration, seed, progress, name):
 
 
 def print_report(report):
-    head = ("%-21s %9s %8s %8s %8s   %9s %8s %8s %8s   %7s"
-            % ("pattern", "IOPS", "MB/s", "p50 ms", "p99 ms",
-               "file IOPS", "MB/s", "p50 ms", "p99 ms", "ratio"))
-    print(head)
+    print("%-21s %8s %8s %7s %7s %12s   %9s %8s %7s %7s   %7s" % (
+        "pattern", "IOPS", "MB/s", "p50 ms", "p99 ms", "CPU us/IO", "file IOPS", "MB/s",
+        "p50 ms", "p99 ms", "ratio"))
     for r in report["patterns"]:
         b, f = r["blkif"], r["file"]
-        print("%-21s %9.0f %8.1f %8.3f %8.3f   %9.0f %8.1f %8.3f %8.3f   %7.4f" % (
-            r["name"], b["iops"], b["mb_per_s"], b["p50_ms"], b["p99_ms"],
+        cpu = "%.0f+%.0f" % (b["cpu_us_per_io"]["guest"], b["cpu_us_per_io"]["backend"])
+        print("%-21s %8.0f %8.1f %7.3f %7.3f %12s   %9.0f %8.1f %7.3f %7.3f   %7.4f" % (
+            r["name"], b["iops"], b["mb_per_s"], b["p50_ms"], b["p99_ms"], cpu,
             f["iops"], f["mb_per_s"], f["p50_ms"], f["p99_ms"], r["ratio"] or 0))
     n = report["patterns"][0]["negotiated"] if report["patterns"] else None
     if n:
         print("negotiated: abi %s, %d queue(s) of %d ring page(s), persistent grants %s; "
               "indirect %d segments (the -direct patterns: none); image %d MiB, %.1f s "
-              "per pattern and side" % (
+              "per pattern and side; CPU us/IO: guest+backend worker" % (
                   n["abi"], n["queues"], n["ring_pages"], "on" if n["persistent"] else "off",
                   max(r["negotiated"]["indirect_segments"] for r in report["patterns"]),
                   report["size"] >> 20, report["duration"]))
@@ -227,6 +255,9 @@ def guest_pattern(guest, params, emit):
     for measured in (False, True):
         latencies = []
         inflight = {}  # handle -> submitted at
+        if measured:
+            emit({"label": params["name"], "fraction": 0.0, "mark": "measure"})
+            cpu = os.times()
         start = clock()
         end = start + (duration if measured else WARMUP)
         next_report = last_done = start
@@ -251,4 +282,9 @@ def guest_pattern(guest, params, emit):
             if measured and now >= next_report:
                 next_report = now + 0.2
                 emit({"label": params["name"], "fraction": (now - start) / duration})
-    return summary(latencies, clock() - start, pattern.block_size)
+    seconds = clock() - start
+    cpu_end = os.times()
+    result = summary(latencies, seconds, pattern.block_size)
+    used = (cpu_end.user - cpu.user) + (cpu_end.system - cpu.system)
+    result["cpu_us_per_io"] = {"guest": round(used / max(result["ios"], 1) * 1e6, 1)}
+    return result

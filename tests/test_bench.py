@@ -2,6 +2,7 @@
 its figures must keep, never their values."""
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -44,6 +45,8 @@ def test_each_pattern_beside_the_file(report):
             pattern.indirect)
         check_side(r["blkif"], r["block_size"])
         check_side(r["file"], r["block_size"])
+        cpu = r["blkif"]["cpu_us_per_io"]
+        assert set(cpu) == {"guest", "backend"} and cpu["guest"] > 0 and cpu["backend"] >= 0
         assert r["blkif"]["seconds"] >= 0.3 and r["file"]["seconds"] >= 0.3
         assert r["ratio"] == pytest.approx(r["blkif"]["iops"] / r["file"]["iops"], rel=0.01)
         # a request through two processes and a ring takes longer than a call
@@ -56,9 +59,10 @@ def test_text_report_has_a_row_per_pattern(tmp_path):
                 "--pattern", "seqwrite-1m-indirect", "--workdir", str(tmp_path / "w"))
     assert run.returncode == 0, run.stderr
     header, row, negotiated = run.stdout.splitlines()
-    assert header.split() == ["pattern", "IOPS", "MB/s", "p50", "ms", "p99", "ms", "file",
-                              "IOPS", "MB/s", "p50", "ms", "p99", "ms", "ratio"]
-    assert row.split()[0] == "seqwrite-1m-indirect" and len(row.split()) == 10
+    assert header.split() == ["pattern", "IOPS", "MB/s", "p50", "ms", "p99", "ms", "CPU",
+                              "us/IO", "file", "IOPS", "MB/s", "p50", "ms", "p99", "ms", "ratio"]
+    assert row.split()[0] == "seqwrite-1m-indirect" and len(row.split()) == 11
+    assert re.fullmatch(r"\d+\+\d+", row.split()[5])
     assert negotiated.startswith("negotiated: abi ") and "1 queue(s)" in negotiated
     assert "seqwrite-1m-indirect ..." in run.stderr
     assert "seqwrite-1m-indirect file ..." in run.stderr
