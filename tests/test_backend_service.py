@@ -449,6 +449,30 @@ class _Proc:
     pid = 4242
 
 
+def _children(pid):
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+        return {int(p) for p in f.read().split()}
+
+
+def test_a_new_vbd_goes_to_the_spare_worker_started_ahead(hv, tmp_path):
+    svc = Service(hv, tmp_path)
+    try:
+        deadline = time.monotonic() + 10
+        while not _children(svc.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        spare = _children(svc.proc.pid)
+        assert len(spare) == 1  # waiting for a VBD, its imports done
+        domid, devid = svc.new_vbd(tmp_path / "disk.img")
+        assert svc.worker_pid(domid, devid) in spare
+        fe = RawFrontend(svc, domid, devid)
+        fe.backend_state([S.InitWait])
+        assert len(_children(svc.proc.pid) - spare) == 1  # the next VBD's spare
+        fe.shutdown()
+    finally:
+        assert svc.close() == 0, svc.output()
+    assert "Traceback" not in svc.output()
+
+
 def test_crash_loop_backs_off_then_gives_up():
     svc = service_mod.Service(SimpleNamespace(
         backend_domid=0, state_dir="/nonexistent", platform="sim", sim_path=None,

@@ -227,8 +227,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="blkif-worker", description=__doc__.split("\n")[0])
     add_options(parser)
     parser.add_argument("-v", "--verbose", action="count", default=0)
-    parser.add_argument("path", help="the VBD's backend directory in xenstore")
+    parser.add_argument("path", help="the VBD's backend directory in xenstore; - to read it "
+                                     "from stdin (the service's spare worker: imports done, "
+                                     "it waits for its VBD)")
     args = parser.parse_args(argv)
+    if args.path == "-":
+        args.path = sys.stdin.readline().strip()
+        if not args.path:
+            return 0  # the service stopped before it needed us
     label = args.path
     logging.basicConfig(
         level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
