@@ -109,6 +109,23 @@ def test_map_grants_issues_map_mmap_and_unmap(fake):
     assert kernel.calls[-1] == ("unmap", 3 * PAGE_SIZE, 1)
 
 
+def test_mappings_take_no_file_descriptor_each(fake):
+    """mmap.mmap(fd) would dup the device fd per mapping: a backend with a
+    thousand persistent grants per ring hit EMFILE on real Xen."""
+    import os
+
+    platform, kernel, _ = fake
+    platform.map_grants(5, [1]).unmap()  # the device is open from here on
+    before = len(os.listdir("/proc/self/fd"))
+    mappings = [platform.map_grants(5, [i]) for i in range(40)]
+    pages = [platform.grant_pages(0, 1) for _ in range(10)]
+    assert len(os.listdir("/proc/self/fd")) == before + 1  # gntalloc's own fd
+    for m in mappings:
+        m.unmap()
+    for p in pages:
+        p.close()
+
+
 def test_grant_pages_issues_alloc_and_dealloc(fake):
     platform, kernel, _ = fake
     pages = platform.grant_pages(0, 2)

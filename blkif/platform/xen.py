@@ -9,10 +9,14 @@ gives us the memory, DEALLOC_GREF ends access (the kernel frees pages the
 remote still maps once it unmaps them).  evtchn: one open of /dev/xen/evtchn
 per Port, so each port has its own pollable fd; read() returns the pending
 port, writing it back unmasks it.  Devices open on first use.
+
+Pages are mapped with mmap(2) from the device's one fd into a region Python
+owns (``_mman.map_pages``), not with ``mmap.mmap(fd)``, which dup()s the fd
+for each mapping: a backend keeping a thousand persistent grants per ring
+ran out of file descriptors (EMFILE) on real Xen.
 """
 import array
 import fcntl
-import mmap
 import os
 import select
 import time
@@ -20,7 +24,7 @@ import time
 from blkif.abi import ffi, lib
 from blkif.abi.constants import GNTST_general_error, PAGE_SIZE
 from blkif.errors import LocalProtocolError
-from blkif.platform._mman import close_region
+from blkif.platform._mman import close_region, map_pages
 from blkif.platform.base import GrantedPages, GrantRef, Mapping, Platform, Port
 from blkif.platform.errors import EventChannelError, GrantError, PlatformUnavailable
 
@@ -90,8 +94,7 @@ class XenPlatform(Platform):
         refs = [ids[i] for i in range(count)]
         index = op.index
         try:
-            region = mmap.mmap(fd, count * PAGE_SIZE, mmap.MAP_SHARED,
-                               mmap.PROT_READ | mmap.PROT_WRITE, offset=index)
+            region = map_pages(fd, _page_offsets(index, count), writable=True)
         except OSError:
             _dealloc(fd, index, count)
             raise
@@ -116,9 +119,8 @@ class XenPlatform(Platform):
             entries[i].domid, entries[i].ref = remote_domid, ref
         _ioctl(fd, lib.IOCTL_GNTDEV_MAP_GRANT_REF, raw)
         index = op.index
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         try:
-            region = mmap.mmap(fd, count * PAGE_SIZE, mmap.MAP_SHARED, prot, offset=index)
+            region = map_pages(fd, _page_offsets(index, count), writable)
         except OSError as exc:
             _unmap_grant_ref(fd, index, count)
             # gntdev logs each GNTST_* status; userspace only sees the errno.
@@ -195,6 +197,10 @@ class XenPlatform(Platform):
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def _page_offsets(index, count):
+    return [index + i * PAGE_SIZE for i in range(count)]
 
 
 def _dealloc(fd, index, count):
