@@ -46,17 +46,18 @@ class _Shadow:
 
 
 class Completion:
-    """A finished transfer: ``status`` is BLKIF_RSP_*; ``data`` for reads
-    (bytes when it came in one request, else a bytearray)."""
+    """A finished transfer: ``status`` is BLKIF_RSP_*; ``data`` the bytes a
+    read brought (its parts joined once the last one is in)."""
 
-    __slots__ = ("tag", "status", "data", "_parts", "_size")
+    __slots__ = ("tag", "status", "data", "_parts", "_size", "_pieces")
 
     def __init__(self, tag, parts, size):
         self.tag = tag
         self.status = BLKIF_RSP_OKAY
-        self.data = None  # made by the first part that arrives
+        self.data = None
         self._parts = parts
-        self._size = size
+        self._size = size  # bytes a read brings; 0 for anything else
+        self._pieces = []  # (offset in the transfer, bytes) of a read's parts
 
     @property
     def ok(self):
@@ -210,16 +211,19 @@ class FrontQueue:
         if status != BLKIF_RSP_OKAY:
             comp.status = status
         if sh.op == BLKIF_OP_READ and comp._size:
-            if sh.length == comp._size:  # the whole transfer: straight into bytes
-                comp.data = self._gather(sh)
-            else:
-                if comp.data is None:
-                    comp.data = bytearray(comp._size)
-                comp.data[sh.part:sh.part + sh.length] = self._gather(sh)
+            comp._pieces.append((sh.part, self._gather(sh)))
         self.free_pages.extend(reversed(sh.pages))  # back on top, in the same order
         comp._parts -= 1
         if comp._parts:
             return None
+        if comp._pieces:
+            pieces = comp._pieces
+            if len(pieces) == 1:
+                comp.data = pieces[0][1]
+            else:
+                pieces.sort(key=lambda piece: piece[0])
+                comp.data = b"".join([data for _, data in pieces])
+            comp._pieces = None
         return self.pending.pop(sh.tag)
 
     def _gather(self, sh):
