@@ -159,6 +159,22 @@ def test_initialised_nodes_are_what_blkfront_writes(world, options, offer, expec
                                       sectors=SECTORS, sector_size=512, readonly=False)
 
 
+def test_persistent_asked_at_setup_agreed_at_connected(world):
+    """Linux blkback writes feature-persistent only when it connects: we ask
+    for persistent grants anyway and learn at Connected that they are on."""
+    dom0, guest, platform = world
+    with background() as pool:
+        future = pool.submit(BlockDevice.attach, guest, platform, DOMID, "xvda",
+                             FrontendOptions(timeout=5))
+        offer_and_wait(dom0, BackendOffer(max_queues=4, persistent=False))
+        assert dom0.read_str(FRONT + "/feature-persistent") == "1"
+        dom0.write(BACK + "/feature-persistent", "1")
+        connect(dom0)
+        dev = future.result(5)
+    with quick(dev):
+        assert dev.negotiated["persistent"] is True
+
+
 def test_ring_nodes_and_initialised_are_one_transaction(world):
     """A watcher never sees Initialised without every ring node beside it."""
     dom0, guest, platform = world

@@ -349,7 +349,11 @@ class BlockDevice:
         except RemoteProtocolError as exc:
             self._fail(exc)
             return
-        order, nqueues, indirect, persistent = self.options.wants().choose(offer)
+        order, nqueues, indirect, _ = self.options.wants().choose(offer)
+        # What we want, whatever the backend shows now: Linux blkback writes
+        # feature-persistent only when it connects, so blkfront too asks at
+        # setup and takes what was agreed from the backend at Connected.
+        persistent = self.options.persistent
         try:
             self._grant_queues(nqueues, order, indirect)
         except PlatformError as exc:
@@ -411,6 +415,7 @@ class BlockDevice:
         self._switch(S.Connected)
         self._failed_setups = 0
         self.negotiated.update(
+            persistent=self.options.persistent and offer.persistent,
             flush=offer.flush, barrier=offer.barrier, discard=offer.discard,
             discard_granularity=offer.discard_granularity,
             discard_alignment=offer.discard_alignment, discard_secure=offer.discard_secure,
