@@ -19,6 +19,7 @@ cache in one comprehension, and whole pages (the common case) go to
 """
 import errno
 import logging
+import os
 
 from blkif.abi.constants import (
     BLKIF_OP_DISCARD,
@@ -95,12 +96,24 @@ class RingServer:
         """Handle every request now on the ring; returns how many.
 
         Each batch is pushed with at most one notify; the loop ends only when
-        the final check finds the ring empty with ``req_event`` armed.
+        the final check finds the ring empty with ``req_event`` armed, after
+        giving the CPU away once (see below): on the sim, where guest and
+        backend share the host's CPUs, it made 4 KiB reads at queue depth 32
+        more than twice as fast, at half the CPU time per request
+        (docs/bench.md).
         """
         ring = self.ring
         handled = 0
         while True:
             pending = ring.pending_requests()
+            if not pending and handled:
+                # Before arming req_event and sleeping, let the frontend run:
+                # our notify may just have woken it on this very CPU (socket
+                # wake-ups are "sync", and the scheduler puts the woken task
+                # beside its waker); what it queues meanwhile is served in
+                # this same wake-up, with no notify from it and none for us.
+                os.sched_yield()
+                pending = ring.pending_requests()
             if not pending:
                 if ring.final_check_for_requests():
                     continue
