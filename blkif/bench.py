@@ -166,7 +166,7 @@ def run(args):
                                         "params": dict(params, name=name)},
                                on_event, timeout=args.duration + 60)
             blkif["cpu_us_per_io"]["backend"] = round(
-                (process_cpu(worker) - start_cpu[0]) / blkif["ios"] * 1e6, 1)
+                (process_cpu(worker) - start_cpu[0]) / max(blkif["ios"], 1) * 1e6, 1)
             file = run_file(image, pattern, args.duration, len(results), progress, name)
             results.append(dict(
                 name=name, **asdict(pattern), negotiated=negotiated, blkif=blkif, file=file,
