@@ -130,3 +130,14 @@ def test_discard_and_errors(pair):
     assert image.read_bytes()[:8192] == bytes(4096) + b"\xff" * 4096
     with pytest.raises(LocalProtocolError, match="whole sectors"):
         queue.submit_read(100, 512)
+
+
+@pytest.mark.parametrize("pair", [CONFIGS[0]], indirect=True)
+def test_a_discard_larger_than_the_page_pool_goes_out(pair):
+    """A discard carries no data: it needs a slot, never pool pages."""
+    queue, server, image = pair
+    w = queue.submit_write(SIZE - (4 << 20), b"\xee" * (4 << 20))
+    drive(queue, server, [w])
+    d = queue.submit_discard(SIZE - (4 << 20), 4 << 20)  # 1024 pages; the pool has 600
+    assert drive(queue, server, [d])[d].ok
+    assert image.read_bytes()[SIZE - (4 << 20):] == bytes(4 << 20)
