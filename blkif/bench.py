@@ -263,8 +263,9 @@ def guest_pattern(guest, params, emit):
         next_report = last_done = start
         while True:
             now = clock()
-            while len(inflight) < depth and now < end:
-                inflight[submit(next(where))] = clock()
+            with dev.plugged():  # the refill goes out with one notify
+                while len(inflight) < depth and now < end:
+                    inflight[submit(next(where))] = clock()
             if not inflight:
                 break
             dev.poll(1.0)

@@ -170,18 +170,19 @@ def guest_workload(guest, params, emit):
     while time.monotonic() - start < duration:
         plan = plan_round(rng, dev.size, params["inflight"], recent, dev.negotiated["discard"])
         submitted = []
-        for op, offset, length in plan:
-            if op == "write":
-                data = rng.randbytes(length)
-                model[offset:offset + length] = data
-                submitted.append((dev.submit_write(offset, data), op, offset, length))
-            elif op == "discard":
-                model[offset:offset + length] = bytes(length)
-                submitted.append((dev.submit_discard(offset, length), op, offset, length))
-            else:
-                submitted.append((dev.submit_read(offset, length), op, offset, length))
-        if rounds % 4 == 3:
-            submitted.append((dev.submit_flush(), "flush", 0, 0))
+        with dev.plugged():  # the round goes out with one notify per queue
+            for op, offset, length in plan:
+                if op == "write":
+                    data = rng.randbytes(length)
+                    model[offset:offset + length] = data
+                    submitted.append((dev.submit_write(offset, data), op, offset, length))
+                elif op == "discard":
+                    model[offset:offset + length] = bytes(length)
+                    submitted.append((dev.submit_discard(offset, length), op, offset, length))
+                else:
+                    submitted.append((dev.submit_read(offset, length), op, offset, length))
+            if rounds % 4 == 3:
+                submitted.append((dev.submit_flush(), "flush", 0, 0))
         dev.wait(timeout=30)
         for handle, op, offset, length in submitted:
             data = handle.result(0)  # raises the transfer's error

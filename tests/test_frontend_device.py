@@ -675,3 +675,20 @@ def test_the_service_offer_caps_what_we_use(served, hypervisor, tmp_path):
             assert_detached(guest, platform, devid)
     finally:
         served.restart(*defaults)
+
+
+def test_plugged_submits_go_out_together(served, vbd):
+    image, devid, guest, platform = vbd
+    with BlockDevice.attach(guest, platform, DOMID, devid,
+                            FrontendOptions(max_queues=1, timeout=10)) as dev:
+        queue = dev.queues[0]
+        produced = queue.ring.req_prod_pvt
+        with dev.plugged():
+            handles = [dev.submit_write(i * 8192, bytes([i]) * 8192) for i in range(16)]
+            assert queue.ring.req_prod_pvt == produced  # nothing on the ring yet
+            assert len(queue.waiting) == 16
+        assert queue.ring.req_prod_pvt == produced + 16  # all of them at once
+        dev.wait(handles, 10)
+        assert all(h.done and h.error is None for h in handles)
+        dev.flush()
+    assert image.read_bytes()[:16 * 8192] == b"".join(bytes([i]) * 8192 for i in range(16))

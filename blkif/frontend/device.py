@@ -31,6 +31,7 @@ Unlike Linux, we do not set up from Initialising when the backend is already
 Connected: a backend process that died leaves Connected behind, and rings
 offered to it would never be served.
 """
+import contextlib
 import logging
 import re
 import selectors
@@ -212,6 +213,7 @@ class BlockDevice:
         self._failed_setups = 0
         self._error = None
         self._closed = False
+        self._plugged = 0  # > 0 inside plugged(): submits wait to be pushed
         self._wakeup = Wakeup()  # the watch thread only wakes the driving thread
         try:
             self._watch = xs.watch(self.backend + "/state", callback=self._wakeup.wake)
@@ -650,12 +652,31 @@ class BlockDevice:
         tag = self._enqueue(self.queues[index], op, offset, length, data)
         handle = IOHandle(self, op, offset, length)
         self._inflight[(index, tag)] = handle
+        if not self._plugged:
+            self._kick(index)
+        return handle
+
+    def _kick(self, index):
         try:
             self.queues[index].kick()
         except EventChannelClosed as exc:
             self._lost("queue %d: %s" % (index, exc), release=True)
             self._react()
-        return handle
+
+    @contextlib.contextmanager
+    def plugged(self):
+        """Submit many, push them together (Linux's ``blk_plug``): inside the
+        block submits only queue their requests; leaving it puts them on the
+        rings, with at most one notify per queue."""
+        self._plugged += 1
+        try:
+            yield self
+        finally:
+            self._plugged -= 1
+            if not self._plugged:
+                for index in range(len(self.queues)):
+                    if self.state == S.Connected:
+                        self._kick(index)
 
     def _enqueue(self, queue, op, offset, length, data):
         if op == "read":
