@@ -44,13 +44,11 @@ from blkif.abi.constants import (
     BLKIF_MAX_INDIRECT_SEGMENTS,
     BLKIF_OP_FLUSH_DISKCACHE,
     BLKIF_OP_WRITE_BARRIER,
-    BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_ERROR,
-    BLKIF_RSP_OKAY,
     SECTOR_SIZE,
     XENBUS_MAX_RING_GRANT_ORDER,
 )
-from blkif.errors import BlkifError, LocalProtocolError, RemoteProtocolError, UsageError
+from blkif.errors import LocalProtocolError, RemoteProtocolError, UsageError
 from blkif.frontend.queue import FrontQueue
 from blkif.negotiate import (
     MAX_QUEUES,
@@ -63,14 +61,19 @@ from blkif.negotiate import (
 )
 from blkif.platform import EventChannelClosed, PlatformError
 from blkif.toolstack import frontend_path, vdev_to_devid
+from blkif.frontend.transfer import (
+    BlockIOError,
+    IOHandle,
+    NotConnected,
+    check_range,
+    describe,
+)
 from blkif.wakeup import Wakeup
 from xenstore import NoEntry, PermissionDenied, XenbusState, XenstoreError
 
 log = logging.getLogger(__name__)
 
 S = XenbusState
-RSP_NAMES = {BLKIF_RSP_OKAY: "BLKIF_RSP_OKAY", BLKIF_RSP_ERROR: "BLKIF_RSP_ERROR",
-             BLKIF_RSP_EOPNOTSUPP: "BLKIF_RSP_EOPNOTSUPP"}
 # Nodes of ours that describe rings: a new setup removes them before writing its own.
 RING_NODES = re.compile(r"^(ring-ref\d*|event-channel|ring-page-order"
                         r"|multi-queue-num-queues|queue-\d+)$")
@@ -120,62 +123,6 @@ class FrontendOptions:
             max_indirect_segments=pick(self.max_indirect_segments, BLKIF_MAX_INDIRECT_SEGMENTS),
             persistent=self.persistent,
         )
-
-
-class BlockIOError(BlkifError):
-    """A transfer failed.  ``op`` is read/write/flush/discard; ``status`` the
-    BLKIF_RSP_* the backend answered, or None if no answer was possible
-    (the backend went away, the device is not connected, a timeout)."""
-
-    def __init__(self, op, offset, length, status, reason):
-        self.op, self.offset, self.length = op, offset, length
-        self.status, self.reason = status, reason
-        where = "" if op == "flush" else " of %d bytes at %d" % (length, offset)
-        super().__init__("%s%s failed: %s" % (op, where, reason))
-
-
-class NotConnected(BlkifError):
-    """The device did not (re)connect in time, was detached, or failed."""
-
-
-class IOHandle:
-    """One submitted transfer.  ``done`` once it finished; then ``data`` holds
-    what a read returned and ``error`` a :class:`BlockIOError` if it failed."""
-
-    __slots__ = ("device", "op", "offset", "length", "done", "data", "error")
-
-    def __init__(self, device, op, offset, length):
-        self.device, self.op, self.offset, self.length = device, op, offset, length
-        self.done, self.data, self.error = False, None, None
-
-    def __repr__(self):
-        state = "failed" if self.error else "done" if self.done else "pending"
-        return "<IOHandle %s %d+%d %s>" % (self.op, self.offset, self.length, state)
-
-    def result(self, timeout=None):
-        """Wait (driving the device) up to ``timeout`` s (default: the device's).
-
-        Returns the bytes read (None for other ops); raises the transfer's
-        :class:`BlockIOError`, or one saying no answer came in time (the
-        transfer then stays in flight: wait again or give up on the device).
-        """
-        if not self.done:
-            timeout = self.device.options.timeout if timeout is None else timeout
-            self.device.wait([self], timeout)
-            if not self.done:
-                raise BlockIOError(self.op, self.offset, self.length, None,
-                                   "no answer within %.1fs" % timeout)
-        if self.error is not None:
-            raise self.error
-        return self.data
-
-    def _finish(self, status, data, reason=None):
-        self.done = True
-        if status == BLKIF_RSP_OKAY:
-            self.data = bytes(data) if data is not None else None
-        else:
-            reason = reason or "backend answered %s" % RSP_NAMES.get(status, status)
-            self.error = BlockIOError(self.op, self.offset, self.length, status, reason)
 
 
 class _FieldLog(logging.LoggerAdapter):
@@ -637,7 +584,7 @@ class BlockDevice:
         Bad arguments raise LocalProtocolError before anything reaches a
         ring; no connection within the timeout raises BlockIOError.
         """
-        _check_range(op, offset, length)
+        check_range(op, offset, length)
         if self._closed:
             raise LocalProtocolError("domid=%d devid=%d: %s on a detached device"
                                      % (self.domid, self.devid, op))
@@ -697,7 +644,7 @@ class BlockDevice:
 
     def _check_disk(self, op, offset, length):
         """What the connected disk allows: bounds, sector size, features."""
-        disk, offer, what = self.disk, self.offer, _describe(op, offset, length)
+        disk, offer, what = self.disk, self.offer, describe(op, offset, length)
         if op != "flush":
             if offset % disk.sector_size or length % disk.sector_size:
                 raise LocalProtocolError("%s: not whole %d-byte sectors"
@@ -712,21 +659,3 @@ class BlockDevice:
         if op == "flush" and not (offer.flush or offer.barrier):
             raise LocalProtocolError("flush: the backend offers neither feature-flush-cache "
                                      "nor feature-barrier")
-
-
-def _describe(op, offset, length):
-    return op if op == "flush" else "%s of %d bytes at %d" % (op, length, offset)
-
-
-def _check_range(op, offset, length):
-    """Arguments any disk refuses: negative, empty, or not whole sectors."""
-    if op == "flush":
-        return
-    for name, value in (("offset", offset), ("length", length)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise LocalProtocolError("%s: %s must be an int, not %r" % (op, name, value))
-    what = _describe(op, offset, length)
-    if offset < 0 or length <= 0:
-        raise LocalProtocolError("%s: offset must be >= 0 and length > 0" % what)
-    if offset % SECTOR_SIZE or length % SECTOR_SIZE:
-        raise LocalProtocolError("%s: not whole %d-byte sectors" % (what, SECTOR_SIZE))
