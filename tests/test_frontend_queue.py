@@ -141,3 +141,15 @@ def test_a_discard_larger_than_the_page_pool_goes_out(pair):
     d = queue.submit_discard(SIZE - (4 << 20), 4 << 20)  # 1024 pages; the pool has 600
     assert drive(queue, server, [d])[d].ok
     assert image.read_bytes()[SIZE - (4 << 20):] == bytes(4 << 20)
+
+
+def test_indirect_descriptor_pages_are_granted_writable(hypervisor):
+    """Linux blkback maps a persistent-grant connection's indirect pages
+    read-write; a read-only grant of them fails every indirect request."""
+    front = open_platform("sim", domid=1, path=hypervisor.path)
+    queue = FrontQueue(front, 0, X86_64, indirect_segments=256, pool_pages=256)
+    try:
+        assert queue.ind_pool is not None and not queue.ind_pool.readonly
+    finally:
+        queue.close()
+        front.close()

@@ -86,7 +86,10 @@ class FrontQueue:
         self.free_pages = list(range(pool_pages - 1, -1, -1))  # a stack; page 0 on top
         ind_pages = -(-self.segments // BLKIF_SEGS_PER_INDIRECT_FRAME) if self.indirect else 0
         slots = self.ring.size
-        self.ind_pool = (platform.grant_pages(backend_domid, slots * ind_pages, readonly=True)
+        # Writable, as blkfront grants them: with persistent grants Linux
+        # blkback maps every grant read-write, descriptor pages included
+        # (xen_blkbk_map), and fails the request if it cannot.
+        self.ind_pool = (platform.grant_pages(backend_domid, slots * ind_pages)
                          if ind_pages else None)
         self.ind_pages = ind_pages
         self.free_ids = collections.deque(range(slots))
