@@ -141,6 +141,20 @@ def test_grant_pages_issues_alloc_and_dealloc(fake):
     readonly.close()
 
 
+def test_gntalloc_past_its_limit_is_a_grant_error(fake, monkeypatch):
+    import errno
+
+    from blkif.platform import GrantError
+
+    def refuse(fd, request, buf, mutate=True):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    platform, _, _ = fake
+    monkeypatch.setattr(fcntl, "ioctl", refuse)
+    with pytest.raises(GrantError, match="gntalloc of 2000 pages.*parameters/limit"):
+        platform.grant_pages(0, 2000)
+
+
 def test_grant_copy_fills_segments(fake):
     platform, kernel, _ = fake
     local = bytearray(8)

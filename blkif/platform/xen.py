@@ -29,6 +29,7 @@ from blkif.platform.base import GrantedPages, GrantRef, Mapping, Platform, Port
 from blkif.platform.errors import EventChannelError, GrantError, PlatformUnavailable
 
 _HINT = "modprobe xen-evtchn xen-gntdev xen-gntalloc; mount -t xenfs xenfs /proc/xen"
+GNTALLOC_LIMIT = "/sys/module/xen_gntalloc/parameters/limit"
 
 
 def _ioctl(fd, request, cdata):
@@ -89,7 +90,11 @@ class XenPlatform(Platform):
         op = ffi.cast("struct ioctl_gntalloc_alloc_gref *", raw)
         op.domid, op.count = remote_domid, count
         op.flags = 0 if readonly else lib.GNTALLOC_FLAG_WRITABLE
-        _ioctl(fd, lib.IOCTL_GNTALLOC_ALLOC_GREF, raw)
+        try:
+            _ioctl(fd, lib.IOCTL_GNTALLOC_ALLOC_GREF, raw)
+        except OSError as exc:  # ENOSPC: past gntalloc's limit (1024 grants by default)
+            raise GrantError(GNTST_general_error, "gntalloc of %d pages for d%d: %s (limit in "
+                             "%s)" % (count, remote_domid, exc.strerror, GNTALLOC_LIMIT)) from None
         ids = op.gref_ids + 0  # pointer: the array runs past its declared [1]
         refs = [ids[i] for i in range(count)]
         index = op.index
