@@ -43,7 +43,9 @@ def test_backend_disk_spec():
     assert spec == ("format=raw,vdev=xvda,access=rw,backendtype=phy,"
                     "script=/w/hotplug-connected.sh,target=/w/disks/b.img")
     assert 'xenstore-write "$XENBUS_PATH/hotplug-status" connected' in phases.HOTPLUG_SCRIPT
-    assert phases.serve_argv("/p/python") == "/p/python -m blkif serve --platform xen"
+    assert phases.serve_argv("/p/python") == (
+        "/p/python -m blkif -v serve --platform xen --state-dir /run/blkif")
+    assert phases.stats_argv("/p/python") == "/p/python -m blkif stats --state-dir /run/blkif --json"
 
 
 def test_compare_md5():
@@ -62,6 +64,80 @@ def test_image_matches(tmp_path):
     assert phases.image_matches(str(image), good)[0] == "pass"
     bad = {0: (0, 4096, hashlib.md5(b"x").hexdigest())}
     assert phases.image_matches(str(image), bad)[0] == "fail"
+    image.write_bytes(data[:8192] + bytes(8192))
+    assert phases.image_matches(str(image), good, zeroed=(8192, 8192))[0] == "pass"
+    assert phases.image_matches(str(image), good, zeroed=(4096, 8192))[0] == "fail"
+
+
+def _stats(workers=(), finished=(), vbds=()):
+    return {"service": {"workers": list(workers), "finished": list(finished)},
+            "vbds": list(vbds)}
+
+
+def _vbd(domid=3, rings=2, **counters):
+    c = dict(requests=260, indirect=67, persistent_grants=1318, errors=0,
+             ops={"read": 177, "write": 57, "flush_diskcache": 22, "discard": 3})
+    c.update(counters)
+    return {"domid": domid, "devid": 51712, "state": "Connected", "rings_mapped": rings,
+            "channels_bound": rings, "counters": c,
+            "negotiated": {"queues": 2, "ring_page_order": 2, "persistent": True}}
+
+
+def test_backend_in_use_needs_every_feature_used():
+    status, detail = phases.backend_in_use(_stats(vbds=[_vbd()]), 3, 2)
+    assert status == "pass" and "persistent grants 1318" in detail and "67 indirect" in detail
+    assert phases.backend_in_use(_stats(vbds=[_vbd(indirect=0)]), 3, 2)[0] == "fail"
+    assert phases.backend_in_use(_stats(vbds=[_vbd(rings=1)]), 3, 2)[0] == "fail"
+    assert phases.backend_in_use(_stats(vbds=[_vbd(errors=1)]), 3, 2)[0] == "fail"
+    assert phases.backend_in_use(_stats(), 3, 2)[0] == "fail"
+    summary = phases.stats_summary(_stats(vbds=[_vbd()]), 3)
+    assert summary["rings_mapped"] == 2 and summary["op_discard"] == 3
+
+
+def test_backend_released_waits_for_the_worker_and_finds_leaks():
+    worker = {"domid": 3, "devid": 51712, "status": "running"}
+    final = {"domid": 3, "devid": 51712, "exit": "exit status 0", "rings_mapped": 0,
+             "channels_bound": 0, "persistent_grants": 0}
+    assert phases.backend_released(_stats(workers=[worker]), 3)[2] is False
+    status, detail, settled = phases.backend_released(_stats(finished=[final]), 3)
+    assert (status, settled) == ("pass", True) and "exit status 0" in detail
+    leak = dict(final, channels_bound=1)
+    assert phases.backend_released(_stats(finished=[leak]), 3)[0] == "fail"
+    left = _vbd(rings=2)
+    assert phases.backend_released(_stats(finished=[final], vbds=[left]), 3)[0] == "fail"
+    assert phases.backend_released(_stats(), 3)[0] == "fail"  # no final counters at all
+
+
+def test_frontend_check_output_gives_both_sides():
+    back, front = phases.FRONTEND_BACKEND, phases.FRONTEND_FRONTEND
+    out = "\n".join([
+        "LAB CHECK attach pass ok",
+        "LAB XENSTORE-BEGIN",
+        '%s/feature-persistent = "1"' % back,
+        '%s/max-ring-page-order = "4"' % back,
+        '%s/state = "4"' % back,
+        '%s/queue-0/ring-ref0 = "8"' % front,
+        '%s/queue-1/ring-ref0 = "9"' % front,
+        '%s/multi-queue-num-queues = "2"' % front,
+        "LAB XENSTORE-END",
+        "summary line",
+    ])
+    b, f = phases.frontend_check_nodes(out)
+    assert b == {"state": "4", "feature-persistent": "1", "max-ring-page-order": "4"}
+    assert f == {"multi-queue-num-queues": "2", "rings": "queue-0:1 queue-1:1"}
+
+
+def test_host_children():
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert any(c.startswith("%d " % child.pid) for c in phases.host_children())
+    finally:
+        child.kill()
+        child.wait()
+    assert not any(c.startswith("%d " % child.pid) for c in phases.host_children())
 
 
 def test_availability_messages_say_not_yet_available():

@@ -6,8 +6,10 @@
     baseline  Linux xen-blkback on a loop device serving a PV guest's
               xen-blkfront: verified workload, negotiated values from
               both sides of xenstore, xl destroy, a second xl create
-    backend   our ``blkif serve`` vs Linux blkfront   (when available)
-    frontend  our ``blkif.frontend`` vs Linux blkback (when available)
+    backend   our ``blkif serve`` vs Linux blkfront: the same guest cycle,
+              plus the service's own counters and the image's bytes
+    frontend  our ``blkif.frontend`` in dom0 vs Linux blkback
+              (``blkif.lab.frontend_check``)
 
 Every step has a deadline (its own timeout, capped by the run's); a step that
 fails raises StepFailed, which ends the run after recording the step and the
@@ -16,6 +18,7 @@ console tails.  ``Lab.close`` always stops QEMU.  Guests are driven by
 xenconsoled writes into the share, then one report row per guest check.
 """
 import importlib.util
+import json
 import os
 import shlex
 import time
@@ -30,6 +33,16 @@ GUEST_MEMORY_MB = 256
 GUEST_VCPUS = 2
 # xen-blkfront parameters for the guest (its init passes them to insmod).
 BLKFRONT_PARAMS = "max_queues=2,max_ring_page_order=2,max_indirect_segments=32"
+# Against our backend blkfront takes all 256 indirect segments it offers; with
+# persistent grants it then preallocates 128 slots x 257 pages per queue
+# (257 MiB for two), so that guest gets more memory.
+BACKEND_BLKFRONT_PARAMS = "max_queues=2,max_ring_page_order=2,max_indirect_segments=256"
+BACKEND_GUEST_MEMORY_MB = 512
+# Our backend's image and state live in dom0's tmpfs (9p cannot punch holes,
+# so an image in the share could not be discarded); the image is copied into
+# the share afterwards for the host to check.
+BACKEND_IMAGE = "/run/lab/backend.img"
+STATE_DIR = "/run/blkif"
 VDEV = "xvda"
 DEVID = 51712  # xvda: (202 << 8) | (0 << 4), docs/misc/vbd-interface.txt
 
@@ -64,7 +77,8 @@ HOTPLUG_SCRIPT = """#!/bin/sh
 exit 0
 """
 SERVE_START = """rmmod xen-blkback 2>/dev/null || true
-setsid {argv} > {log} 2>&1 < /dev/null &
+mkdir -p /run/lab && rm -f {image} && truncate -s {size} {image}
+PYTHONFAULTHANDLER=1 setsid {argv} > {log} 2>&1 < /dev/null &
 echo $! > {pidfile}
 sleep 3
 kill -0 $(cat {pidfile}) || {{ echo "blkif serve exited:"; tail -5 {log}; exit 1; }}
@@ -74,14 +88,22 @@ kill -TERM $pid
 for i in $(seq 50); do kill -0 $pid 2>/dev/null || exit 0; sleep 0.2; done
 echo "blkif serve still running after SIGTERM"; kill -KILL $pid; exit 1
 """
-# The frontend phase runs this in dom0; blkif/lab/frontend_check.py is to be
-# written once blkif.frontend exists (docs/lab.md says what it must do).
-FRONTEND_CHECK = "{python} -m blkif.lab.frontend_check --backend-domid 0 --target {loop}"
+# The frontend phase runs this in dom0 (blkif/lab/frontend_check.py).
+FRONTEND_CHECK = ("{python} -m blkif.lab.frontend_check --backend-domid 0 --target {loop} "
+                  "--seed {seed}")
+# The VBD frontend_check creates: dom0 is both ends, vdev xvda.
+FRONTEND_BACKEND = "/local/domain/0/backend/vbd/0/%d" % DEVID
+FRONTEND_FRONTEND = "/local/domain/0/device/vbd/%d" % DEVID
 
 
-def serve_argv(python):
-    """How dom0 starts our backend: the project's venv Python, xen platform."""
-    return "%s -m blkif serve --platform xen" % python
+def serve_argv(python, state_dir=STATE_DIR):
+    """How dom0 starts our backend: the project's venv Python, xen platform,
+    info logging (every state switch and connection goes to serve.log)."""
+    return "%s -m blkif -v serve --platform xen --state-dir %s" % (python, state_dir)
+
+
+def stats_argv(python, state_dir=STATE_DIR):
+    return "%s -m blkif stats --state-dir %s --json" % (python, state_dir)
 
 
 def backend_disk_spec(image, script):
@@ -90,8 +112,9 @@ def backend_disk_spec(image, script):
         VDEV, script, image)
 
 
-def image_matches(path, md5s):
-    """(status, detail): does the image hold each chunk's md5 the guest reported?"""
+def image_matches(path, md5s, zeroed=None):
+    """(status, detail): does the image hold each chunk's md5 the guest
+    reported, and zeros in the ``zeroed`` (offset, length) range it discarded?"""
     import hashlib
 
     bad = []
@@ -100,11 +123,82 @@ def image_matches(path, md5s):
             f.seek(offset)
             if hashlib.md5(f.read(size)).hexdigest() != digest:
                 bad.append(index)
+        if zeroed is not None:
+            f.seek(zeroed[0])
+            if f.read(zeroed[1]) != bytes(zeroed[1]):
+                return "fail", "the discarded range at %d of %s is not zeros" % (zeroed[0], path)
     if not md5s:
         return "fail", "the guest reported no chunks"
     if bad:
         return "fail", "%d of %d chunks differ in %s (first: %d)" % (len(bad), len(md5s), path, bad[0])
-    return "pass", "%d chunks in %s equal what the guest wrote" % (len(md5s), path)
+    return "pass", "%d chunks in %s equal what the guest wrote%s" % (
+        len(md5s), path, ", discarded MiB zeros" if zeroed is not None else "")
+
+
+def stats_vbds(stats, domid):
+    """(status entries, finished entries) of ``domid`` in ``blkif stats --json``."""
+    service = stats.get("service") or {}
+    return ([v for v in stats.get("vbds", []) if v.get("domid") == domid],
+            [f for f in service.get("finished", []) if f.get("domid") == domid])
+
+
+def backend_in_use(stats, domid, queues):
+    """(status, detail): the service's view of a connected guest that ran the
+    workload: Connected, one mapped ring and bound channel per queue, and
+    counters showing indirect requests, persistent grants, flushes, discards."""
+    vbds, _ = stats_vbds(stats, domid)
+    if len(vbds) != 1:
+        return "fail", "blkif stats lists %d VBDs of domain %d" % (len(vbds), domid)
+    vbd = vbds[0]
+    c, neg = vbd["counters"], vbd.get("negotiated", {})
+    ops = c.get("ops", {})
+    detail = ("rings %d, channels %d, persistent grants %d; %d requests: %d indirect, "
+              "%d flush, %d discard, %d errors" % (
+                  vbd["rings_mapped"], vbd["channels_bound"], c.get("persistent_grants", 0),
+                  c.get("requests", 0), c.get("indirect", 0), ops.get("flush_diskcache", 0),
+                  ops.get("discard", 0), c.get("errors", 0)))
+    ok = (vbd["state"] == "Connected" and vbd["rings_mapped"] == queues
+          and vbd["channels_bound"] == queues and neg.get("queues") == queues
+          and neg.get("persistent") and c.get("persistent_grants", 0) > 0
+          and c.get("indirect", 0) > 0 and ops.get("flush_diskcache", 0) > 0
+          and ops.get("discard", 0) > 0 and not c.get("errors"))
+    return ("pass" if ok else "fail"), detail
+
+
+def stats_summary(stats, domid):
+    """The service's own view of ``domid``'s VBD, flat, for the report."""
+    out = {}
+    for vbd in stats_vbds(stats, domid)[0]:
+        c = vbd["counters"]
+        out.update(state=vbd["state"], rings_mapped=vbd["rings_mapped"],
+                   channels_bound=vbd["channels_bound"])
+        out.update(sorted(vbd.get("negotiated", {}).items()))
+        out.update((k, c.get(k)) for k in ("requests", "indirect", "persistent_grants",
+                                           "read_bytes", "write_bytes", "errors"))
+        out.update(("op_" + k, v) for k, v in sorted(c.get("ops", {}).items()))
+    return out
+
+
+def backend_released(stats, domid):
+    """(status, detail, settled): after ``xl destroy`` the service holds
+    nothing of ``domid``: its worker exited and its final counters show no
+    mapped ring, bound channel or persistent grant.  ``settled`` is False
+    while the worker is still running (ask again)."""
+    service = stats.get("service") or {}
+    running = [w for w in service.get("workers", []) if w.get("domid") == domid]
+    vbds, finished = stats_vbds(stats, domid)
+    if running:
+        return "fail", "worker of domain %d still %s" % (domid, running[0].get("status")), False
+    held = [(e.get("rings_mapped"), e.get("channels_bound"),
+             e.get("persistent_grants", (e.get("counters") or {}).get("persistent_grants")))
+            for e in vbds + finished]
+    leaks = [h for h in held if any(h)]
+    if not finished:
+        return "fail", "no final counters for domain %d's worker" % domid, True
+    if leaks:
+        return "fail", "rings/channels/persistent grants still held: %s" % (leaks,), True
+    return "pass", "worker exited (%s); rings_mapped 0, channels_bound 0, persistent grants 0" % (
+        finished[-1].get("exit")), True
 
 
 class StepFailed(BlkifError):
@@ -165,6 +259,7 @@ class Lab:
         self.dom0 = control.Dom0(self.workdir, alive=self._alive)
         self.kernel = None
         self.plan = None
+        self.seed = 1
         self.guests = {}  # name -> ConsoleReport
 
     # -- plumbing ---------------------------------------------------------
@@ -229,6 +324,7 @@ class Lab:
         size0 = initramfs.build_dom0(dom0_cpio, version, self.workdir)
         with open(os.path.join(self.workdir, "dom0-init.sh"), "w") as f:
             f.write(control.dom0_init(self.workdir))
+        self.seed = seed
         self.plan = workload.make_plan(seed, DISK_BYTES)
         discard = "%d %d\n" % workload.discard_range(DISK_BYTES)
         guest_cpio = os.path.join(self.workdir, "guest.cpio")
@@ -262,7 +358,8 @@ class Lab:
 
     # -- guests -----------------------------------------------------------
 
-    def run_guest(self, phase, name, disk, mode):
+    def run_guest(self, phase, name, disk, mode, blkfront=BLKFRONT_PARAMS,
+                  memory=GUEST_MEMORY_MB):
         """xl create a guest, wait for its ``LAB DONE``, add a row per check.
 
         Returns (domid, ConsoleReport).  StepFailed if it never finishes.
@@ -270,7 +367,7 @@ class Lab:
         cfg = os.path.join(self.workdir, "guests", name + ".cfg")
         with open(cfg, "w") as f:
             f.write(xl_config(name, self.kernel, os.path.join(self.workdir, "guest.cpio"),
-                              disk, guest_extra(mode)))
+                              disk, guest_extra(mode, blkfront), memory=memory))
         start = time.monotonic()
         self.sh("%s: xl create %s" % (phase, name), "xl create %s" % shlex.quote(cfg),
                 TIMEOUTS["create"])
@@ -328,22 +425,32 @@ class Lab:
 
     # -- phases -----------------------------------------------------------
 
-    def guest_cycle(self, phase, disk):
+    def guest_cycle(self, phase, disk, blkfront=BLKFRONT_PARAMS, memory=GUEST_MEMORY_MB,
+                    connected=None, destroyed=None):
         """The guest half of a phase against one disk spec.
 
         Guest 1 (labmode=full) runs the workload; both sides' xenstore nodes
         are read; xl destroy; guest 2 (labmode=verify) re-reads every chunk
         through the same backend and must see guest 1's data; xl destroy.
+        ``connected(domid)`` runs while guest 1 is still up after its
+        workload, ``destroyed(domid)`` after each xl destroy.
         Returns guest 1's ConsoleReport.
         """
-        domid, first = self.run_guest(phase, "lab-%s-1" % phase, disk, "full")
+        domid, first = self.run_guest(phase, "lab-%s-1" % phase, disk, "full", blkfront, memory)
         backend, frontend = self.read_negotiated(phase, domid)
         self.report.negotiated["%s guest (/sys/block/xvda)" % phase] = dict(first.values)
         self.report.add(phase, "negotiated", "pass", negotiated_summary(backend, frontend, first))
+        if connected:
+            connected(domid)
         self.destroy(phase, "lab-%s-1" % phase, domid)
-        domid2, second = self.run_guest(phase, "lab-%s-2" % phase, disk, "verify")
+        if destroyed:
+            destroyed(domid)
+        domid2, second = self.run_guest(phase, "lab-%s-2" % phase, disk, "verify", blkfront,
+                                        memory)
         self.report.add(phase, "re-create reads data", *compare_md5(first, second))
         self.destroy(phase, "lab-%s-2" % phase, domid2)
+        if destroyed:
+            destroyed(domid2)
         return first
 
     def baseline(self):
@@ -368,14 +475,17 @@ class Lab:
         Kernel blkback is unloaded so it cannot claim the VBD; libxl still
         writes the usual nodes (backendtype=phy) and runs HOTPLUG_SCRIPT, which
         only reports connected; our backend takes the VBD from Initialising.
-        The image lives in the share, so the host checks its bytes afterwards.
+        While guest 1 is up, ``blkif stats`` must show its rings, channels and
+        counters of indirect requests, persistent grants, flushes and
+        discards; after each xl destroy, nothing held.  Finally the image is
+        copied into the share and the host checks its bytes.
         """
         phase = "backend"
         disks = os.path.join(self.workdir, "disks")
         os.makedirs(disks, exist_ok=True)
-        image = os.path.join(disks, "backend.img")
-        with open(image, "wb") as f:
-            f.truncate(DISK_BYTES)
+        copy = os.path.join(disks, "backend.img")
+        if os.path.exists(copy):
+            os.unlink(copy)
         script = os.path.join(self.workdir, "hotplug-connected.sh")
         with open(script, "w") as f:
             f.write(HOTPLUG_SCRIPT)
@@ -384,33 +494,97 @@ class Lab:
         pidfile = os.path.join(self.workdir, "ctl", "serve.pid")
         start = time.monotonic()
         self.sh("%s: start blkif serve" % phase, SERVE_START.format(
-            argv=serve_argv(self.python), log=serve_log, pidfile=pidfile))
-        self.report.add(phase, "blkif serve", "pass", "log %s" % serve_log,
-                        time.monotonic() - start)
+            argv=serve_argv(self.python), log=serve_log, pidfile=pidfile,
+            image=BACKEND_IMAGE, size=DISK_BYTES))
+        self.report.add(phase, "blkif serve", "pass", "%s (%d MiB, dom0 tmpfs); log %s" % (
+            BACKEND_IMAGE, DISK_BYTES >> 20, serve_log), time.monotonic() - start)
+        queues = int(dict(p.split("=") for p in BACKEND_BLKFRONT_PARAMS.split(","))["max_queues"])
         try:
-            first = self.guest_cycle(phase, backend_disk_spec(image, script))
-            self.report.add(phase, "host image", *image_matches(image, first.md5))
+            first = self.guest_cycle(
+                phase, backend_disk_spec(BACKEND_IMAGE, script), BACKEND_BLKFRONT_PARAMS,
+                BACKEND_GUEST_MEMORY_MB,
+                connected=lambda domid: self.backend_stats_row(phase, domid, queues),
+                destroyed=lambda domid: self.backend_released_row(phase, domid))
             start = time.monotonic()
             self.sh("%s: stop blkif serve" % phase, SERVE_STOP.format(pidfile=pidfile))
             self.report.add(phase, "blkif serve stops on SIGTERM", "pass", "",
                             time.monotonic() - start)
         except BaseException:
             self.cleanup_sh(SERVE_STOP.format(pidfile=pidfile))
+            self.cleanup_sh("rm -f %s" % BACKEND_IMAGE)
             raise
+        start = time.monotonic()
+        self.sh("%s: copy image" % phase, "cp %s %s && rm -f %s" % (BACKEND_IMAGE, copy,
+                                                                     BACKEND_IMAGE))
+        self.report.add(phase, "host image", *image_matches(
+            copy, first.md5, workload.discard_range(DISK_BYTES)),
+            seconds=time.monotonic() - start)
+        os.unlink(copy)
+
+    def stats(self, phase):
+        """``blkif stats --json`` in dom0, parsed."""
+        out = self.sh("%s: blkif stats" % phase, stats_argv(self.python)).out
+        try:
+            return json.loads(out[out.index("{"):])
+        except ValueError:
+            raise StepFailed("%s: blkif stats" % phase, "not JSON: %s" % out[-200:], out)
+
+    def backend_stats_row(self, phase, domid, queues):
+        start = time.monotonic()
+        stats = self.stats(phase)
+        self.report.negotiated["%s service (blkif stats, domain %d)" % (phase, domid)] = (
+            stats_summary(stats, domid))
+        status, detail = backend_in_use(stats, domid, queues)
+        self.report.add(phase, "blkif stats: in use", status, detail, time.monotonic() - start)
+
+    def backend_released_row(self, phase, domid):
+        start = time.monotonic()
+        for _ in range(15):
+            status, detail, settled = backend_released(self.stats(phase), domid)
+            if settled:
+                break
+            time.sleep(1)
+        self.report.add(phase, "blkif stats: released d%d" % domid, status, detail,
+                        time.monotonic() - start)
 
     def frontend(self):
-        """Our frontend in dom0 vs Linux blkback on a loop device in dom0."""
+        """Our frontend in dom0 vs Linux blkback on a loop device in dom0.
+
+        ``blkif.lab.frontend_check`` prints ``LAB CHECK`` lines (one row
+        each here), both VBD directories as ``xenstore-ls -f`` prints them
+        (the negotiated values), and a summary as its last line.
+        """
         phase = "frontend"
+        start = time.monotonic()
         loop = self.sh("%s: loop device" % phase, (
             "modprobe -a xen-blkback loop\n"
             "mkdir -p /run/lab && truncate -s %d /run/lab/frontend.img\n"
             "losetup -f --show /run/lab/frontend.img") % DISK_BYTES).out.strip().splitlines()[-1]
+        self.report.add(phase, "blkback on loop", "pass",
+                        "%s <- /run/lab/frontend.img (%d MiB, dom0 tmpfs)" % (loop, DISK_BYTES >> 20),
+                        time.monotonic() - start)
         try:
-            out = self.sh("%s: frontend_check" % phase, FRONTEND_CHECK.format(
-                python=self.python, loop=loop), TIMEOUTS["guest"]).out
-            return out.strip().splitlines()[-1] if out.strip() else ""
+            start = time.monotonic()
+            result = self.sh("%s: frontend_check" % phase, FRONTEND_CHECK.format(
+                python=self.python, loop=loop, seed=self.seed), TIMEOUTS["guest"], check=False)
+            seconds = time.monotonic() - start
         finally:
             self.cleanup_sh("losetup -d %s; rm -f /run/lab/frontend.img" % loop)
+        report = workload.parse_console(result.out)
+        for check, passed, detail in report.checks:
+            self.report.add(phase, check, "pass" if passed else "fail", detail)
+        back, front = frontend_check_nodes(result.out)
+        self.report.negotiated["%s backend (%s)" % (phase, FRONTEND_BACKEND)] = back
+        self.report.negotiated["%s frontend (%s)" % (phase, FRONTEND_FRONTEND)] = front
+        ours = {k: v for k, v in report.values.items() if not k.startswith("blkback_")}
+        self.report.negotiated["%s our device (dev.negotiated)" % phase] = ours
+        self.report.negotiated["%s blkback statistics (sysfs)" % phase] = {
+            k[len("blkback_"):]: v for k, v in report.values.items() if k.startswith("blkback_")}
+        last = result.out.strip().splitlines()[-1:] or ["no output"]
+        if not result.ok or not report.checks:
+            reason = "timed out" if result.rc == 124 else "exit status %d" % result.rc
+            raise StepFailed("%s: frontend_check" % phase, "%s: %s" % (reason, last[0]), result.out)
+        self.report.add(phase, "negotiated", "pass", last[0], seconds)
 
     def close(self):
         """Stop QEMU and check nothing is left: (status, detail) for the cleanup row."""
@@ -422,7 +596,10 @@ class Lab:
         loops = host_loops(self.workdir)
         if loops:
             return "fail", "host loop devices on the work dir: " + ", ".join(loops)
-        return "pass", "QEMU pid %d exited (status %s); no host loop devices" % (
+        children = host_children()
+        if children:
+            return "fail", "processes of the lab still running: " + ", ".join(children)
+        return "pass", "QEMU pid %d exited (status %s); no host loop devices or child processes" % (
             self.qemu.pid, status)
 
 
@@ -440,6 +617,27 @@ def host_loops(workdir, sysfs="/sys/block"):
     return found
 
 
+def host_children(pid=None, proc="/proc"):
+    """``pid name`` of each live child of ``pid`` (default: this process)."""
+    pid = os.getpid() if pid is None else pid
+    found = []
+    for task in os.listdir(os.path.join(proc, str(pid), "task")):
+        try:
+            with open(os.path.join(proc, str(pid), "task", task, "children")) as f:
+                kids = f.read().split()
+        except OSError:
+            continue
+        for kid in kids:
+            try:
+                with open(os.path.join(proc, kid, "stat")) as f:
+                    stat = f.read()
+            except OSError:
+                continue  # gone meanwhile
+            if stat.rsplit(")", 1)[-1].split()[0] != "Z":  # a zombie is not running
+                found.append("%s %s" % (kid, stat[stat.index("(") + 1:stat.rindex(")")]))
+    return found
+
+
 def negotiated_summary(backend, frontend, guest):
     return ("indirect %s/max_segments %s, queues %s/%s, ring order %s/%s, persistent %s/%s, "
             "discard %s, flush %s") % (
@@ -448,6 +646,16 @@ def negotiated_summary(backend, frontend, guest):
         backend.get("max-ring-page-order"), frontend.get("ring-page-order", "0"),
         backend.get("feature-persistent"), frontend.get("feature-persistent"),
         backend.get("feature-discard"), backend.get("feature-flush-cache"))
+
+
+def frontend_check_nodes(out):
+    """(backend, frontend) summaries of the xenstore dump frontend_check prints."""
+    text = out.partition("LAB XENSTORE-BEGIN")[2].partition("LAB XENSTORE-END")[0]
+    back = workload.parse_xenstore_ls(
+        "\n".join(l for l in text.splitlines() if FRONTEND_BACKEND + "/" in l), FRONTEND_BACKEND)
+    front = workload.parse_xenstore_ls(
+        "\n".join(l for l in text.splitlines() if FRONTEND_FRONTEND + "/" in l), FRONTEND_FRONTEND)
+    return workload.summarize_backend(back), workload.summarize_frontend(front)
 
 
 def compare_md5(first, second):
