@@ -146,8 +146,7 @@ def _run_locked(args, chosen, workdir):
         if "dom0" in chosen:
             step("dom0", "xen tools up", lab.setup_dom0)
         if "baseline" in chosen:
-            print("lab: baseline: linux blkback vs linux blkfront ...", file=progress, flush=True)
-            lab.baseline()
+            step("baseline", "linux blkback vs linux blkfront", lab.baseline)
         for name, why in (("backend", phases.available_backend()),
                           ("frontend", phases.available_frontend())):
             if name in chosen:
