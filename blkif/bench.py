@@ -173,10 +173,7 @@ def run(args):
                 ratio=round(blkif["iops"] / file["iops"], 4) if file["iops"] else None))
         guest.call("detach")
         progress.end()
-        box.stop()
-        failed = box.failures()
-        if failed:
-            raise BlkifError("not stopped cleanly: " + "; ".join(failed))
+        box.stop_cleanly()
     report = {"size": args.size, "duration": args.duration, "patterns": results}
     if args.json:
         print(json.dumps(report, indent=1, sort_keys=True))

@@ -223,6 +223,14 @@ class Sandbox:
                 if name not in self.exit_status:
                     self.exit_status[name] = _stop_process(proc)
 
+    def stop_cleanly(self):
+        """:meth:`stop`, then SandboxError naming each process that did not
+        exit with status 0."""
+        self.stop()
+        failed = self.failures()
+        if failed:
+            raise SandboxError("not stopped cleanly: " + "; ".join(failed))
+
     def failures(self):
         """"name exited with ..." for each process that did not stop cleanly."""
         out = []
