@@ -1,7 +1,7 @@
 """Xen + dom0 under QEMU's software emulation.
 
 ``/dev/kvm`` on these machines cannot run Xen, so QEMU runs TCG with
-``-cpu max``.  QEMU loads Xen as a multiboot kernel (it must be gunzipped) and
+``-cpu max,xsave=off`` (see CPU).  QEMU loads Xen as a multiboot kernel (it must be gunzipped) and
 dom0's kernel and initramfs as multiboot modules: ``-initrd "KERNEL ARGS,INITRD"``
 (a comma list, hence no commas allowed in those paths or args).  Xen needs
 ``smap=0 smep=0`` under TCG or dom0 faults in create_bounce_frame.  The host's
@@ -27,6 +27,12 @@ XEN_ARGS = (
 DOM0_ARGS = "console=hvc0 earlyprintk=xen"
 
 
+# No XSAVE (so no AVX either): with QEMU 7.2's TCG, processes in dom0 saw
+# their vector/FPU state corrupted under load (sha256 of the same bytes
+# differing, math.log giving NaN, glibc "corrupted double-linked list" in xl,
+# a worker's malloc crashing).  FXSAVE and SSE only are old, solid TCG paths.
+CPU = "max,xsave=off"
+
 def qemu_argv(xen, vmlinuz, initrd, workdir, serial_log, memory_mb=3072, smp=2,
               xen_args=XEN_ARGS, dom0_args=DOM0_ARGS):
     """QEMU's argument list for Xen + dom0 with the host root and lab shares.
@@ -41,7 +47,7 @@ def qemu_argv(xen, vmlinuz, initrd, workdir, serial_log, memory_mb=3072, smp=2,
     return [
         QEMU,
         "-accel", "tcg,thread=multi",
-        "-cpu", "max",
+        "-cpu", CPU,
         "-smp", str(smp),
         "-m", str(memory_mb),
         "-display", "none",
