@@ -149,6 +149,10 @@ class Worker:
             self.vbd.shutdown()
             self._sync_ports()
             self._write_status()
+            for signum in STOP_SIGNALS:
+                # Done: a late SIGTERM must not turn exit 0 into "killed" (the
+                # interpreter's exit puts back the default handlers, not SIG_IGN).
+                signal.signal(signum, signal.SIG_IGN)
 
     def _step(self, timeout):
         """Wait for one round of events (at most ``timeout`` s) and handle them."""
