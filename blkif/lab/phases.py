@@ -426,14 +426,14 @@ class Lab:
     # -- phases -----------------------------------------------------------
 
     def guest_cycle(self, phase, disk, blkfront=BLKFRONT_PARAMS, memory=GUEST_MEMORY_MB,
-                    connected=None, destroyed=None):
+                    connected=None, destroyed=None, recreate=True):
         """The guest half of a phase against one disk spec.
 
         Guest 1 (labmode=full) runs the workload; both sides' xenstore nodes
-        are read; xl destroy; guest 2 (labmode=verify) re-reads every chunk
-        through the same backend and must see guest 1's data; xl destroy.
-        ``connected(domid)`` runs while guest 1 is still up after its
-        workload, ``destroyed(domid)`` after each xl destroy.
+        are read; xl destroy; with ``recreate``, guest 2 (labmode=verify)
+        re-reads every chunk through the same backend and must see guest 1's
+        data; xl destroy.  ``connected(domid)`` runs while guest 1 is still
+        up after its workload, ``destroyed(domid)`` after each xl destroy.
         Returns guest 1's ConsoleReport.
         """
         domid, first = self.run_guest(phase, "lab-%s-1" % phase, disk, "full", blkfront, memory)
@@ -445,6 +445,8 @@ class Lab:
         self.destroy(phase, "lab-%s-1" % phase, domid)
         if destroyed:
             destroyed(domid)
+        if not recreate:
+            return first
         domid2, second = self.run_guest(phase, "lab-%s-2" % phase, disk, "verify", blkfront,
                                         memory)
         self.report.add(phase, "re-create reads data", *compare_md5(first, second))
@@ -465,7 +467,9 @@ class Lab:
                         "%s <- /run/lab/baseline.img (%d MiB, dom0 tmpfs)" % (loop, DISK_BYTES >> 20),
                         time.monotonic() - start)
         try:
-            self.guest_cycle(phase, "phy:%s,%s,w" % (loop, VDEV))
+            # One guest: the re-create is proven against our backend; this
+            # control keeps the run well inside its 10 minutes on a busy host.
+            self.guest_cycle(phase, "phy:%s,%s,w" % (loop, VDEV), recreate=False)
         finally:
             self.cleanup_sh("losetup -d %s; rm -f /run/lab/baseline.img" % loop)
 
