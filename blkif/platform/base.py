@@ -8,6 +8,8 @@ shared by processes that each play one domain.  Statuses are Xen's GNTST_*
 codes and errors are ``blkif.platform.errors`` classes on both.
 """
 import abc
+import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,11 +106,22 @@ class Port(_Closing, abc.ABC):
     def notify(self):
         """Send an event to the peer.  Raises EventChannelClosed if it is gone."""
 
-    @abc.abstractmethod
     def wait(self, timeout=None):
         """Block until an event arrives (True, and the event is consumed) or
         ``timeout`` seconds pass (False).  Raises EventChannelClosed if the
-        peer is gone and no event is left."""
+        peer is gone and no event is left.  Subclasses keep ``_poll``, a
+        ``select.poll`` with their descriptor registered."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.clear():
+                return True
+            if deadline is None:
+                self._poll.poll()
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._poll.poll(math.ceil(remaining * 1000))
 
     @abc.abstractmethod
     def fileno(self):

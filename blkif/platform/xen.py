@@ -19,7 +19,6 @@ import array
 import fcntl
 import os
 import select
-import time
 
 from blkif.abi import ffi, lib
 from blkif.abi.constants import GNTST_general_error, PAGE_SIZE
@@ -311,19 +310,6 @@ class XenPort(Port):
         if pending:
             os.write(fd, array.array("I", [self.port]).tobytes())  # unmask: re-arm
         return self.port in pending
-
-    def wait(self, timeout=None):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self.clear():
-                return True
-            if deadline is None:
-                self._poll.poll()
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self._poll.poll(max(1, int(remaining * 1000 + 0.999)))
 
     def fileno(self):
         return self._live()

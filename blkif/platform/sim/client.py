@@ -10,14 +10,12 @@ coalesce, like Xen's pending bit), end of file means the peer is gone.
 Open the platform after fork(), never before: a forked child would share
 the connection.
 """
-import math
 import mmap
 import os
 import select
 import socket
 import sys
 import threading
-import time
 
 from blkif.abi.constants import PAGE_SIZE
 from blkif.errors import LocalProtocolError
@@ -310,19 +308,6 @@ class SimPort(Port):
             raise EventChannelClosed("port %d: peer d%d closed its end"
                                      % (self.port, self.remote_domid))
         return got
-
-    def wait(self, timeout=None):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self.clear():
-                return True
-            if deadline is None:
-                self._poll.poll()
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self._poll.poll(math.ceil(remaining * 1000))
 
     def fileno(self):
         return self._live().fileno()
