@@ -6,14 +6,15 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_TEST := libxen-dev gcc-multilib xenstore-utils
+APT_TEST := libxen-dev gcc-multilib xenstore-utils liburing-dev fio
 APT_LAB := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils \
            linux-image-amd64 busybox-static cpio e2fsprogs
-BUILD_INPUTS := setup.cfg setup.py pyproject.toml blkif/abi/_cffi_build.py $(wildcard blkif/abi/_cdefs/*.py)
+BUILD_INPUTS := setup.cfg setup.py pyproject.toml blkif/abi/_cffi_build.py $(wildcard blkif/abi/_cdefs/*.py) \
+                $(wildcard blkif/abi/csrc/*.c)
 
 .PHONY: test demo lab bench apt-test apt-lab clean
 
-test: $(VENV)/.installed apt-test
+test: apt-test $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # xenstored, the sim hypervisor, blkif serve and a guest, each a process; verified I/O.
@@ -44,7 +45,8 @@ apt-install:
 	  else echo "warning: not root; missing apt packages: $$missing" >&2; fi; \
 	fi
 
-$(VENV)/.installed: $(BUILD_INPUTS)
+# The extension links liburing: its apt package comes first.
+$(VENV)/.installed: $(BUILD_INPUTS) | apt-test
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[test]'

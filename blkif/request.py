@@ -14,7 +14,9 @@ that copy, with Linux blkback's rules (``dispatch_rw_block_io``,
 - Anything that writes is refused on a read-only device.
 - An operation we did not advertise answers EOPNOTSUPP; a malformed request
   answers ERROR.  Either way the caller gets a :class:`RequestError` carrying
-  the response to send; nothing a frontend writes can raise anything else.
+  the response to send (an indirect request's carries its ``indirect_op``);
+  nothing a frontend writes can raise anything else.
+- A discard's secure flag counts only where ``discard-secure`` was offered.
 
 Frontend side: :class:`RequestEncoder` writes requests into ring slots and
 segment descriptors into indirect pages.
@@ -174,7 +176,8 @@ def _pack(flat):
 
 def _fill_segments(req, raw):
     """``req.grefs``, ``bounds`` and ``nr_sectors`` from descriptors ``raw``
-    (bytes, our own copy); RequestError for a bad ``first_sect..last_sect``."""
+    (bytes, our own copy); RequestError (answered with ``req.kind``) for a
+    bad ``first_sect..last_sect``."""
     n = len(raw) // SEGMENT_DESCRIPTOR_SIZE
     flat = _unpack(raw)
     req.grefs = list(flat[0::3])
@@ -186,7 +189,7 @@ def _fill_segments(req, raw):
     bounds, sectors = [], 0
     for first, last in zip(firsts, lasts):
         if last >= SECTORS_PER_PAGE or last < first:
-            raise RequestError(req.id, req.operation, BLKIF_RSP_ERROR,
+            raise RequestError(req.id, req.kind, BLKIF_RSP_ERROR,
                                "bad segment sectors %d..%d" % (first, last))
         bounds.append((first * SECTOR_SIZE, (last - first + 1) * SECTOR_SIZE))
         sectors += last - first + 1
@@ -272,14 +275,14 @@ class RequestDecoder:
 
     def _refuse_write(self, req):
         if req.kind in WRITES and self.limits.readonly:
-            raise RequestError(req.id, req.operation, BLKIF_RSP_ERROR,
+            raise RequestError(req.id, req.kind, BLKIF_RSP_ERROR,
                                "write to a read-only device")
 
     def _check_range(self, req):
         end = req.sector_number + req.nr_sectors
         if req.nr_sectors and end > self.limits.sectors:
             raise RequestError(
-                req.id, req.operation, BLKIF_RSP_ERROR,
+                req.id, req.kind, BLKIF_RSP_ERROR,
                 "sectors %d..%d beyond the device's %d" % (
                     req.sector_number, end, self.limits.sectors))
 
@@ -303,14 +306,16 @@ class RequestDecoder:
         limits = self.limits
         kind, nseg, id, sector_number = self._indirect.unpack_from(self._raw)
         req = Request(id, BLKIF_OP_INDIRECT, kind, sector_number, nr_segments=nseg)
+        # Every answer to an indirect request carries its indirect_op, as
+        # blkback's; Linux blkfront fails the whole disk on any other.
         if not limits.max_indirect_segments:
-            raise RequestError(id, req.operation, BLKIF_RSP_EOPNOTSUPP,
+            raise RequestError(id, kind, BLKIF_RSP_EOPNOTSUPP,
                                "indirect descriptors not advertised")
         if kind not in (BLKIF_OP_READ, BLKIF_OP_WRITE):
-            raise RequestError(id, req.operation, BLKIF_RSP_ERROR,
+            raise RequestError(id, kind, BLKIF_RSP_ERROR,
                                "indirect operation %d is not read or write" % kind)
         if not 1 <= nseg <= limits.max_indirect_segments:
-            raise RequestError(id, req.operation, BLKIF_RSP_ERROR,
+            raise RequestError(id, kind, BLKIF_RSP_ERROR,
                                "bad indirect segment count %d (max %d)" % (
                                    nseg, limits.max_indirect_segments))
         self._refuse_write(req)
@@ -337,14 +342,12 @@ class RequestDecoder:
     def _discard_request(self):
         limits = self.limits
         flag, id, sector_number, nr_sectors = self._discard.unpack_from(self._raw)
+        # blkif.h: the secure flag is ignored unless discard-secure was offered.
         req = Request(id, BLKIF_OP_DISCARD, BLKIF_OP_DISCARD, sector_number, nr_sectors,
-                      secure=bool(flag & BLKIF_DISCARD_SECURE))
+                      secure=bool(flag & BLKIF_DISCARD_SECURE) and limits.discard_secure)
         if not limits.discard:
             raise RequestError(id, req.operation, BLKIF_RSP_EOPNOTSUPP,
                                "discard not advertised")
-        if req.secure and not limits.discard_secure:
-            raise RequestError(id, req.operation, BLKIF_RSP_EOPNOTSUPP,
-                               "secure discard not advertised")
         self._refuse_write(req)
         self._check_range(req)
         return req

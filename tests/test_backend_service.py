@@ -477,7 +477,8 @@ def test_crash_loop_backs_off_then_gives_up():
     svc = service_mod.Service(SimpleNamespace(
         backend_domid=0, state_dir="/nonexistent", platform="sim", sim_path=None,
         xenstore=None, max_indirect_segments=256, max_ring_page_order=4, max_queues=1,
-        no_persistent=False, direct=False, grace=1.0, hung_timeout=30.0))
+        no_persistent=False, direct=False, engine="c", io="io_uring", grace=1.0,
+            hung_timeout=30.0))
     handle = service_mod.WorkerHandle(1, 51712, "/local/domain/0/backend/vbd/1/51712")
     handle.proc, handle.last_exit = _Proc(), "killed by SIGKILL"
     delays = []

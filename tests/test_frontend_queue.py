@@ -7,7 +7,7 @@ import random
 import pytest
 
 from blkif.abi import X86_32, X86_64, constants as c
-from blkif.backend.datapath import RingServer
+from blkif.backend.ring_service import RingServer
 from blkif.backend.store import Store
 from blkif.errors import LocalProtocolError
 from blkif.frontend.queue import FrontQueue

@@ -89,8 +89,8 @@ BAD = [
     ("discard read-only", RO, lambda e, f: e.discard(f, 1, 0, 8), ERR, "read-only"),
     ("discard past end", FULL, lambda e, f: e.discard(f, 1, SECTORS, 1), ERR, "beyond"),
     ("discard off", BARE, lambda e, f: e.discard(f, 1, 0, 8), NOTSUP, "discard"),
-    ("secure discard off", RO, lambda e, f: e.discard(f, 1, 0, 8, secure=True), NOTSUP,
-     "secure"),
+    ("secure discard read-only", RO, lambda e, f: e.discard(f, 1, 0, 8, secure=True), ERR,
+     "read-only"),
     ("flush off", BARE, lambda e, f: e.rw(f, c.BLKIF_OP_FLUSH_DISKCACHE, 1, 0, []), NOTSUP,
      "not advertised"),
     ("barrier off", BARE, lambda e, f: e.rw(f, c.BLKIF_OP_WRITE_BARRIER, 1, 0, []), NOTSUP,
@@ -113,6 +113,24 @@ def test_bad_request_gets_an_error_with_its_id(abi, name, limits, encode, status
         roundtrip(abi, limits, encode)
     assert (err.value.id, err.value.status) == (1, status)
     assert reason in err.value.reason
+
+
+@pytest.mark.parametrize("abi", ABIS)
+def test_bad_indirect_request_is_answered_with_its_indirect_op(abi):
+    """blkback answers with indirect_op; Linux blkfront fails the disk on 6."""
+    for encode in (lambda e, f: e.indirect(f, W, 1, 0, 257, [1]),
+                   lambda e, f: e.indirect(f, W, 1, 0, 1, [1])):
+        with pytest.raises(RequestError) as err:
+            roundtrip(abi, RO, encode)
+        assert err.value.operation == W
+
+
+@pytest.mark.parametrize("abi", ABIS)
+def test_secure_flag_is_ignored_unless_offered(abi):
+    """blkif.h: discard-secure=0 means the flag is ignored, not refused."""
+    plain = Limits(sectors=SECTORS, discard=True)
+    req = roundtrip(abi, plain, lambda e, f: e.discard(f, 3, 100, 50, secure=True))
+    assert (req.kind, req.secure) == (c.BLKIF_OP_DISCARD, False)
 
 
 @pytest.mark.parametrize("abi", ABIS)

@@ -27,6 +27,10 @@ for _m in _modules:
 ffibuilder.set_source(
     "blkif.abi._ffi",
     "#include <stdint.h>\n" + "\n".join(m.SOURCE for m in _modules),
+    include_dirs=[d for m in _modules for d in getattr(m, "INCLUDE_DIRS", [])],
+    libraries=[lib for m in _modules for lib in getattr(m, "LIBRARIES", [])],
+    depends=[os.path.join(_HERE, "csrc", "engine.c")],
+    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
 )
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Backing stores: the raw image file or block device behind a VBD.
 
 Reads and writes go straight between the device and the caller's buffers
-(mapped grant pages) with ``preadv``/``pwritev``: no copies.  ``flush`` is
-``fdatasync``.  ``discard`` punches a hole in a file (reads back as zeros,
+(mapped grant pages) with ``preadv``/``pwritev``: no copies, at most IOV_MAX
+buffers a call.  ``flush`` is ``fdatasync``; once one has failed, every later
+flush fails too (the writes it lost stay lost: QEMU's file-posix does the
+same), shared with the C engine through ``flush_failed``.  ``discard`` punches a hole in a file (reads back as zeros,
 size kept) or issues BLKDISCARD (BLKSECDISCARD when secure) on a device.
 """
 import ctypes
@@ -13,6 +15,7 @@ import os
 import stat
 import struct
 
+from blkif.abi import ffi
 from blkif.abi.constants import SECTOR_SIZE
 from blkif.errors import BlkifError
 
@@ -26,6 +29,7 @@ BLKSSZGET = 0x1268
 BLKPBSZGET = 0x127B
 BLKROGET = 0x125E
 
+IOV_MAX = os.sysconf("SC_IOV_MAX")
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -87,6 +91,7 @@ class Store:
         self.path = path
         self.writable = writable
         self.direct = direct
+        self.flush_failed = ffi.new("int *")  # set by a failed flush, here or in C
         mode = os.fstat(self.fd).st_mode
         self.is_device = stat.S_ISBLK(mode)
         if self.is_device:
@@ -120,12 +125,19 @@ class Store:
         Requests are bounded by ``sectors``, so a short read means the store
         shrank under us: raise EIO rather than return stale bytes.
         """
-        done = os.preadv(self.fd, buffers, offset)
-        if done < sum(len(b) for b in buffers):
-            raise OSError(errno.EIO, "short read at %d from %s" % (offset, self.path))
+        for at in range(0, len(buffers), IOV_MAX):
+            chunk = buffers[at:at + IOV_MAX]
+            want = sum(len(b) for b in chunk)
+            if os.preadv(self.fd, chunk, offset) < want:
+                raise OSError(errno.EIO, "short read at %d from %s" % (offset, self.path))
+            offset += want
 
     def writev(self, buffers, offset):
         """Write every byte of ``buffers`` at ``offset``."""
+        for at in range(0, len(buffers), IOV_MAX):
+            offset += self._write_all(buffers[at:at + IOV_MAX], offset)
+
+    def _write_all(self, buffers, offset):
         want = sum(len(b) for b in buffers)
         done = os.pwritev(self.fd, buffers, offset)
         while done < want:  # rare: retry the rest
@@ -138,9 +150,16 @@ class Store:
                 rest.append(memoryview(buf).cast("B")[skip:])
                 skip = 0
             done += os.pwritev(self.fd, rest, offset + done)
+        return want
 
     def flush(self):
-        os.fdatasync(self.fd)
+        if self.flush_failed[0]:
+            raise OSError(errno.EIO, "an earlier flush of %s failed" % self.path)
+        try:
+            os.fdatasync(self.fd)
+        except OSError:
+            self.flush_failed[0] = 1
+            raise
 
     def discard(self, offset, length, secure=False):
         """Deallocate a range; it reads back as zeros (files and most devices)."""

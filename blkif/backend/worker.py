@@ -3,11 +3,12 @@
 The service starts one per VBD, so disks do not contend for one interpreter
 and a guest that breaks its VBD (or this process) cannot touch another's.
 
-The loop waits on one selector: a wake-up pipe (written by xenstore watch
-callbacks and by signals) and every connected ring's event channel.  A port
-that fires is cleared and its ring served in one batch; a xenstore change
-re-reads both states (:meth:`Vbd.changed`).  About once a second the worker
-rewrites its status file and checks that its parent is still alive.
+Each connected ring is served on a thread of its own (``blkif.backend.engine``
+in C, or the Python reference with ``--engine python``).  The main thread
+waits on a wake-up pipe, written by xenstore watch callbacks, signals and a
+ring thread whose frontend broke its ring; each wake-up re-reads both states
+(:meth:`Vbd.changed`).  About once a second the worker rewrites its status
+file and checks that its parent is still alive.
 
 SIGTERM or SIGINT (or the parent dying): serve what is on the rings, switch
 Closing, keep serving until the frontend closes or ``--grace`` seconds pass,
@@ -18,7 +19,7 @@ store cannot be opened); the error node says why and restarting won't help.
 import argparse
 import logging
 import os
-import selectors
+import select
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ from blkif.backend import status
 from blkif.backend.xenbus import BackendOptions, Vbd
 from blkif.errors import BlkifError, RemoteProtocolError, UsageError
 from blkif.negotiate import MAX_QUEUES
-from blkif.platform import EventChannelClosed, PlatformError, open_platform
+from blkif.platform import PlatformError, open_platform
 from blkif.wakeup import Wakeup
 from blkif.abi.constants import BLKIF_MAX_INDIRECT_SEGMENTS, XENBUS_MAX_RING_GRANT_ORDER
 from xenstore import XenbusState, Xenstore, XenstoreError
@@ -70,6 +71,12 @@ OPTIONS = (
                           metavar="N", help="multi-queue-max-queues (default: one per CPU)")),
     ("--no-persistent", dict(action="store_true", help="do not offer persistent grants")),
     ("--direct", dict(action="store_true", help="open backing stores with O_DIRECT")),
+    ("--engine", dict(choices=("c", "python"), default="c",
+                      help="the datapath: c (the C engine, default) or python (the "
+                           "readable reference, one request at a time)")),
+    ("--io", dict(choices=("io_uring", "threads"), default="io_uring",
+                  help="the C engine's I/O: io_uring (default; falls back to threads "
+                       "where the kernel refuses it) or a pool of threads")),
     ("--state-dir", dict(metavar="DIR", default=None,
                          help="status files for `blkif stats` (default: %s)"
                          % status.default_state_dir())),
@@ -102,6 +109,8 @@ def backend_options(args):
         max_queues=args.max_queues,
         persistent=not args.no_persistent,
         direct=args.direct,
+        engine=args.engine,
+        io=args.io,
     )
 
 
@@ -119,10 +128,8 @@ class Worker:
         self.vbd = vbd
         self.grace = grace
         self.status_file = status.vbd_file(state_dir, vbd.domid, vbd.devid) if state_dir else None
-        self.wakeup = Wakeup()  # xenstore watches and signals
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.wakeup.fileno(), selectors.EVENT_READ, None)
-        self.ports = {}  # fd -> RingServer
+        self.wakeup = Wakeup()  # xenstore watches, signals and failing rings
+        vbd.wake = self.wakeup.wake
         self.stopping = False
         self.parent = os.getppid()
         self._next_tick = 0.0
@@ -147,7 +154,6 @@ class Worker:
             for watch in watches:
                 watch.close()
             self.vbd.shutdown()
-            self._sync_ports()
             self._write_status()
             for signum in STOP_SIGNALS:
                 # Done: a late SIGTERM must not turn exit 0 into "killed" (the
@@ -155,14 +161,10 @@ class Worker:
                 signal.signal(signum, signal.SIG_IGN)
 
     def _step(self, timeout):
-        """Wait for one round of events (at most ``timeout`` s) and handle them."""
-        self._sync_ports()
-        for key, _ in self.selector.select(timeout):
-            if key.data is None:
-                self.wakeup.drain()
-                self._guarded(self.vbd.changed)
-            elif self.ports.get(key.fd) in self.vbd.servers:  # not closed meanwhile
-                self._serve(self.ports[key.fd])
+        """Wait for one wake-up (at most ``timeout`` s) and act on it."""
+        if select.select([self.wakeup], [], [], timeout)[0]:
+            self.wakeup.drain()
+            self._guarded(self.vbd.changed)
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + TICK
@@ -171,33 +173,12 @@ class Worker:
                 log.warning("%s: the service is gone; stopping", self.vbd.label)
                 self.stopping = True
 
-    def _serve(self, server):
-        def serve():
-            server.port.clear()
-            server.service()
-        self._guarded(serve)
-
     def _guarded(self, action):
         """Run ``action``; a broken frontend closes this VBD, never the worker."""
         try:
             action()
-        except EventChannelClosed:
-            if self.vbd.servers:
-                self.vbd.fatal("the frontend closed its event channel")
         except (RemoteProtocolError, PlatformError) as exc:
             self.vbd.fatal(str(exc))
-
-    def _sync_ports(self):
-        """Poll exactly the ports of the rings now connected."""
-        live = {server.port.fileno(): server for server in self.vbd.servers}
-        for fd in [fd for fd, server in self.ports.items() if live.get(fd) is not server]:
-            self.selector.unregister(fd)
-            del self.ports[fd]
-        for fd, server in live.items():
-            if fd not in self.ports:
-                self.selector.register(fd, selectors.EVENT_READ, "port")
-                self.ports[fd] = server
-                self._serve(server)  # requests may be waiting already
 
     def _stop(self):
         """Closing, and serve until the frontend has closed or the grace is over."""
@@ -206,8 +187,7 @@ class Worker:
             return
         log.info("%s: stopping: waiting up to %.1f s for the frontend to close",
                  vbd.label, self.grace)
-        self._guarded(vbd.drain)
-        vbd._switch(XenbusState.Closing)
+        vbd._switch(XenbusState.Closing)  # the rings keep serving meanwhile
         deadline = time.monotonic() + self.grace
         while vbd.servers and time.monotonic() < deadline:
             front = vbd.xs.read_state(vbd.frontend + "/state")

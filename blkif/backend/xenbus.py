@@ -2,7 +2,9 @@
 
 :class:`Vbd` owns one backend directory, the backing store named by its
 ``params`` and ``mode`` nodes and, while connected, one mapped ring, bound
-event channel and :class:`RingServer` per queue.
+event channel and ring server per queue: a :class:`RingEngine` (C, the
+default) or a :class:`RingServer` (the Python reference), each serving its
+ring on a thread of its own.
 
 Its life follows Linux blkback:
 
@@ -19,7 +21,9 @@ Its life follows Linux blkback:
   released and Closing.  Only this VBD stops.
 
 Nothing here waits: the worker (``blkif.backend.worker``) feeds it xenstore
-changes and calls :meth:`RingServer.service` when a port fires.
+changes; a ring whose frontend breaks it reports from its thread
+(:meth:`Vbd.ring_failed`, which wakes the worker) and the next
+:meth:`Vbd.changed` shuts the VBD down.
 """
 import errno
 import logging
@@ -27,7 +31,9 @@ import os
 from dataclasses import dataclass
 
 from blkif.abi.constants import VDISK_READONLY
-from blkif.backend.datapath import RingServer, Stats
+from blkif.backend.counters import RingCounters
+from blkif.backend.engine import RingEngine
+from blkif.backend.ring_service import RingServer
 from blkif.backend.store import Store
 from blkif.errors import RemoteProtocolError
 from blkif.negotiate import MAX_QUEUES, BackendOffer, Connection, DiskInfo, backend_action
@@ -50,6 +56,8 @@ class BackendOptions:
     max_queues: int = min(os.cpu_count() or 1, MAX_QUEUES)  # Linux: one per CPU
     persistent: bool = True
     direct: bool = False
+    engine: str = "c"  # "c" (blkif.backend.engine) or "python" (ring_service)
+    io: str = "io_uring"  # the C engine's I/O: "io_uring" or "threads"
 
 
 class Vbd:
@@ -64,13 +72,15 @@ class Vbd:
         self.backend_domid = int(parts[3])
         self.domid, self.devid = int(parts[-2]), int(parts[-1])
         self.label = "vbd %d/%d" % (self.domid, self.devid)
-        self.stats = Stats()
+        self.closed_counters = RingCounters()  # what rings closed so far had done
         self.store = None
         self.offer = None
         self.frontend = None
         self.state = S.Unknown
-        self.servers = []  # one RingServer per queue while connected
+        self.servers = []  # one RingEngine or RingServer per queue while connected
         self._rings = []  # (mapping, port) per queue
+        self._failures = []  # messages from ring threads whose frontend broke the ring
+        self.wake = lambda: None  # the worker's wake-up, called from ring threads
         self.negotiated = {}
         self.connections = 0
         self.gone = False  # our directory was removed: the worker may exit
@@ -128,8 +138,19 @@ class Vbd:
                  ", O_DIRECT" if opts.direct else "")
         self.changed()
 
+    def ring_failed(self, message):
+        """From a ring's thread: its frontend broke the ring; shut down soon."""
+        self._failures.append(message)
+        self.wake()
+
     def changed(self):
         """Act on the current states of both ends (after any watch event)."""
+        if self._failures:
+            message = self._failures[0]
+            self._failures.clear()
+            if self.servers:
+                self.fatal(message)
+            return
         if not self.xs.exists(self.path):
             self.gone = True
             self.disconnect()
@@ -157,8 +178,7 @@ class Vbd:
         elif action == "connect":
             self.connect()
         elif action == "closing":
-            self.drain()
-            self._switch(S.Closing)
+            self._switch(S.Closing)  # the rings keep serving until Closed
         elif action in ("closed", "remove"):
             if action == "remove" and self.state not in (S.Connected, S.Closing):
                 return  # no frontend yet: nothing to tear down
@@ -192,10 +212,14 @@ class Vbd:
             "queues": len(conn.queues), "persistent": conn.persistent,
             "max_indirect_segments": self.offer.max_indirect_segments,
             "discard": self.offer.discard,
+            "engine": self.options.engine, "io": self.servers[0].io_mode,
         }
-        log.info("%s: connected: %s, %d queue(s) of %d ring page(s), persistent grants %s",
-                 self.label, conn.abi.protocol, len(conn.queues), 1 << conn.ring_page_order,
-                 "on" if conn.persistent else "off")
+        log.info("%s: connected: %s, %d queue(s) of %d ring page(s), persistent grants %s, "
+                 "%s engine (%s)", self.label, conn.abi.protocol, len(conn.queues),
+                 1 << conn.ring_page_order, "on" if conn.persistent else "off",
+                 self.options.engine, self.servers[0].io_note)
+        for server in self.servers:
+            server.start(self.ring_failed)
 
     def _attach(self, conn):
         limits = Limits(
@@ -213,28 +237,29 @@ class Vbd:
                     mapping.unmap()
                     raise
                 self._rings.append((mapping, port))
-                self.servers.append(RingServer(
-                    self.platform, self.domid, mapping.buffer, port, conn.abi, limits,
-                    self.store, persistent=conn.persistent, stats=self.stats,
-                    label="%s q%d" % (self.label, i)))
+                label = "%s q%d" % (self.label, i)
+                if self.options.engine == "python":
+                    server = RingServer(self.platform, self.domid, mapping.buffer, port,
+                                        conn.abi, limits, self.store,
+                                        persistent=conn.persistent, label=label)
+                else:
+                    server = RingEngine(self.platform, self.domid, mapping.buffer, port,
+                                        conn.abi, limits, self.store,
+                                        persistent=conn.persistent, label=label,
+                                        io=self.options.io)
+                self.servers.append(server)
         except BaseException:
             self.disconnect()
             raise
-
-    def drain(self):
-        """Serve whatever the frontend has already put on the rings."""
-        for server in self.servers:
-            try:
-                server.service()
-            except (RemoteProtocolError, PlatformError) as exc:
-                log.warning("%s: while draining: %s", self.label, exc)
 
     def disconnect(self):
         """Finish what is on the rings, then unmap and unbind everything."""
         if not self.servers and not self._rings:
             return
-        self.drain()
         for server in self.servers:
+            server.stop()
+            server.drain()
+            self.closed_counters.add(server.counters(), gauges=False)
             server.close()
         for mapping, port in self._rings:
             port.close()
@@ -281,5 +306,12 @@ class Vbd:
             "state": self.state.name, "connections": self.connections,
             "negotiated": self.negotiated if self.servers else {},
             "rings_mapped": len(self._rings), "channels_bound": len(self._rings),
-            "counters": self.stats.as_dict(),
+            "counters": self.counters().as_dict(),
         }
+
+    def counters(self):
+        """Counters over every ring this VBD served (gauges: the live ones)."""
+        total = RingCounters().add(self.closed_counters)
+        for server in list(self.servers):
+            total.add(server.counters())
+        return total

@@ -101,6 +101,10 @@ class Port(_Closing, abc.ABC):
 
     port: int
     remote_domid: int
+    # What fileno() is, for the C engine: "evtchn" (a /dev/xen/evtchn fd: read
+    # pending ports, write one back to unmask, IOCTL_EVTCHN_NOTIFY) or
+    # "socket" (the sim: a byte per event, end of file when the peer is gone).
+    transport: str
 
     @abc.abstractmethod
     def notify(self):

@@ -282,6 +282,8 @@ class XenPort(Port):
     notify to a closed peer silently, so ``notify`` cannot raise
     EventChannelClosed here."""
 
+    transport = "evtchn"
+
     def __init__(self, platform, fd, port, remote_domid):
         self._platform, self._fd = platform, fd
         self.port, self.remote_domid = port, remote_domid

@@ -270,6 +270,8 @@ class SimMapping(Mapping):
 
 
 class SimPort(Port):
+    transport = "socket"
+
     def __init__(self, platform, port, remote_domid, sock):
         self._platform, self.port, self.remote_domid = platform, port, remote_domid
         self._sock = sock

@@ -1,31 +1,33 @@
-"""The backend datapath for one ring (Linux: xen-blkback/blkback.c).
+"""One ring's service in Python: the readable reference of the C engine.
 
-:meth:`RingServer.service` is one batch: consume every request on the ring,
-do its I/O directly into the mapped grant pages (``preadv``/``pwritev``, no
-copies), write all responses, push them once and notify at most once, then
-look again (``RING_FINAL_CHECK_FOR_REQUESTS``) so no request is left behind.
+``blkif serve --engine python`` runs it; the C engine (``blkif.backend.engine``,
+``csrc/engine.c``) is the default, and tests hold the two to the same
+answers.  :meth:`RingServer.service` is one batch, as blkback's
+``do_block_io_op``: consume every request on the ring, do its I/O directly
+into the mapped grant pages (``preadv``/``pwritev``, no copies), write all
+responses, push them once and notify at most once, then look again
+(``RING_FINAL_CHECK_FOR_REQUESTS``) so no request is left behind.  Requests
+are done one after the other, in order, so a FLUSH covers everything
+answered before it and a BARRIER has nothing in flight to wait for.
 
-A bad request gets an error response with its id (``RequestError``).  Only a
-frontend that overruns the ring raises out of :meth:`service`
+A bad request gets an error response with its id (``RequestError``); an
+indirect request is answered with its ``indirect_op``, as blkback does.  Only
+a frontend that overruns the ring raises out of :meth:`service`
 (RemoteProtocolError): the caller shuts that device down, nothing else.
 
-Grants are mapped per request, all of its segments in one call, read-only
-for writes.  With persistent grants each gref is mapped once, kept in a
-bounded cache and reused, as Linux does with ``max_persistent_grants``;
-indirect descriptor pages too (read-only), as blkback maps them through the
-same cache.  The hot path allocates little: a request's pages come out of the
-cache in one comprehension, and whole pages (the common case) go to
-``preadv``/``pwritev`` as they are, without a view per segment.
+Grants are mapped per request, all of its segments in one call; with
+persistent grants they come from a :class:`GrantCache`.
 """
 import errno
 import logging
 import os
+import select
+import threading
 
 from blkif.abi.constants import (
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,
     BLKIF_OP_READ,
-    BLKIF_OP_WRITE,
     BLKIF_OP_WRITE_BARRIER,
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_ERROR,
@@ -34,49 +36,31 @@ from blkif.abi.constants import (
     PAGE_SIZE,
     SECTOR_SIZE,
 )
-from blkif.platform import PlatformError
+from blkif.backend.counters import RingCounters
+from blkif.backend.grant_cache import GrantCache
+from blkif.errors import RemoteProtocolError
+from blkif.platform import EventChannelClosed, PlatformError
 from blkif.request import RequestDecoder, RequestError, ResponseWriter
 from blkif.ring import BackRing
+from blkif.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
-MAX_PERSISTENT_GRANTS = 1056  # Linux xen_blkif_max_pgrants
-KINDS = (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE,
-         BLKIF_OP_DISCARD)  # what a request does; indirect ones are counted apart too
-
-
-class Stats:
-    """Counters for one VBD, summed over its rings (``blkif stats``)."""
-
-    FIELDS = ("requests", "indirect", "errors", "read_bytes", "write_bytes", "batches",
-              "notifies")
-
-    def __init__(self):
-        self.ops = {OP_NAMES[op]: 0 for op in KINDS}
-        for name in self.FIELDS:
-            setattr(self, name, 0)
-        self.in_flight = 0
-        self.persistent_grants = 0
-        self.mapped_grants = 0
-
-    def as_dict(self):
-        out = {name: getattr(self, name) for name in self.FIELDS}
-        out.update(ops=dict(self.ops), in_flight=self.in_flight,
-                   persistent_grants=self.persistent_grants,
-                   mapped_grants=self.mapped_grants)
-        return out
+MAX_PERSISTENT_GRANTS = 1056  # Linux xen_blkif_max_pgrants, per ring
+POLL_MS = 200
 
 
 class RingServer:
     """Serves one shared ring of a connected VBD.
 
     ``ring_buffer`` is the mapped ring (all its pages); ``port`` the bound
-    event channel.  The caller waits on ``port`` and calls :meth:`service`;
+    event channel.  Either call :meth:`service` when the port fires, or let
+    :meth:`start` do that on a thread of its own (as the C engine does);
     :meth:`close` releases every mapping this ring holds (not the ring itself).
     """
 
     def __init__(self, platform, domid, ring_buffer, port, abi, limits, store,
-                 persistent=False, stats=None, label=""):
+                 persistent=False, label="", max_grants=MAX_PERSISTENT_GRANTS):
         self.platform = platform
         self.domid = domid
         self.port = port
@@ -84,39 +68,34 @@ class RingServer:
         self.ring = BackRing(ring_buffer, abi)
         self.decoder = RequestDecoder(abi, limits)
         self.responses = ResponseWriter(abi)
-        # Persistent grants: (gref, writable) -> its one-page Mapping, and each
-        # page's view by gref (data pages writable, indirect pages read-only).
-        self.persistent = {} if persistent else None
-        self._data_pages = {}
-        self._indirect_pages = {}
-        self.stats = stats or Stats()
+        self.grants = GrantCache(platform, domid, max_grants) if persistent else None
+        self.stats = RingCounters()
         self.label = label
+        self.io_mode, self.io_note = "sync", "preadv/pwritev in the ring's thread"
+        self.failure = None
+        self._thread = self._stop = None
 
     def service(self):
         """Handle every request now on the ring; returns how many.
 
         Each batch is pushed with at most one notify; the loop ends only when
         the final check finds the ring empty with ``req_event`` armed, after
-        giving the CPU away once (see below): on the sim, where guest and
-        backend share the host's CPUs, it made 4 KiB reads at queue depth 32
-        more than twice as fast, at half the CPU time per request
-        (docs/bench.md).
+        giving the CPU away once: on the sim, where guest and backend share
+        the host's CPUs, it made 4 KiB reads at queue depth 32 more than
+        twice as fast (docs/bench.md).
         """
         ring = self.ring
         handled = 0
         while True:
             pending = ring.pending_requests()
             if not pending and handled:
-                # Before arming req_event and sleeping, let the frontend run:
-                # our notify may just have woken it on this very CPU (socket
-                # wake-ups are "sync", and the scheduler puts the woken task
-                # beside its waker); what it queues meanwhile is served in
-                # this same wake-up, with no notify from it and none for us.
-                os.sched_yield()
+                os.sched_yield()  # let a frontend we just woke queue more
                 pending = ring.pending_requests()
             if not pending:
                 if ring.final_check_for_requests():
                     continue
+                if self.grants is not None:
+                    self.grants.purge()
                 return handled
             for _ in range(pending):
                 self._handle_one()
@@ -125,6 +104,59 @@ class RingServer:
             if ring.push_responses():
                 self.port.notify()
                 self.stats.notifies += 1
+
+    # -- on a thread, like the engine ---------------------------------------
+
+    def start(self, on_error):
+        """Serve on a thread: wait for the port, :meth:`service`, repeat."""
+        self._stop = Wakeup()
+        self._thread = threading.Thread(target=self._serve, args=(on_error,),
+                                        name="blkif %s" % self.label, daemon=True)
+        self._thread.start()
+
+    def _serve(self, on_error):
+        poll = select.poll()
+        poll.register(self.port.fileno(), select.POLLIN)
+        poll.register(self._stop.fileno(), select.POLLIN)
+        try:
+            self.service()
+            while True:
+                ready = dict(poll.poll(POLL_MS))
+                if self._stop.fileno() in ready:
+                    return
+                self.stats.events += 1 if ready else 0
+                self.port.clear()
+                self.service()
+        except EventChannelClosed:
+            self.failure = "the frontend closed its event channel"
+        except (RemoteProtocolError, PlatformError) as exc:
+            self.failure = str(exc)
+        on_error(self.failure)
+
+    def stop(self):
+        if self._thread is not None:
+            self._stop.wake()
+            self._thread.join()
+            self._stop.close()
+            self._thread = None
+
+    def drain(self, timeout=None):
+        """After :meth:`stop`: serve what the frontend already queued."""
+        if self.failure is None:
+            try:
+                self.service()
+            except (RemoteProtocolError, PlatformError) as exc:
+                log.warning("%s: while draining: %s", self.label, exc)
+
+    def counters(self):
+        stats = self.stats
+        if self.grants is not None:
+            stats.persistent_grants = len(self.grants)
+            stats.grant_hits, stats.grant_misses = self.grants.hits, self.grants.misses
+            stats.grant_evictions, stats.grant_purged = self.grants.evictions, self.grants.purged
+        return stats
+
+    # -- one request ----------------------------------------------------------
 
     def _handle_one(self):
         stats = self.stats
@@ -141,19 +173,18 @@ class RingServer:
         try:
             status = self._execute(req)
         except RequestError as err:
-            self._fail(err, req.kind)
+            self._fail(err)
             return
         # Answer with what was done (an indirect request's indirect_op), as
         # blkback's make_response does: blkfront checks it against that.
         self.responses.put(self.ring, req.id, req.kind, status)
         stats.in_flight -= 1
 
-    def _fail(self, err, operation=None):
+    def _fail(self, err):
         log.warning("%s: %s", self.label, err)
         self.stats.errors += 1
         self.stats.in_flight -= 1
-        self.responses.put(self.ring, err.id, err.operation if operation is None else operation,
-                           err.status)
+        self.responses.put(self.ring, err.id, err.operation, err.status)
 
     def _execute(self, req):
         kind = req.kind
@@ -186,31 +217,12 @@ class RingServer:
 
     def _read_indirect(self, req):
         grefs = req.indirect_grefs
-        pages = self._cached(self._indirect_pages, grefs, writable=False)
-        if pages is not None:  # persistent: mapped once, read-only
+        pages = self.grants.pages(grefs) if self.grants is not None else None
+        if pages is not None:
             self.decoder.read_indirect(req, pages[0] if len(pages) == 1 else b"".join(pages))
             return
         with self.platform.map_grants(self.domid, grefs, writable=False) as mapping:
             self.decoder.read_indirect(req, mapping.buffer)
-
-    def _cached(self, cache, grefs, writable):
-        """The pages of ``grefs`` from persistent ``cache`` (mapping those not
-        yet there), or None: no persistent grants, or the cache is full."""
-        if self.persistent is None:
-            return None
-        try:
-            return [cache[gref] for gref in grefs]  # the hot path: all there
-        except KeyError:
-            pass
-        for gref in grefs:
-            if gref not in cache:
-                if len(self.persistent) >= MAX_PERSISTENT_GRANTS:
-                    return None
-                mapping = self.platform.map_grants(self.domid, [gref], writable=writable)
-                self.persistent[(gref, writable)] = mapping
-                cache[gref] = mapping.buffer
-                self.stats.persistent_grants += 1
-        return [cache[gref] for gref in grefs]
 
     def _transfer(self, req, is_read):
         """preadv/pwritev straight between the store and the granted pages.
@@ -219,7 +231,7 @@ class RingServer:
         with persistent grants, else the one buffer of this request's mapping.
         """
         grefs, bounds = req.grefs, req.bounds
-        pages = self._cached(self._data_pages, grefs, writable=True)
+        pages = self.grants.pages(grefs) if self.grants is not None else None
         mapping = None
         if pages is None:
             mapping = self.platform.map_grants(self.domid, grefs, writable=is_read)
@@ -249,12 +261,8 @@ class RingServer:
                 mapping.unmap()
 
     def close(self):
-        """Drop persistent grants and let go of the ring (its owner unmaps it)."""
+        """Stop, drop persistent grants and let go of the ring (its owner unmaps it)."""
+        self.stop()
         self.ring.release()
-        if self.persistent:
-            self._data_pages.clear()
-            self._indirect_pages.clear()
-            for mapping in self.persistent.values():
-                mapping.unmap()
-            self.stats.persistent_grants -= len(self.persistent)
-            self.persistent.clear()
+        if self.grants is not None:
+            self.grants.clear()

@@ -1,0 +1,84 @@
+"""The backend datapath engine (``csrc/engine.c``): one ring served in C.
+
+Python reaches it through ``blkif.backend.engine``; the structs here are the
+engine's own (configuration, a decoded request, counters), not Xen's.
+``eng_map_grants``/``eng_unmap_grants`` are implemented in Python
+(``extern "Python"``): the engine calls them, with the GIL, to map grants.
+"""
+import os
+
+CDEF = """
+#define ENG_ABI_X86_64 ...
+#define ENG_ABI_X86_32 ...
+#define ENG_PORT_XEN ...
+#define ENG_PORT_SOCKET ...
+#define ENG_IO_URING ...
+#define ENG_IO_THREADS ...
+#define ENG_OK ...
+#define ENG_STOPPED ...
+#define ENG_RING_ERROR ...
+#define ENG_CHANNEL_CLOSED ...
+#define ENG_FAILED ...
+
+struct eng_limits {
+    uint64_t sectors;
+    uint32_t max_indirect_segments;
+    uint8_t readonly, flush, barrier, discard, discard_secure;
+};
+
+struct eng_request {
+    uint64_t id, sector_number, nr_sectors;
+    uint32_t indirect_grefs[8];
+    uint16_t nr_segments;
+    uint8_t operation, kind, nr_indirect, secure, whole_pages;
+    int16_t status;
+};
+
+struct eng_stats {
+    uint64_t requests, indirect, errors, read_bytes, write_bytes, batches, notifies, submits;
+    uint64_t op_read, op_write, op_barrier, op_flush, op_discard;
+    uint64_t events, spurious_events;
+    uint64_t grant_hits, grant_misses, grant_evictions, grant_purged, mapped_grants;
+    uint64_t in_flight, persistent_grants;
+    int64_t last_io_errno;
+};
+
+struct eng_config {
+    void *sring;
+    uint64_t ring_bytes;
+    int abi;
+    struct eng_limits limits;
+    int store_fd, store_is_device;
+    int *flush_failed; /* the store's, shared by its rings */
+    int port_kind, port_fd;
+    uint32_t port;
+    int persistent;
+    uint32_t max_grants, grant_unused_seconds;
+    int io_mode;
+    uint32_t io_threads;
+    void *handle;
+};
+
+struct engine;
+struct engine *eng_new(const struct eng_config *cfg, char *err, size_t errlen);
+int eng_run(struct engine *e, int timeout_ms);
+int eng_quiesce(struct engine *e, int timeout_ms);
+void eng_stop(struct engine *e);
+void eng_free(struct engine *e);
+const struct eng_stats *eng_stats(struct engine *e);
+const char *eng_error(struct engine *e);
+const char *eng_io_note(struct engine *e);
+int eng_io_mode(struct engine *e);
+int eng_decode(int abi, const struct eng_limits *lim, const void *raw,
+               struct eng_request *out, uint32_t *grefs, uint32_t *bounds);
+int eng_decode_indirect(const struct eng_limits *lim, struct eng_request *req,
+                        const char *const *pages, uint32_t *grefs, uint32_t *bounds);
+
+extern "Python" int eng_map_grants(void *, const uint32_t *, unsigned, int, uintptr_t *,
+                                   uint64_t *);
+extern "Python" void eng_unmap_grants(void *, uint64_t);
+"""
+
+SOURCE = '#include "engine.c"\n'
+INCLUDE_DIRS = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")]
+LIBRARIES = ["uring", "pthread"]

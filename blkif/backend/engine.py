@@ -1,0 +1,166 @@
+"""One ring served by the C engine (``blkif/abi/csrc/engine.c``) on its own thread.
+
+:class:`RingEngine` hands the engine the mapped ring, the bound port, the
+store's descriptor and the VBD's limits, then runs ``eng_run`` in a thread
+of its own: cffi releases the GIL for the call, so each queue of each VBD
+is served in parallel, like blkback's kthread per ring.  The engine calls
+back into Python only to map and unmap grants (``eng_map_grants``), which
+keeps the platforms in Python.
+
+Life: ``start(on_error)``; ``stop()`` joins the thread; ``drain()`` serves
+what the frontend already queued and waits for every request in flight;
+``close()`` frees the engine and unmaps its persistent grants.  A frontend
+that breaks the ring (overrun, closed channel) ends the thread and calls
+``on_error(message)`` from it: the VBD then shuts down (``Vbd.fatal``).
+"""
+import itertools
+import logging
+import threading
+
+from blkif.abi import X86_32, ffi, lib
+from blkif.backend.counters import engine_counters
+from blkif.platform import PlatformError
+from blkif.platform._mman import address
+
+log = logging.getLogger(__name__)
+
+MAX_PERSISTENT_GRANTS = 1056  # Linux xen_blkif_max_pgrants, per ring
+PERSISTENT_GRANT_UNUSED_SECONDS = 60  # Linux xen_blkif_pgrant_timeout
+IO_MODES = {"io_uring": lib.ENG_IO_URING, "threads": lib.ENG_IO_THREADS}
+IO_THREADS = 4
+RUN_SLICE_MS = 200  # the engine hands back this often even under full load
+
+
+@ffi.def_extern()
+def eng_map_grants(handle, grefs, n, writable, base, token):
+    """Map ``n`` grefs contiguously for the engine; -1 if any cannot be."""
+    engine = ffi.from_handle(handle)
+    try:
+        mapping = engine.platform.map_grants(engine.domid, list(grefs[0:n]),
+                                             writable=bool(writable))
+    except PlatformError as exc:
+        log.warning("%s: %s", engine.label, exc)
+        return -1
+    except Exception:  # never let an exception unwind into C
+        log.exception("%s: mapping grants", engine.label)
+        return -1
+    key = next(engine.tokens)
+    engine.mappings[key] = mapping
+    base[0] = address(mapping.buffer)
+    token[0] = key
+    return 0
+
+
+@ffi.def_extern()
+def eng_unmap_grants(handle, token):
+    engine = ffi.from_handle(handle)
+    mapping = engine.mappings.pop(token, None)
+    if mapping is None:
+        return
+    try:
+        mapping.unmap()
+    except Exception:  # the engine is done with it whatever happens
+        log.exception("%s: unmapping grants", engine.label)
+
+
+PORT_KINDS = {"evtchn": lib.ENG_PORT_XEN, "socket": lib.ENG_PORT_SOCKET}
+
+
+class RingEngine:
+    """Serves one shared ring of a connected VBD in C.
+
+    ``ring_buffer`` is the mapped ring (kept mapped by the caller until
+    :meth:`close`); ``port`` the bound event channel; ``store`` the open
+    backing store.  ``io`` is "io_uring" or "threads"; io_uring falls back to
+    threads where the kernel refuses it (the reason is in :attr:`io_note`).
+    """
+
+    def __init__(self, platform, domid, ring_buffer, port, abi, limits, store,
+                 persistent=False, label="", io="io_uring",
+                 max_grants=MAX_PERSISTENT_GRANTS,
+                 grant_unused_seconds=PERSISTENT_GRANT_UNUSED_SECONDS):
+        self.platform, self.domid, self.port, self.label = platform, domid, port, label
+        self.mappings = {}
+        self.tokens = itertools.count(1)
+        self._handle = ffi.new_handle(self)
+        self._ring = ffi.from_buffer(ring_buffer, require_writable=True)
+        cfg = ffi.new("struct eng_config *")
+        cfg.sring = self._ring
+        cfg.ring_bytes = len(self._ring)
+        cfg.abi = lib.ENG_ABI_X86_32 if abi.tag == X86_32.tag else lib.ENG_ABI_X86_64
+        cfg.limits = {
+            "sectors": limits.sectors, "readonly": limits.readonly, "flush": limits.flush,
+            "barrier": limits.barrier, "discard": limits.discard,
+            "discard_secure": limits.discard_secure,
+            "max_indirect_segments": limits.max_indirect_segments,
+        }
+        cfg.store_fd = store.fd
+        cfg.store_is_device = store.is_device
+        cfg.flush_failed = store.flush_failed
+        cfg.port_kind = PORT_KINDS[port.transport]
+        cfg.port_fd = port.fileno()
+        cfg.port = port.port
+        cfg.persistent = persistent
+        cfg.max_grants = max_grants
+        cfg.grant_unused_seconds = grant_unused_seconds
+        cfg.io_mode = IO_MODES[io]
+        cfg.io_threads = IO_THREADS
+        cfg.handle = self._handle
+        err = ffi.new("char[]", 256)
+        self._eng = lib.eng_new(cfg, err, 256)
+        if self._eng == ffi.NULL:
+            ffi.release(self._ring)
+            raise PlatformError("%s: %s" % (label, ffi.string(err).decode()))
+        self.io_mode = "io_uring" if lib.eng_io_mode(self._eng) == lib.ENG_IO_URING else "threads"
+        self.io_note = ffi.string(lib.eng_io_note(self._eng)).decode()
+        self._thread = None
+        self.failure = None
+
+    def start(self, on_error):
+        """Serve the ring on a new thread; ``on_error(message)`` if the frontend breaks it."""
+        self._thread = threading.Thread(target=self._serve, args=(on_error,),
+                                        name="blkif %s" % self.label, daemon=True)
+        self._thread.start()
+
+    def _serve(self, on_error):
+        while True:
+            rc = lib.eng_run(self._eng, RUN_SLICE_MS)
+            if rc == lib.ENG_STOPPED:
+                return
+            if rc < 0:
+                self.failure = ffi.string(lib.eng_error(self._eng)).decode()
+                on_error(self.failure)
+                return
+
+    def stop(self):
+        """Stop the thread (it finishes its round first) and wait for it."""
+        if self._thread is not None:
+            lib.eng_stop(self._eng)
+            self._thread.join()
+            self._thread = None
+
+    def drain(self, timeout=30.0):
+        """After :meth:`stop`: serve what is queued, wait for what is in flight."""
+        if self.failure is not None:
+            return
+        rc = lib.eng_quiesce(self._eng, int(timeout * 1000))
+        if rc < 0:
+            log.warning("%s: while draining: %s", self.label,
+                        ffi.string(lib.eng_error(self._eng)).decode())
+
+    def counters(self):
+        """This ring's counters (``blkif stats``)."""
+        return engine_counters(lib.eng_stats(self._eng))
+
+    def close(self):
+        """Stop, free the engine and unmap every grant it holds; the ring stays mapped."""
+        if self._eng is None:
+            return
+        self.stop()
+        lib.eng_free(self._eng)
+        self._eng = None
+        for mapping in self.mappings.values():  # none, unless the engine lost one
+            mapping.unmap()
+        self.mappings.clear()
+        ffi.release(self._ring)
+
