@@ -1,30 +1,34 @@
-"""``blkif bench``: blkif against its own backing file, pattern by pattern.
+"""``blkif bench``: blkif against fio on its own backing file, pattern by pattern.
 
 The demo's sandbox (``blkif/sandbox.py``): xenstored, the sim hypervisor,
 ``blkif serve`` and guest domain 1, each a process, with VBD ``xvda`` on an
-image of ``--size`` bytes.  For each pattern of :data:`PATTERNS`:
+image of ``--size`` bytes (in the sandbox's directory, or at ``--image PATH``
+on a filesystem of your choice).  For each pattern of :data:`PATTERNS`:
 
 - **blkif**: the guest does the pattern through its :class:`BlockDevice`
   for ``--duration`` seconds, keeping ``queue_depth`` transfers in flight;
   a transfer's latency runs from its submission to the moment the guest
   sees its completion;
-- **file**: then we (dom0) do the same pattern (same kind of offsets, same
-  sizes, same time) with ``os.preadv``/``os.pwritev`` on the image file the
-  backend serves, one call at a time (a call on a cached file has no queue
-  to fill); a call's latency is the call.
+- **fio**: then fio (ioengine io_uring) does the same pattern (block size,
+  queue depth, random or sequential, same time) on the image file the
+  backend serves: what the storage gives without blkif.
 
-Each side first runs the pattern unmeasured for a warm-up (caches, the
-backend's persistent grants).  Besides wall-clock figures, which move with
-whatever else the machine runs, blkif's side reports the CPU time per I/O of
-the guest and of the backend's worker process (``cpu_us_per_io``): what the
-code costs, steadier from run to run than IOPS on a busy machine.  ``ratio`` is blkif's IOPS over the file's:
-the fraction of the backing file's speed that reaches the guest.  Patterns
-needing other negotiation (indirect descriptors off) re-attach the guest.
-Figures are for comparing runs on one machine, never assertions.
+``--direct`` serves the image with O_DIRECT and runs fio with ``--direct=1``:
+the page cache out of both sides, as on a real disk.  Each side first runs
+the pattern unmeasured for a warm-up (caches, the backend's persistent
+grants).  Besides wall-clock figures, which move with whatever else the
+machine runs, each side reports its CPU time per I/O (``cpu_us_per_io``:
+blkif's guest and backend worker, fio's process): what the code costs,
+steadier from run to run than IOPS on a busy machine.  ``ratio`` is blkif's
+IOPS over fio's: the fraction of the storage's speed that reaches the guest.
+Patterns needing other negotiation (indirect descriptors off) re-attach the
+guest.  Figures are for comparing runs on one machine, never assertions.
 """
 import json
 import os
 import random
+import shutil
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 
@@ -79,6 +83,12 @@ def add_arguments(parser):
                                                 "(default 2)")
     parser.add_argument("--size", type=sandbox.parse_size, default=128 << 20,
                         metavar="BYTES", help="image size, e.g. 128M (default), 4M..1G")
+    parser.add_argument("--direct", action="store_true",
+                        help="O_DIRECT on both sides: blkif serve --direct, fio --direct=1 "
+                             "(needs --image on a filesystem with O_DIRECT, not tmpfs)")
+    parser.add_argument("--image", metavar="PATH",
+                        help="create the image here (a new file, removed afterwards) "
+                             "instead of in the sandbox's directory")
     parser.add_argument("--list", action="store_true", help="list the patterns and exit")
     sandbox.add_arguments(parser)
 
@@ -135,46 +145,29 @@ def run(args):
                 "on" if p.indirect else "off"))
         return 0
     names = parse_patterns(args.pattern)
+    fio = shutil.which("fio")
+    if fio is None:
+        raise BlkifError("fio is not installed (Debian: apt-get install fio)")
+    if args.image and os.path.lexists(args.image):
+        raise UsageError("--image %s exists: give a new path (the bench creates and "
+                         "removes it)" % args.image)
     serve_options, front = sandbox.setup(args)
+    if args.direct:
+        serve_options.append("--direct")
     progress = sandbox.Progress(enabled=not args.quiet, steps=1)
-    results = []
     with sandbox.Sandbox(args.workdir, serve_options) as box:
         progress.note("blkif bench: xenstored, sim hypervisor, blkif serve and guest "
                       "domain %d running in %s" % (DOMID, box.dir))
         chunk = random.Random(0).randbytes(1 << 20)
-        image = box.make_image("disk.img", args.size, lambda offset, n: chunk[:n])
-        box.add_vbd(DOMID, VDEV, image)
-        guest = box.start_guest(DOMID)
-        attached = None
-        for name in names:
-            pattern = PATTERNS[name]
-            options = dict(front, pool_pages=POOL_PAGES)
-            if not pattern.indirect:
-                options["max_indirect_segments"] = 0
-            if options != attached:
-                negotiated = guest.call("attach", {"vdev": VDEV, "options": options})
-                attached = options
-            params = dict(asdict(pattern), duration=args.duration, seed=len(results))
-            worker = worker_pid(box, DOMID)
-            start_cpu = []
-
-            def on_event(event):
-                if event.get("mark") == "measure":  # the measured part begins
-                    start_cpu.append(process_cpu(worker))
-                progress.event(event)
-            blkif = guest.call("call", {"function": "blkif.bench:guest_pattern",
-                                        "params": dict(params, name=name)},
-                               on_event, timeout=args.duration + 60)
-            blkif["cpu_us_per_io"]["backend"] = round(
-                (process_cpu(worker) - start_cpu[0]) / max(blkif["ios"], 1) * 1e6, 1)
-            file = run_file(image, pattern, args.duration, len(results), progress, name)
-            results.append(dict(
-                name=name, **asdict(pattern), negotiated=negotiated, blkif=blkif, file=file,
-                ratio=round(blkif["iops"] / file["iops"], 4) if file["iops"] else None))
-        guest.call("detach")
-        progress.end()
-        box.stop_cleanly()
-    report = {"size": args.size, "duration": args.duration, "patterns": results}
+        image = box.make_image(os.path.abspath(args.image) if args.image else "disk.img",
+                               args.size, lambda offset, n: chunk[:n])
+        try:
+            results = _run_patterns(args, names, box, image, front, fio, progress)
+        finally:
+            if args.image:
+                os.unlink(image)
+    report = {"size": args.size, "duration": args.duration, "direct": args.direct,
+              "engine": args.engine or "c", "patterns": results}
     if args.json:
         print(json.dumps(report, indent=1, sort_keys=True))
     else:
@@ -182,46 +175,90 @@ def run(args):
     return 0
 
 
-def run_file(image, pattern, duration, seed, progress, name):
-    """The pattern with preadv/pwritev on ``image``, one call at a time."""
-    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        where = offsets(pattern, os.fstat(fd).st_size, random.Random(seed))
-        buf = bytearray(pattern.block_size)
-        if pattern.op == "write":
-            buf[:] = random.Random(seed).randbytes(pattern.block_size)
-        call = os.pwritev if pattern.op == "write" else os.preadv
-        for measured in (False, True):
-            latencies = []
-            clock = time.perf_counter
-            start = clock()
-            end = start + (duration if measured else WARMUP)
-            next_report = start
-            while True:
-                t0 = clock()
-                if t0 >= end:
-                    break
-                if call(fd, [buf], next(where)) != pattern.block_size:
-                    raise BlkifError("short %s on %s" % (pattern.op, image))
-                latencies.append(clock() - t0)
-                if measured and t0 >= next_report:
-                    next_report = t0 + 0.2
-                    progress.update(name + " file", (t0 - start) / duration)
-        return summary(latencies, clock() - start, pattern.block_size)
-    finally:
-        os.close(fd)
+def _run_patterns(args, names, box, image, front, fio, progress):
+    """Each pattern through the guest, then through fio; the report's rows."""
+    results = []
+    box.add_vbd(DOMID, VDEV, image)
+    guest = box.start_guest(DOMID)
+    attached = None
+    for name in names:
+        pattern = PATTERNS[name]
+        options = dict(front, pool_pages=POOL_PAGES)
+        if not pattern.indirect:
+            options["max_indirect_segments"] = 0
+        if options != attached:
+            negotiated = guest.call("attach", {"vdev": VDEV, "options": options})
+            attached = options
+        params = dict(asdict(pattern), duration=args.duration, seed=len(results))
+        worker = worker_pid(box, DOMID)
+        start_cpu = []
+
+        def on_event(event):
+            if event.get("mark") == "measure":  # the measured part begins
+                start_cpu.append(process_cpu(worker))
+            progress.event(event)
+        blkif = guest.call("call", {"function": "blkif.bench:guest_pattern",
+                                    "params": dict(params, name=name)},
+                           on_event, timeout=args.duration + 60)
+        blkif["cpu_us_per_io"]["backend"] = round(
+            (process_cpu(worker) - start_cpu[0]) / max(blkif["ios"], 1) * 1e6, 1)
+        progress.update(name + " fio", 0.0)
+        baseline = run_fio(fio, image, pattern, args.duration, args.direct)
+        results.append(dict(
+            name=name, **asdict(pattern), negotiated=negotiated, blkif=blkif, fio=baseline,
+            ratio=round(blkif["iops"] / baseline["iops"], 4) if baseline["iops"] else None))
+    guest.call("detach")
+    progress.end()
+    box.stop_cleanly()
+    return results
+
+
+def fio_argv(fio, image, pattern, duration, direct):
+    """fio doing ``pattern`` on ``image`` for ``duration`` s after a warm-up."""
+    rw = {("read", "random"): "randread", ("write", "random"): "randwrite",
+          ("read", "sequential"): "read", ("write", "sequential"): "write"}
+    return [fio, "--name=baseline", "--filename=" + image, "--ioengine=io_uring",
+            "--rw=" + rw[pattern.op, pattern.access], "--bs=%d" % pattern.block_size,
+            "--iodepth=%d" % pattern.queue_depth, "--direct=%d" % direct,
+            "--time_based", "--runtime=%dms" % (duration * 1000),
+            "--ramp_time=%dms" % (WARMUP * 1000),
+            "--norandommap", "--randrepeat=0", "--lat_percentiles=1",
+            "--output-format=json"]
+
+
+def run_fio(fio, image, pattern, duration, direct):
+    """fio's figures for ``pattern``, in :func:`summary`'s shape plus CPU per I/O."""
+    run = subprocess.run(fio_argv(fio, image, pattern, duration, direct),
+                         capture_output=True, text=True, timeout=duration + 60)
+    if run.returncode != 0:
+        raise BlkifError("fio failed on %s: %s" % (image, (run.stderr or run.stdout).strip()
+                                                   .splitlines()[-1:]))
+    job = json.loads(run.stdout[run.stdout.index("{"):])["jobs"][0]
+    side = job[pattern.op]
+    seconds = side["runtime"] / 1e3
+    ios = side["total_ios"]
+    lat = side["lat_ns"]["percentile"]
+    cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100 * seconds
+    return {
+        "ios": ios, "seconds": round(seconds, 3),
+        "iops": round(ios / seconds, 1) if seconds else 0.0,
+        "mb_per_s": round(ios * pattern.block_size / seconds / 1e6, 2) if seconds else 0.0,
+        "p50_ms": round(lat["50.000000"] / 1e6, 4), "p99_ms": round(lat["99.000000"] / 1e6, 4),
+        "cpu_us_per_io": round(cpu / max(ios, 1) * 1e6, 1),
+    }
 
 
 def print_report(report):
-    print("%-21s %8s %8s %7s %7s %12s   %9s %8s %7s %7s   %7s" % (
-        "pattern", "IOPS", "MB/s", "p50 ms", "p99 ms", "CPU us/IO", "file IOPS", "MB/s",
-        "p50 ms", "p99 ms", "ratio"))
+    print("%-21s %8s %8s %7s %7s %12s   %8s %8s %7s %7s %6s   %7s" % (
+        "pattern", "IOPS", "MB/s", "p50 ms", "p99 ms", "CPU us/IO", "fio IOPS", "MB/s",
+        "p50 ms", "p99 ms", "CPU", "ratio"))
     for r in report["patterns"]:
-        b, f = r["blkif"], r["file"]
+        b, f = r["blkif"], r["fio"]
         cpu = "%.0f+%.0f" % (b["cpu_us_per_io"]["guest"], b["cpu_us_per_io"]["backend"])
-        print("%-21s %8.0f %8.1f %7.3f %7.3f %12s   %9.0f %8.1f %7.3f %7.3f   %7.4f" % (
+        print("%-21s %8.0f %8.1f %7.3f %7.3f %12s   %8.0f %8.1f %7.3f %7.3f %6.0f   %7.4f" % (
             r["name"], b["iops"], b["mb_per_s"], b["p50_ms"], b["p99_ms"], cpu,
-            f["iops"], f["mb_per_s"], f["p50_ms"], f["p99_ms"], r["ratio"] or 0))
+            f["iops"], f["mb_per_s"], f["p50_ms"], f["p99_ms"], f["cpu_us_per_io"],
+            r["ratio"] or 0))
     n = report["patterns"][0]["negotiated"] if report["patterns"] else None
     if n:
         print("negotiated: abi %s, %d queue(s) of %d ring page(s), persistent grants %s; "
@@ -230,6 +267,8 @@ def print_report(report):
                   n["abi"], n["queues"], n["ring_pages"], "on" if n["persistent"] else "off",
                   max(r["negotiated"]["indirect_segments"] for r in report["patterns"]),
                   report["size"] >> 20, report["duration"]))
+        print("engine %s%s; fio: ioengine io_uring on the same image; CPU us/IO: fio's "
+              "process" % (report["engine"], ", O_DIRECT" if report["direct"] else ""))
 
 
 # -- the guest --------------------------------------------------------------

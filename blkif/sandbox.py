@@ -402,6 +402,8 @@ def add_arguments(parser):
                         help="no persistent grants (the backend maps per request)")
     parser.add_argument("--abi", choices=("x86_64", "x86_32", "arm"),
                         help="ring layout the frontend asks for (default: native)")
+    parser.add_argument("--engine", choices=("c", "python"),
+                        help="the backend's datapath (blkif serve --engine; default c)")
     parser.add_argument("--workdir", metavar="DIR",
                         help="keep the processes' logs, sockets and image here "
                              "(default: a temporary directory, removed)")
@@ -431,6 +433,8 @@ def setup(args):
         front["persistent"] = False
     if args.abi:
         front["abi"] = args.abi
+    if args.engine:
+        serve += ["--engine", args.engine]
     return serve, front
 
 

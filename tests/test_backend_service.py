@@ -490,3 +490,43 @@ def test_crash_loop_backs_off_then_gives_up():
     assert [round(d / service_mod.FIRST_BACKOFF) for d in delays] == [1, 2, 4, 8, 16]
     svc._crashed(handle)
     assert handle.status == "failed" and handle.restarts == service_mod.MAX_CRASHES
+
+
+@pytest.mark.parametrize("engine", ["c", "python"])
+def test_a_saturating_guest_leaves_the_worker_responsive(hv, tmp_path, engine):
+    """A guest that keeps its ring full never starves the worker's main thread:
+    the status file keeps its heartbeat (no hung-worker kill), and SIGTERM is
+    acted on at once, with every request answered."""
+    svc = Service(hv, tmp_path, "--engine", engine)
+    try:
+        domid, devid = svc.new_vbd(tmp_path / "disk.img")
+        fe = RawFrontend(svc, domid, devid)
+        fe.connect(wants=FrontendWants(0, 1, 0, False))
+        q = fe.queues[0]
+        status_file = os.path.join(svc.state_dir, "vbd-%d-%d.json" % (domid, devid))
+        rng = random.Random(7)
+        submitted, answered, beats = set(), set(), set()
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            while len(submitted) - len(answered) < 64:
+                submitted.add(q.submit_read(rng.randrange(2048) * 4096, 4096))
+            q.kick()
+            q.port.wait(0.05)
+            for comp in q.complete():
+                assert comp.ok
+                answered.add(comp.tag)
+            beats.add(os.stat(status_file).st_mtime)
+        assert len(answered) > 100
+        assert len(beats) >= 2  # rewritten about once a second throughout
+        svc.proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        assert fe.backend_state([S.Closing, S.Closed], timeout=5) in (S.Closing, S.Closed)
+        assert time.monotonic() - start < 1.0
+        done = fe.run(q, submitted - answered, timeout=10)
+        assert all(comp.ok for comp in done.values())
+        fe.xs.switch_state(fe.front + "/state", S.Closed)
+        assert svc.stop() == 0
+        fe.shutdown()
+    finally:
+        svc.close()
+    assert "Traceback" not in svc.output()

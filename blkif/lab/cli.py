@@ -13,7 +13,7 @@ import sys
 import time
 
 from blkif.errors import BlkifError, UsageError
-from blkif.lab import phases
+from blkif.lab import perf, phases
 from blkif.lab.report import Report, format_failure, format_table
 
 # Debian package -> a file that proves it is installed (dom0 uses the host's).
@@ -26,12 +26,17 @@ PACKAGES = {
     "busybox-static": "/bin/busybox",
     "e2fsprogs": "/sbin/mke2fs",
 }
+# What --perf needs besides: QEMU's Xen device model (qdisk) and fio for the guest.
+PERF_PACKAGES = {
+    "qemu-system-xen": "/usr/libexec/xen-qemu-system-i386",
+    "fio": "/usr/bin/fio",
+}
 
 
-def missing_packages(exists=os.path.exists, installed=None):
+def missing_packages(exists=os.path.exists, installed=None, packages=PACKAGES):
     """Packages whose proof file is missing (or dpkg says absent)."""
     missing = []
-    for package, proof in PACKAGES.items():
+    for package, proof in packages.items():
         if proof is not None:
             ok = exists(proof)
         else:
@@ -47,9 +52,9 @@ def _dpkg_installed(package):
     return out.returncode == 0 and out.stdout.endswith("installed")
 
 
-def ensure_packages():
+def ensure_packages(packages=PACKAGES):
     """Install missing packages as root; BlkifError naming them otherwise."""
-    missing = missing_packages()
+    missing = missing_packages(packages=packages)
     if not missing:
         return "all present"
     if os.geteuid() != 0:
@@ -85,8 +90,8 @@ def parse_only(text):
 def add_arguments(parser):
     parser.add_argument("--workdir", default=None,
                         help="artifacts and logs (default: lab-work/ in the project)")
-    parser.add_argument("--timeout", type=int, default=600,
-                        help="seconds for the whole run (default 600)")
+    parser.add_argument("--timeout", type=int, default=None,
+                        help="seconds for the whole run (default 600; 3600 with --perf)")
     parser.add_argument("--only", metavar="PHASES",
                         help="comma list of %s (default: all)" % ",".join(phases.PHASES))
     parser.add_argument("--seed", type=int, default=None,
@@ -95,6 +100,12 @@ def add_arguments(parser):
                         help="leave Xen running after the phases until Ctrl-C "
                              "(drive dom0 through WORKDIR/ctl, see docs/lab.md)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--perf", action="store_true",
+                        help="instead of the phases: fio in a guest against kernel blkback, "
+                             "QEMU qdisk and blkif serve, configurations A and B, one boot; "
+                             "prints the ratio table, writes WORKDIR/perf.json (docs/lab.md)")
+    parser.add_argument("--perf-runtime", type=int, default=10, metavar="SECONDS",
+                        help="seconds per fio job with --perf (default 10)")
 
 
 class Terminated(BlkifError):
@@ -114,6 +125,8 @@ def run(args):
 
 
 def _run(args):
+    if args.timeout is None:
+        args.timeout = 3600 if args.perf else 600
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
     chosen = parse_only(args.only)
@@ -139,12 +152,20 @@ def _run_locked(args, chosen, workdir):
         print("lab: %s: %s ..." % (phase, check), file=progress, flush=True)
         return lab.timed(phase, check, fn, *fn_args)
 
+    perf_run = None
     try:
-        step("setup", "packages", ensure_packages)
+        step("setup", "packages", ensure_packages,
+             dict(PACKAGES, **PERF_PACKAGES) if args.perf else PACKAGES)
         step("setup", "build", lab.build, seed)
+        if args.perf:
+            perf_run = perf.PerfRun(lab, args.perf_runtime)
+            step("setup", "perf guest", perf_run.build)
+            chosen = {"boot", "dom0", "perf"}
         step("boot", "xen+dom0 to agent", lab.boot)
         if "dom0" in chosen:
             step("dom0", "xen tools up", lab.setup_dom0)
+        if "perf" in chosen:
+            step("perf", "blkback, qdisk and blkif serve under fio", perf_run.run)
         if "baseline" in chosen:
             step("baseline", "linux blkback vs linux blkfront", lab.baseline)
         for name, why in (("backend", phases.available_backend()),
@@ -167,6 +188,8 @@ def _run_locked(args, chosen, workdir):
         report.add("cleanup", "qemu stopped", *lab.close())
         report.seconds = time.monotonic() - started
     print(report.as_json() if args.json else format_table(report))
+    if perf_run is not None and perf_run.table and not args.json:
+        print(perf.format_ratio_table(perf_run.table))
     if report.failure:
         print(format_failure(report.failure), file=sys.stderr)
     return 0 if report.ok else 1

@@ -30,6 +30,7 @@ DOM0_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
 GUEST_MODULES = ("xen-blkfront", "crc32c_generic", "ext4")
 # Real tools copied into the guest with their libraries (busybox has no mkfs).
 GUEST_TOOLS = ("/sbin/mke2fs", "/sbin/e2fsck")
+PERF_TOOLS = ("/usr/bin/fio",)  # the perf guest's (blkif.lab.perf)
 GUEST_TOOL_LINKS = {"/sbin/mkfs.ext4": "mke2fs", "/sbin/fsck.ext4": "e2fsck"}
 GUEST_CONFIG_FILES = ("/etc/mke2fs.conf",)
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000"
@@ -164,8 +165,9 @@ def dom0_manifest(busybox, applets, modules_root, module_paths, workdir):
     return m
 
 
-def guest_manifest(busybox, applets, modules_root, module_paths, tools, plan_text):
-    """Manifest of the guest's initramfs.
+def guest_manifest(busybox, applets, modules_root, module_paths, tools, plan_text,
+                   init=None):
+    """Manifest of the guest's initramfs (its init: ``init``, default GUEST_INIT).
 
     ``tools`` maps each tool's path to the library paths ldd gave for it.
     """
@@ -189,7 +191,7 @@ def guest_manifest(busybox, applets, modules_root, module_paths, tools, plan_tex
         if os.path.exists(conf):
             m.file(conf, source=conf)
     m.file("/etc/lab/plan", plan_text)
-    m.file("/init", GUEST_INIT, mode=0o755)
+    m.file("/init", init or GUEST_INIT, mode=0o755)
     return m
 
 
@@ -378,5 +380,21 @@ def build_guest(path, version, plan_text, discard_text, busybox="/bin/busybox",
     tools = {tool: _ldd(tool) for tool in GUEST_TOOLS}
     manifest = guest_manifest(busybox, _applets(busybox), root, order, tools, plan_text)
     manifest.file("/etc/lab/discard", discard_text)
+    with open(path, "wb") as f:
+        return write_newc(manifest, f)
+
+
+def build_perf_guest(path, version, init, files, busybox="/bin/busybox",
+                     modules_root="/lib/modules"):
+    """The perf guest's initramfs (``blkif.lab.perf``): the guest's, plus fio
+    and its libraries, with ``init`` and ``files`` {path: text}; its size."""
+    from blkif.lab.cpio import write_newc
+
+    root = os.path.join(modules_root, version)
+    order = module_load_order(_modules_table(version, modules_root), GUEST_MODULES)
+    tools = {tool: _ldd(tool) for tool in GUEST_TOOLS + PERF_TOOLS}
+    manifest = guest_manifest(busybox, _applets(busybox), root, order, tools, "", init=init)
+    for name, text in files.items():
+        manifest.file(name, text)
     with open(path, "wb") as f:
         return write_newc(manifest, f)

@@ -359,15 +359,20 @@ class Lab:
     # -- guests -----------------------------------------------------------
 
     def run_guest(self, phase, name, disk, mode, blkfront=BLKFRONT_PARAMS,
-                  memory=GUEST_MEMORY_MB):
+                  memory=GUEST_MEMORY_MB, vcpus=GUEST_VCPUS, ramdisk=None, extra=None,
+                  timeout=TIMEOUTS["guest"]):
         """xl create a guest, wait for its ``LAB DONE``, add a row per check.
 
-        Returns (domid, ConsoleReport).  StepFailed if it never finishes.
+        The workload guest by default; ``ramdisk`` and ``extra`` (its kernel
+        command line) make another.  Returns (domid, ConsoleReport).
+        StepFailed if it never finishes within ``timeout`` seconds.
         """
         cfg = os.path.join(self.workdir, "guests", name + ".cfg")
         with open(cfg, "w") as f:
-            f.write(xl_config(name, self.kernel, os.path.join(self.workdir, "guest.cpio"),
-                              disk, guest_extra(mode, blkfront), memory=memory))
+            f.write(xl_config(name, self.kernel,
+                              ramdisk or os.path.join(self.workdir, "guest.cpio"), disk,
+                              extra or guest_extra(mode, blkfront), memory=memory,
+                              vcpus=vcpus))
         start = time.monotonic()
         self.sh("%s: xl create %s" % (phase, name), "xl create %s" % shlex.quote(cfg),
                 TIMEOUTS["create"])
@@ -375,14 +380,14 @@ class Lab:
         self.report.add(phase, "xl create " + name, "pass", "domid %s" % domid,
                         time.monotonic() - start)
         log = self.console_log(name)
-        deadline = time.monotonic() + self.budget(TIMEOUTS["guest"], "%s: guest %s" % (phase, name))
+        deadline = time.monotonic() + self.budget(timeout, "%s: guest %s" % (phase, name))
         guest = workload.ConsoleReport()
         while guest.done is None:
             if not self._alive():
                 raise StepFailed("%s: guest %s" % (phase, name), "QEMU exited")
             if time.monotonic() > deadline:
                 raise StepFailed("%s: guest %s" % (phase, name),
-                                 "no LAB DONE on its console within %ds" % TIMEOUTS["guest"])
+                                 "no LAB DONE on its console within %ds" % timeout)
             time.sleep(0.5)
             if os.path.exists(log):
                 with open(log, errors="replace") as f:
@@ -412,9 +417,9 @@ class Lab:
                 backend.get("state"), frontend.get("state")))
         return backend, frontend
 
-    def destroy(self, phase, name, domid, backend_domid=0):
+    def destroy(self, phase, name, domid, backend_domid=0, kind="vbd"):
         """xl destroy, then wait for libxl to remove the backend directory."""
-        back = "/local/domain/%d/backend/vbd/%d" % (backend_domid, domid)
+        back = "/local/domain/%d/backend/%s/%d" % (backend_domid, kind, domid)
         body = ("xl destroy %s\n"
                 "for i in $(seq 150); do xenstore-exists %s || exit 0; sleep 0.2; done\n"
                 "echo backend nodes still there: ; xenstore-ls -f %s; exit 1") % (name, back, back)

@@ -1,0 +1,261 @@
+"""``blkif lab --perf``: kernel blkback, QEMU qdisk and ``blkif serve`` in one boot.
+
+Each backend in turn serves the same preallocated image, on a buffered loop
+device in dom0's tmpfs, to a PV guest that runs fio (Debian's, with every
+library ``ldd`` names, in its initramfs) on /dev/xvda and prints each job's
+JSON between ``LAB FIO <job> BEGIN`` and ``END`` lines on its console.  Two
+guest configurations (:data:`CONFIGS`): A is 1 vCPU with blkfront's
+defaults; B is 2 vCPUs with ``max_indirect_segments=512
+max_ring_page_order=4`` and 1536 MiB (blkfront preallocates a page per
+persistent grant).  Our backend's B guest also runs a crc32c-verified fio
+job.  Runs go backend by backend (kernel blkback must be unloaded for ours),
+and only ratios between backends of this one boot mean anything under TCG.
+
+The result is a table per configuration (:func:`ratio_table`) and
+``perf.json`` in the work directory.  Everything but :class:`PerfRun` is pure.
+"""
+import json
+import os
+import re
+
+from blkif.lab import initramfs, phases
+
+# (job, fio options); 4 KiB jobs are judged on IOPS (QD1 on latency), 1 MiB on MB/s.
+JOBS = (
+    ("randread-4k-qd32", "--rw=randread --bs=4k --iodepth=32"),
+    ("randwrite-4k-qd32", "--rw=randwrite --bs=4k --iodepth=32"),
+    ("randread-4k-qd1", "--rw=randread --bs=4k --iodepth=1"),
+    ("read-1m-qd8", "--rw=read --bs=1m --iodepth=8"),
+    ("write-1m-qd8", "--rw=write --bs=1m --iodepth=8"),
+)
+FIO_COMMON = ("--filename=/dev/xvda --direct=1 --ioengine=libaio --time_based "
+              "--runtime={runtime} --ramp_time=2 --norandommap --randrepeat=0 "
+              "--lat_percentiles=1 --output-format=json")
+# Mixed 4 KiB..1 MiB random writes, each block checked with crc32c on read back.
+FIO_VERIFY = ("--name=verify --filename=/dev/xvda --direct=1 --ioengine=libaio "
+              "--rw=randwrite --bssplit=4k/40:64k/30:1m/30 --iodepth=8 --size=48m "
+              "--verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=json")
+CONFIGS = {
+    "A": {"vcpus": 1, "memory": 256, "blkfront": ""},
+    "B": {"vcpus": 2, "memory": 1536, "blkfront": "max_indirect_segments=512,"
+                                                 "max_ring_page_order=4"},
+}
+BACKENDS = ("blkback", "qdisk", "blkif")
+IMAGE = "/run/lab/perf.img"
+IMAGE_BYTES = 256 << 20
+
+PERF_INIT = r"""#!/bin/sh
+# blkif lab --perf: guest init (generated).  Loads xen-blkfront (labblk=
+# parameters), runs each fio job of /etc/lab/jobs on /dev/xvda with its JSON
+# between LAB FIO markers, the crc32c job with labverify=1; then idles.
+export PATH=/sbin:/bin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+BLK= VERIFY=0 FAILED=0
+for a in $(cat /proc/cmdline); do
+  case "$a" in
+    labblk=*) BLK=$(echo "${a#labblk=}" | tr , ' ') ;;
+    labverify=*) VERIFY=${a#labverify=} ;;
+  esac
+done
+say() { echo "LAB $*"; }
+for m in $(cat /etc/lab/modules); do
+  case "$m" in
+    */xen-blkfront.ko) insmod "$m" $BLK ;;
+    *) insmod "$m" ;;
+  esac || say "WARN insmod $m failed"
+done
+i=0
+while [ ! -b /dev/xvda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+if [ ! -b /dev/xvda ]; then say "CHECK attach fail no /dev/xvda"; say "DONE rc=1"; exec sleep 100000; fi
+q=/sys/block/xvda/queue
+say "VALUE max_segments=$(cat $q/max_segments) max_hw_sectors_kb=$(cat $q/max_hw_sectors_kb)" \
+    "nr_queues=$(set -- /sys/block/xvda/mq/*; echo $#)"
+while read -r name args; do
+  say "FIO $name BEGIN"
+  /usr/bin/fio --name=$name $args $(cat /etc/lab/fio-common)
+  say "FIO $name END rc=$?"
+done < /etc/lab/jobs
+if [ "$VERIFY" = 1 ]; then
+  say "FIO verify BEGIN"
+  /usr/bin/fio $(cat /etc/lab/fio-verify); r=$?
+  say "FIO verify END rc=$r"
+  if [ $r = 0 ]; then say "CHECK fio-crc32c pass mixed 4k-1m random writes verified"
+  else say "CHECK fio-crc32c fail fio exit $r"; FAILED=1; fi
+fi
+if dmesg | grep -qiE 'I/O error|blk_update_request|Oops|BUG:'; then
+  say "CHECK kernel-log fail $(dmesg | grep -iE 'I/O error|Oops|BUG:' | head -1)"; FAILED=1
+else
+  say "CHECK kernel-log pass no I/O error or oops"
+fi
+say "DONE rc=$FAILED"
+exec sleep 100000
+"""
+
+_FIO = re.compile(r"LAB FIO (\S+) (BEGIN|END)(?: rc=(\d+))?")
+
+
+def jobs_text():
+    return "".join("%s %s\n" % job for job in JOBS)
+
+
+def parse_fio_console(text):
+    """{job: fio's JSON, or {"error": ...}} from a perf guest's console log."""
+    out, name, lines = {}, None, []
+    for raw in text.splitlines():
+        m = _FIO.search(raw)
+        if m and m.group(2) == "BEGIN":
+            name, lines = m.group(1), []
+        elif m and name == m.group(1):
+            body = "\n".join(lines)
+            try:
+                out[name] = json.loads(body[body.index("{"):body.rindex("}") + 1])
+            except ValueError:
+                out[name] = {"error": "fio rc=%s, no JSON" % m.group(3)}
+            name = None
+        elif name is not None:
+            lines.append(raw.rstrip("\r"))
+    return out
+
+
+def job_figures(fio_json):
+    """IOPS, MB/s and p50/mean completion latency (ms) of one fio job's JSON."""
+    job = fio_json["jobs"][0]
+    side = job["read"] if job["read"]["io_bytes"] else job["write"]
+    lat = side["lat_ns"]
+    return {"iops": round(side["iops"], 1), "mb_per_s": round(side["bw_bytes"] / 1e6, 2),
+            "p50_ms": round(lat["percentile"]["50.000000"] / 1e6, 3),
+            "mean_ms": round(lat["mean"] / 1e6, 3)}
+
+
+def metric(job):
+    """What a job is judged on: (figure, higher is better)."""
+    if job.endswith("-qd1"):
+        return "mean_ms", False
+    if "-1m-" in job:
+        return "mb_per_s", True
+    return "iops", True
+
+
+def ratio_table(results):
+    """{config: {job: {backend: figure, "ours/blkback": r, "ours/qdisk": r}}}.
+
+    For latency (QD1) the ratio is ours over theirs too: lower is better there.
+    """
+    table = {}
+    for config, by_backend in results.items():
+        rows = {}
+        for job, _ in JOBS:
+            figure, _ = metric(job)
+            row = {b: by_backend.get(b, {}).get(job, {}).get(figure) for b in BACKENDS}
+            for other in ("blkback", "qdisk"):
+                ours, theirs = row["blkif"], row[other]
+                row["ours/%s" % other] = round(ours / theirs, 3) if ours and theirs else None
+            row["figure"] = figure
+            rows[job] = row
+        table[config] = rows
+    return table
+
+
+def format_ratio_table(table):
+    lines = []
+    for config, rows in table.items():
+        lines.append("config %s (%s)" % (config, CONFIGS[config]["blkfront"] or
+                                         "blkfront defaults, 1 vCPU"))
+        lines.append("%-20s %-9s %10s %10s %10s %14s %12s" % (
+            "job", "figure", "blkback", "qdisk", "blkif", "ours/blkback", "ours/qdisk"))
+        for job, row in rows.items():
+            cells = ["%10s" % ("-" if row[b] is None else row[b]) for b in BACKENDS]
+            ratios = ["%14s" % (row["ours/blkback"] or "-"), "%12s" % (row["ours/qdisk"] or "-")]
+            lines.append("%-20s %-9s %s %s" % (job, row["figure"], " ".join(cells),
+                                              " ".join(ratios)))
+    return "\n".join(lines)
+
+
+def disk_spec(backend, loop, script):
+    if backend == "blkback":
+        return "phy:%s,%s,w" % (loop, phases.VDEV)
+    if backend == "qdisk":
+        return "format=raw,vdev=%s,access=rw,backendtype=qdisk,target=%s" % (phases.VDEV, loop)
+    return phases.backend_disk_spec(loop, script)
+
+
+class PerfRun:
+    """The perf phase on a booted lab (``phases.Lab``)."""
+
+    def __init__(self, lab, runtime=10):
+        self.lab, self.runtime = lab, runtime
+        self.table = None
+        self.ramdisk = os.path.join(lab.workdir, "guest-perf.cpio")
+
+    def build(self):
+        version = initramfs.find_kernel()[0]
+        size = initramfs.build_perf_guest(
+            self.ramdisk, version, PERF_INIT,
+            {"/etc/lab/jobs": jobs_text(),
+             "/etc/lab/fio-common": FIO_COMMON.format(runtime=self.runtime),
+             "/etc/lab/fio-verify": FIO_VERIFY})
+        return "perf guest initramfs %d MiB (fio and its libraries)" % (size >> 20)
+
+    def run(self):
+        lab = self.lab
+        results = {config: {} for config in CONFIGS}
+        loop = lab.sh("perf: loop device", (
+            "modprobe -a xen-blkback loop\nmkdir -p /run/lab\n"
+            "dd if=/dev/urandom of=%s bs=1M count=%d 2>/dev/null\n"
+            "losetup -f --show %s") % (IMAGE, IMAGE_BYTES >> 20, IMAGE)).out.strip().splitlines()[-1]
+        script = os.path.join(lab.workdir, "hotplug-connected.sh")
+        with open(script, "w") as f:
+            f.write(phases.HOTPLUG_SCRIPT)
+        os.chmod(script, 0o755)
+        pidfile = os.path.join(lab.workdir, "ctl", "serve.pid")
+        try:
+            for backend in BACKENDS:
+                if backend == "blkif":
+                    lab.sh("perf: start blkif serve", PERF_SERVE_START.format(
+                        argv=phases.serve_argv(lab.python),
+                        log=os.path.join(lab.logs, "serve-perf.log"), pidfile=pidfile))
+                for config, params in CONFIGS.items():
+                    verify = backend == "blkif" and config == "B"
+                    results[config][backend] = self.guest(
+                        backend, config, params, disk_spec(backend, loop, script), verify)
+        finally:
+            lab.cleanup_sh(phases.SERVE_STOP.format(pidfile=pidfile))
+            lab.cleanup_sh("losetup -d %s; rm -f %s" % (loop, IMAGE))
+        self.table = ratio_table(results)
+        path = os.path.join(lab.workdir, "perf.json")
+        with open(path, "w") as f:
+            json.dump({"runtime": self.runtime, "results": results, "ratios": self.table}, f,
+                      indent=1, sort_keys=True)
+        return "%d guests; ratios in %s" % (len(BACKENDS) * len(CONFIGS), path)
+
+    def guest(self, backend, config, params, disk, verify):
+        lab = self.lab
+        name = "perf-%s-%s" % (backend, config)
+        extra = "console=hvc0 quiet labblk=%s labverify=%d" % (params["blkfront"], verify)
+        timeout = 120 + len(JOBS) * (self.runtime + 20) + (240 if verify else 0)
+        domid, report = lab.run_guest("perf", name, disk, None, memory=params["memory"],
+                                      vcpus=params["vcpus"], ramdisk=self.ramdisk,
+                                      extra=extra, timeout=timeout)
+        with open(lab.console_log(name), errors="replace") as f:
+            fio = parse_fio_console(f.read())
+        figures = {}
+        for job, _ in JOBS:
+            if job in fio and "jobs" in fio[job]:
+                figures[job] = job_figures(fio[job])
+        lab.report.add("perf", "%s %s" % (backend, config), "pass" if len(figures) == len(JOBS)
+                       else "fail", " ".join("%s=%s" % (j, f[metric(j)[0]])
+                                             for j, f in figures.items()))
+        lab.destroy("perf", name, domid, backend_domid=0,
+                    kind="qdisk" if backend == "qdisk" else "vbd")
+        return figures
+
+
+PERF_SERVE_START = """rmmod xen-blkback 2>/dev/null || true
+PYTHONFAULTHANDLER=1 setsid {argv} > {log} 2>&1 < /dev/null &
+echo $! > {pidfile}
+sleep 3
+kill -0 $(cat {pidfile}) || {{ echo "blkif serve exited:"; tail -5 {log}; exit 1; }}
+"""
+

@@ -1,0 +1,62 @@
+"""``blkif lab --perf`` (blkif/lab/perf.py): the guest's console parsed, fio's
+figures taken from real fio JSON, the ratio table, the disk specs."""
+import shutil
+import subprocess
+
+import pytest
+
+from blkif.lab import perf
+from helpers import require_tool
+
+
+@pytest.fixture(scope="module")
+def fio_json(tmp_path_factory):
+    """Real fio output: a short 4 KiB random read job on a file."""
+    require_tool("fio")
+    path = tmp_path_factory.mktemp("fio") / "disk"
+    path.write_bytes(b"\1" * (4 << 20))
+    run = subprocess.run([shutil.which("fio"), "--name=randread-4k-qd32", "--filename=%s" % path,
+                          "--rw=randread", "--bs=4k", "--iodepth=4", "--ioengine=psync",
+                          "--time_based", "--runtime=0.3", "--lat_percentiles=1",
+                          "--output-format=json"], capture_output=True, text=True, check=True)
+    return run.stdout
+
+
+def test_fio_json_between_markers_among_console_noise(fio_json):
+    console = ("LAB VALUE max_segments=11\n[   3.1] random kernel line\n"
+               "LAB FIO randread-4k-qd32 BEGIN\r\n" + fio_json.replace("\n", "\r\n")
+               + "LAB FIO randread-4k-qd32 END rc=0\r\n"
+               "LAB FIO write-1m-qd8 BEGIN\nfio: error\nLAB FIO write-1m-qd8 END rc=1\n")
+    jobs = perf.parse_fio_console(console)
+    assert set(jobs) == {"randread-4k-qd32", "write-1m-qd8"}
+    assert jobs["write-1m-qd8"] == {"error": "fio rc=1, no JSON"}
+    figures = perf.job_figures(jobs["randread-4k-qd32"])
+    assert figures["iops"] > 0 and figures["mb_per_s"] == pytest.approx(
+        figures["iops"] * 4096 / 1e6, rel=0.05)
+    assert 0 < figures["p50_ms"] and 0 < figures["mean_ms"]
+
+
+def test_ratio_table_judges_each_job_on_its_figure():
+    def figures(iops, mb, mean):
+        return {job: {"iops": iops, "mb_per_s": mb, "mean_ms": mean, "p50_ms": mean}
+                for job, _ in perf.JOBS}
+    results = {"B": {"blkback": figures(1000, 200, 2.0), "qdisk": figures(500, 50, 4.0),
+                     "blkif": figures(900, 220, 2.4)}, "A": {"blkback": figures(1, 1, 1)}}
+    table = perf.ratio_table(results)
+    row = table["B"]["randread-4k-qd32"]
+    assert (row["figure"], row["ours/blkback"], row["ours/qdisk"]) == ("iops", 0.9, 1.8)
+    assert table["B"]["read-1m-qd8"]["ours/blkback"] == 1.1
+    assert table["B"]["randread-4k-qd1"]["figure"] == "mean_ms"
+    assert table["B"]["randread-4k-qd1"]["ours/blkback"] == 1.2  # latency: lower is better
+    assert table["A"]["write-1m-qd8"]["ours/blkback"] is None  # no run of ours
+    text = perf.format_ratio_table(table)
+    assert "config B (max_indirect_segments=512,max_ring_page_order=4)" in text
+    assert len(text.splitlines()) == 2 * (2 + len(perf.JOBS))
+
+
+def test_disk_specs_and_jobs():
+    assert perf.disk_spec("blkback", "/dev/loop0", "/s") == "phy:/dev/loop0,xvda,w"
+    assert "backendtype=qdisk" in perf.disk_spec("qdisk", "/dev/loop0", "/s")
+    assert "script=/s" in perf.disk_spec("blkif", "/dev/loop0", "/s")
+    assert [line.split()[0] for line in perf.jobs_text().splitlines()] == [
+        job for job, _ in perf.JOBS]
