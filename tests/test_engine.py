@@ -60,7 +60,7 @@ def py_decode(abi, limits, raw, indirect_pages=b""):
     ffi.memmove(decoder._buf, raw, len(raw))
     try:
         req = decoder.decode()
-        if req.grefs is None:
+        if req.operation == c.BLKIF_OP_INDIRECT:
             decoder.read_indirect(req, indirect_pages)
     except RequestError as err:
         return ("error", err.status, err.operation, err.id)

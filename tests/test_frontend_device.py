@@ -596,13 +596,29 @@ def write_some(dev, rng, count=16):
     return out
 
 
+def stop_process(pid, timeout=5):
+    """SIGSTOP ``pid`` and wait until every one of its threads has stopped
+    (kill() returns before the group stop reaches a thread busy in a ring)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for tid in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if all(state in "tT" for state in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError("process %d did not stop" % pid)
+
+
 def test_killed_worker_fails_what_is_pending_then_reconnects(served, vbd):
     image, devid, guest, platform = vbd
     rng = random.Random("kill")
     with BlockDevice.attach(guest, platform, DOMID, devid, FrontendOptions(timeout=10)) as dev:
         model = exercise(dev, image, rng, rounds=1)
         pid = served.worker_pid(devid)
-        os.kill(pid, signal.SIGSTOP)  # requests stay on the rings, unserved
+        stop_process(pid)  # requests stay on the rings, unserved
         pending = [h for h, _, _ in write_some(dev, rng)]
         pending += [dev.submit_read(o, n) for o, n in pick_ranges(rng, dev.size, 8)]
         assert not dev.wait(pending, 0.1)

@@ -207,6 +207,10 @@ class Service:
             if code is None:
                 continue
             handle.last_exit = describe_exit(code)
+            if code == 0:
+                # A worker exits 0 only when told to, or on its own once its
+                # VBD is removed (it may see that before our watch does).
+                handle.status = "stopping"
             self._record_final(handle)
             if handle.status == "stopping" or self.stopping:
                 log.info("%s: worker %d stopped (%s)", handle.label, handle.proc.pid,
