@@ -36,12 +36,13 @@ FIO_VERIFY = ("--name=verify --filename=/dev/xvda --direct=1 --ioengine=libaio "
               "--rw=randwrite --bssplit=4k/40:64k/30:1m/30 --iodepth=8 --size=48m "
               "--verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=json")
 CONFIGS = {
-    "A": {"vcpus": 1, "memory": 256, "blkfront": ""},
+    "A": {"vcpus": 1, "memory": 512, "blkfront": ""},
     "B": {"vcpus": 2, "memory": 1536, "blkfront": "max_indirect_segments=512,"
                                                  "max_ring_page_order=4"},
 }
 BACKENDS = ("blkback", "qdisk", "blkif")
 IMAGE = "/run/lab/perf.img"
+RAMDISK = "/run/lab/guest-perf.cpio.gz"  # in dom0's tmpfs: libxl reads it at each create
 IMAGE_BYTES = 256 << 20
 
 PERF_INIT = r"""#!/bin/sh
@@ -187,7 +188,7 @@ class PerfRun:
     def __init__(self, lab, runtime=10):
         self.lab, self.runtime = lab, runtime
         self.table = None
-        self.ramdisk = os.path.join(lab.workdir, "guest-perf.cpio")
+        self.ramdisk = os.path.join(lab.workdir, "guest-perf.cpio.gz")
 
     def build(self):
         version = initramfs.find_kernel()[0]
@@ -202,9 +203,10 @@ class PerfRun:
         lab = self.lab
         results = {config: {} for config in CONFIGS}
         loop = lab.sh("perf: loop device", (
-            "modprobe -a xen-blkback loop\nmkdir -p /run/lab\n"
+            "modprobe -a xen-blkback loop\nmkdir -p /run/lab\ncp %s %s\n"
             "dd if=/dev/urandom of=%s bs=1M count=%d 2>/dev/null\n"
-            "losetup -f --show %s") % (IMAGE, IMAGE_BYTES >> 20, IMAGE)).out.strip().splitlines()[-1]
+            "losetup -f --show %s") % (self.ramdisk, RAMDISK, IMAGE, IMAGE_BYTES >> 20, IMAGE),
+            timeout=300).out.strip().splitlines()[-1]
         script = os.path.join(lab.workdir, "hotplug-connected.sh")
         with open(script, "w") as f:
             f.write(phases.HOTPLUG_SCRIPT)
@@ -222,7 +224,7 @@ class PerfRun:
                         backend, config, params, disk_spec(backend, loop, script), verify)
         finally:
             lab.cleanup_sh(phases.SERVE_STOP.format(pidfile=pidfile))
-            lab.cleanup_sh("losetup -d %s; rm -f %s" % (loop, IMAGE))
+            lab.cleanup_sh("losetup -d %s; rm -f %s %s" % (loop, IMAGE, RAMDISK))
         self.table = ratio_table(results)
         path = os.path.join(lab.workdir, "perf.json")
         with open(path, "w") as f:
@@ -236,7 +238,7 @@ class PerfRun:
         extra = "console=hvc0 quiet labblk=%s labverify=%d" % (params["blkfront"], verify)
         timeout = 120 + len(JOBS) * (self.runtime + 20) + (240 if verify else 0)
         domid, report = lab.run_guest("perf", name, disk, None, memory=params["memory"],
-                                      vcpus=params["vcpus"], ramdisk=self.ramdisk,
+                                      vcpus=params["vcpus"], ramdisk=RAMDISK,
                                       extra=extra, timeout=timeout)
         with open(lab.console_log(name), errors="replace") as f:
             fio = parse_fio_console(f.read())
