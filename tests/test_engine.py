@@ -18,6 +18,7 @@ from blkif.abi import X86_32, X86_64, constants as c, ffi, lib
 from blkif.backend.engine import RingEngine
 from blkif.request import Limits, RequestDecoder, RequestEncoder, RequestError
 from blkif.ring import FrontRing
+from helpers import require
 from test_request import BAD, ABIS, roundtrip
 from test_ring_service import SECTORS, Rig, hypervisor, image  # noqa: F401 - fixtures
 
@@ -250,4 +251,27 @@ def test_an_event_storm_costs_bounded_cpu(hypervisor, image):
     assert cpu < 0.35, "engine thread used %.2f s of CPU in a 1 s storm" % cpu
     rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 1, 0, [(rig.data.refs[0], 0, 7)])
     assert rig.run() == [(1, 0, OKAY)]  # and still serves the ring at once
+    rig.close()
+
+
+def test_io_uring_refused_falls_back_to_threads(hypervisor, image):
+    """With io_uring disabled (kernel.io_uring_disabled=2, as on a locked-down
+    host) the engine says why and serves with its pool of threads."""
+    knob = "/proc/sys/kernel/io_uring_disabled"
+    require(os.access(knob, os.W_OK), "a writable %s (root, Linux 6.6 or later)" % knob)
+    with open(knob) as f:
+        old = f.read()
+    try:
+        with open(knob, "w") as f:
+            f.write("2")
+        rig = Rig(hypervisor, image)  # the engine is set up at once, io_uring first
+    finally:
+        with open(knob, "w") as f:
+            f.write(old)
+    assert rig.server.io_mode == "threads"
+    assert rig.server.io_note.startswith("io_uring refused (Operation not permitted)")
+    rig.data.buffer[:4096] = b"t" * 4096
+    rig.enc.rw(rig.ring, c.BLKIF_OP_WRITE, 1, 8, [(rig.data.refs[0], 0, 7)])
+    assert rig.run() == [(1, c.BLKIF_OP_WRITE, OKAY)]
+    assert image.read_bytes()[8 * 512:8 * 512 + 4096] == b"t" * 4096
     rig.close()

@@ -8,7 +8,7 @@ import pytest
 
 from blkif.abi import X86_32, X86_64, constants as c
 from blkif.backend.ring_service import RingServer
-from blkif.backend.store import Store
+from blkif.backend.backing import Store
 from blkif.errors import LocalProtocolError
 from blkif.frontend.queue import FrontQueue
 from blkif.platform import open_platform

@@ -11,7 +11,7 @@ import pytest
 from blkif.abi import X86_32, X86_64, constants as c
 from blkif.backend.engine import RingEngine
 from blkif.backend.ring_service import RingServer
-from blkif.backend.store import Store
+from blkif.backend.backing import Store
 from blkif.errors import RemoteProtocolError
 from blkif.platform import open_platform
 from blkif.platform.sim import SimHypervisor

@@ -62,11 +62,14 @@ def add_arguments(parser):
 def _row(vbd, worker):
     c = vbd["counters"]
     ops = c["ops"]
-    return "%-6d %-6d %-10s %-8s %8d %8d %8d %6d %6d %10d %10d %6d %6d" % (
+    neg = vbd.get("negotiated") or {}
+    io = "%s/%s" % (neg["engine"], neg["io"]) if "io" in neg else "-"
+    return "%-6d %-6d %-10s %-8s %8d %8d %8d %6d %6d %10d %10d %6d %6d %7d %-12s" % (
         vbd["domid"], vbd["devid"], vbd["state"], worker.get("status", "-"),
         c["requests"], ops.get("read", 0), ops.get("write", 0),
         ops.get("flush_diskcache", 0) + ops.get("write_barrier", 0), ops.get("discard", 0),
-        c["read_bytes"], c["write_bytes"], c["errors"], c["in_flight"])
+        c["read_bytes"], c["write_bytes"], c["errors"], c["in_flight"],
+        c.get("persistent_grants", 0), io)
 
 
 def run(args):
@@ -80,9 +83,9 @@ def run(args):
         print("service pid %d, %d VBD(s), state %s" % (svc["pid"], len(svc["workers"]),
                                                      svc["state"]))
         workers = {(w["domid"], w["devid"]): w for w in svc["workers"]}
-    print("%-6s %-6s %-10s %-8s %8s %8s %8s %6s %6s %10s %10s %6s %6s" % (
+    print("%-6s %-6s %-10s %-8s %8s %8s %8s %6s %6s %10s %10s %6s %6s %7s %-12s" % (
         "domid", "devid", "state", "worker", "requests", "reads", "writes", "flush",
-        "disc", "read_B", "write_B", "errors", "flight"))
+        "disc", "read_B", "write_B", "errors", "flight", "pgrants", "engine/io"))
     for vbd in state["vbds"]:
         print(_row(vbd, workers.get((vbd["domid"], vbd["devid"]), {})))
     return 0

@@ -25,7 +25,7 @@ import sys
 import time
 
 from blkif.backend import status
-from blkif.backend.xenbus import BackendOptions, Vbd
+from blkif.backend.vbd import BackendOptions, Vbd
 from blkif.errors import BlkifError, RemoteProtocolError, UsageError
 from blkif.negotiate import MAX_QUEUES
 from blkif.platform import PlatformError, open_platform

@@ -236,7 +236,9 @@ class PerfRun:
         lab = self.lab
         name = "perf-%s-%s" % (backend, config)
         extra = "console=hvc0 quiet labblk=%s labverify=%d" % (params["blkfront"], verify)
-        timeout = 120 + len(JOBS) * (self.runtime + 20) + (240 if verify else 0)
+        # Under TCG a guest of config B takes minutes to load blkfront (it
+        # grants ~1 GiB), and each job's start and JSON add to its runtime.
+        timeout = 300 + len(JOBS) * (self.runtime + 40) + (300 if verify else 0)
         domid, report = lab.run_guest("perf", name, disk, None, memory=params["memory"],
                                       vcpus=params["vcpus"], ramdisk=RAMDISK,
                                       extra=extra, timeout=timeout)

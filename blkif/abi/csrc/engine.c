@@ -503,6 +503,8 @@ static int io_start(struct engine *e)
     return 0;
 }
 
+static void complete(struct engine *e, uint64_t user_data, int64_t res);
+
 static void io_queue(struct engine *e, uint64_t user_data, int op, const struct iovec *iov,
                      uint32_t count, uint64_t offset)
 {
@@ -511,6 +513,10 @@ static void io_queue(struct engine *e, uint64_t user_data, int op, const struct 
         if (!sqe) {          /* the ring is sized for a full ring of requests */
             io_uring_submit(&e->ring);
             sqe = io_uring_get_sqe(&e->ring);
+        }
+        if (!sqe) {          /* the kernel takes nothing more: answer it failed */
+            complete(e, user_data, -EBUSY);
+            return;
         }
         if (op == IO_FSYNC)
             io_uring_prep_fsync(sqe, e->cfg.store_fd, IORING_FSYNC_DATASYNC);
@@ -536,8 +542,6 @@ static void io_submit(struct engine *e)
         e->stats.submits++;
     }
 }
-
-static void complete(struct engine *e, uint64_t user_data, int64_t res);
 
 /* Answer every completion there is; returns how many. */
 static unsigned io_reap(struct engine *e)

@@ -1,4 +1,4 @@
-"""``python -m blkif.platform.bench``: sim platform micro-benchmarks, printed.
+"""``python -m blkif.platform.microbench``: sim platform micro-benchmarks, printed.
 
 Event round trip: two processes (domains 1 and 0) bounce one event.  Map and
 unmap: the backend maps and unmaps N granted pages of the frontend.  Grant
@@ -72,7 +72,7 @@ def bench_copy(path, pages, rounds):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m blkif.platform.bench")
+    parser = argparse.ArgumentParser(prog="python -m blkif.platform.microbench")
     parser.add_argument("--rounds", type=int, default=10000, help="event round trips")
     args = parser.parse_args(argv)
     with SimHypervisor() as hv:

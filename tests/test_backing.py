@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from blkif.backend.store import Store, StoreError
+from blkif.backend.backing import Store, StoreError
 from helpers import require, require_tool
 
 
@@ -47,7 +47,7 @@ def test_discard_is_offered_only_where_holes_can_be_punched(image, monkeypatch):
     with Store(str(image)) as store:
         assert store.discard_supported  # the probe (past the end) changed nothing
     assert image.read_bytes() == before
-    monkeypatch.setattr("blkif.backend.store._punches_holes", lambda fd, size: False)
+    monkeypatch.setattr("blkif.backend.backing._punches_holes", lambda fd, size: False)
     with Store(str(image)) as store:  # e.g. an image on 9p or NFSv3
         assert not store.discard_supported
 

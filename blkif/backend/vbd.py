@@ -34,7 +34,7 @@ from blkif.abi.constants import VDISK_READONLY
 from blkif.backend.counters import RingCounters
 from blkif.backend.engine import RingEngine
 from blkif.backend.ring_service import RingServer
-from blkif.backend.store import Store
+from blkif.backend.backing import Store
 from blkif.errors import RemoteProtocolError
 from blkif.negotiate import MAX_QUEUES, BackendOffer, Connection, DiskInfo, backend_action
 from blkif.platform import PlatformError
