@@ -6,13 +6,13 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_TEST := libxen-dev gcc-multilib xenstore-utils liburing-dev fio
+APT_TEST := libxen-dev gcc-multilib xenstore-utils liburing-dev fio clang libclang-rt-14-dev
 APT_LAB := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils \
            linux-image-amd64 busybox-static cpio e2fsprogs
 BUILD_INPUTS := setup.cfg setup.py pyproject.toml blkif/abi/_cffi_build.py $(wildcard blkif/abi/_cdefs/*.py) \
                 $(wildcard blkif/abi/csrc/*.c)
 
-.PHONY: test demo lab bench apt-test apt-lab clean
+.PHONY: test demo lab bench fuzz apt-test apt-lab clean
 
 test: apt-test $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -24,6 +24,10 @@ demo: $(VENV)/.installed
 # blkif against direct preadv/pwritev on its backing file, pattern by pattern (docs/bench.md).
 bench: $(VENV)/.installed
 	$(PY) -m blkif bench $(BENCH_ARGS)
+
+# The C engine's libFuzzer target under ASan+UBSan, ten minutes on tests/fuzz-corpus.
+fuzz: $(VENV)/.installed
+	$(PY) -m blkif.abi.fuzz --seconds $(or $(FUZZ_SECONDS),600)
 
 lab: $(VENV)/.installed apt-lab
 	$(PY) -m blkif lab
