@@ -97,3 +97,12 @@ def test_guest_init_reports_what_capacity_reads():
         assert needle in GUEST_INIT
     # blkfront is loaded after the other modules, between the two readings.
     assert GUEST_INIT.index("FREE0=$(memfree)") < GUEST_INIT.index('insmod "$BLKFRONT"')
+
+
+def test_backend_maps_check():
+    host = _host(512, "blkif", "max_queues=2,max_ring_page_order=2,max_indirect_segments=256")
+    summary = {"persistent_grants": 2090, "rings_mapped": 2, "ring_page_order": 2}
+    status, detail = capacity.backend_maps_check(summary, host)
+    assert status == "pass" and "keeps 2098 grants mapped" in detail and "at most 2120" in detail
+    assert capacity.backend_maps_check(dict(summary, persistent_grants=2113), host)[0] == "fail"
+    assert capacity.backend_maps_check({}, host)[0] == "fail"

@@ -10,7 +10,8 @@ then reads ``nr_requests x max_hw_sectors_kb`` at once from each CPU
 ``xl debug-keys g`` then makes Xen print each domain's grant table
 (grant_table.c ``gnttab_usage_print``: frames in use and the maximum, maptrack
 frames and their maximum, one line per entry another domain has mapped) on its
-serial console, which the host reads from logs/serial.log.  Checked: the
+serial console, which the host reads from logs/serial.log.  Against our
+backend, ``blkif stats`` gives what it keeps mapped.  Checked: the
 guest's maximum is sizing.MAX_GRANT_FRAMES and dom0's maptrack maximum is
 sizing.MAX_MAPTRACK_FRAMES (the defaults the calculator assumes); the guest's
 frames in use and its entries dom0 has mapped stay within the prediction.
@@ -54,6 +55,22 @@ def memory_check(values, host):
     status = "pass" if abs(used - predicted) <= slack else "fail"
     return status, "blkfront took %.1f MiB, predicted %.1f MiB (tolerance +-%.1f MiB)" % (
         used / 2.0**20, predicted / 2.0**20, slack / 2.0**20)
+
+
+def backend_maps_check(summary, host):
+    """(status, detail): what our backend keeps mapped between requests (its
+    rings and persistent grants, from ``blkif stats``) against
+    ``dom0_maps_idle_per_vbd``."""
+    try:
+        held = summary["persistent_grants"] + summary["rings_mapped"] * (
+            1 << summary["ring_page_order"])
+    except (KeyError, TypeError):
+        return "fail", "blkif stats shows no persistent_grants/rings_mapped/ring_page_order"
+    predicted = sizing.plan(host).value("dom0_maps_idle_per_vbd")
+    return ("pass" if held <= predicted else "fail",
+            "our backend keeps %d grants mapped (%d persistent + %d rings of %d pages), "
+            "predicted at most %d" % (held, summary["persistent_grants"], summary["rings_mapped"],
+                                      1 << summary["ring_page_order"], predicted))
 
 
 _HEADER = re.compile(r"grant-table for remote d(?:omain:)?\s*(\d+)")

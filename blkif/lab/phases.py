@@ -508,14 +508,14 @@ class Lab:
         self.report.add(phase, "blkif serve", "pass", "%s (%d MiB, dom0 tmpfs); log %s" % (
             BACKEND_IMAGE, DISK_BYTES >> 20, serve_log), time.monotonic() - start)
         queues = int(dict(p.split("=") for p in BACKEND_BLKFRONT_PARAMS.split(","))["max_queues"])
+        host = capacity.host_for(BACKEND_BLKFRONT_PARAMS, BACKEND_GUEST_MEMORY_MB,
+                                 GUEST_VCPUS, "blkif")
         try:
             first = self.guest_cycle(
                 phase, backend_disk_spec(BACKEND_IMAGE, script), BACKEND_BLKFRONT_PARAMS,
                 BACKEND_GUEST_MEMORY_MB,
-                connected=lambda domid: self.backend_stats_row(phase, domid, queues),
+                connected=lambda domid: self.backend_stats_row(phase, domid, queues, host),
                 destroyed=lambda domid: self.backend_released_row(phase, domid))
-            host = capacity.host_for(BACKEND_BLKFRONT_PARAMS, BACKEND_GUEST_MEMORY_MB,
-                                     GUEST_VCPUS, "blkif")
             self.report.add(phase, "calc: blkfront memory",
                             *capacity.memory_check(first.values, host))
             start = time.monotonic()
@@ -542,13 +542,15 @@ class Lab:
         except ValueError:
             raise StepFailed("%s: blkif stats" % phase, "not JSON: %s" % out[-200:], out)
 
-    def backend_stats_row(self, phase, domid, queues):
+    def backend_stats_row(self, phase, domid, queues, host):
         start = time.monotonic()
         stats = self.stats(phase)
-        self.report.negotiated["%s service (blkif stats, domain %d)" % (phase, domid)] = (
-            stats_summary(stats, domid))
+        summary = stats_summary(stats, domid)
+        self.report.negotiated["%s service (blkif stats, domain %d)" % (phase, domid)] = summary
         status, detail = backend_in_use(stats, domid, queues)
         self.report.add(phase, "blkif stats: in use", status, detail, time.monotonic() - start)
+        self.report.add(phase, "calc: grants our backend maps",
+                        *capacity.backend_maps_check(summary, host))
 
     def backend_released_row(self, phase, domid):
         start = time.monotonic()
