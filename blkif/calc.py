@@ -167,7 +167,8 @@ PLAN_OPTIONS = (
     ("--disks", int, "N", "VBDs per guest (default 1)"),
     ("--guests", int, "N", "guests per host (default 1)"),
     ("--backend-queues", int, "N", "backend multi-queue-max-queues (default 4)"),
-    ("--max-persistent-grants", int, "N", "blkback max_persistent_grants (default 1056)"),
+    ("--max-persistent-grants", int, "N",
+     "blkback max_persistent_grants (default 1056; ours: 1056, fixed)"),
     ("--max-grant-frames", int, "N", "each guest's max_grant_frames (default 64)"),
     ("--max-maptrack-frames", int, "N", "dom0's gnttab_max_maptrack_frames (default 1024)"),
     ("--latency-ms", float, "MS", "per-request latency, for Little's law"),
@@ -227,7 +228,8 @@ def format_plan(result, explain=False, sources=()):
     lines = ["read: " + s for s in sources]
     lines.append("%d guest(s) x %d disk(s); blkfront against %s, abi %s" % (
         host.guests, host.disks, host.backend.kind, host.abi))
-    lines.append("negotiated: ring order %d (%d slots), %d queue(s), %s, persistent %s, bounce %s" % (
+    lines.append("negotiated: ring order %d (%d slots), %d queue(s), %s, persistent %s, "
+                 "bounce %s" % (
         n["ring_page_order"], n["slots"], n["queues"],
         "%d indirect segments" % n["indirect_segments"] if n["indirect_segments"]
         else "no indirect (11 segments)", "on" if n["persistent"] else "off",

@@ -121,9 +121,11 @@ class Plan:
 
 
 def _check(host):
+    """UsageError naming the first value out of its range."""
     fe, be = host.frontend, host.backend
     if host.abi not in ABI_NAMES:
-        raise UsageError("unknown ABI %r (choose from %s)" % (host.abi, ", ".join(sorted(ABI_NAMES))))
+        raise UsageError("unknown ABI %r (choose from %s)"
+                         % (host.abi, ", ".join(sorted(ABI_NAMES))))
     if be.kind not in BACKENDS:
         raise UsageError("unknown backend %r (choose from %s)" % (be.kind, ", ".join(BACKENDS)))
     for name, value, low, high in (
@@ -306,36 +308,42 @@ def knee(host):
 
 
 def _warnings(host, n, frames, mt_frames, guest_mem, grants_queue, cap):
+    """[(level, limit, text)]: each limit this host will hit, and what to change."""
     out = []
     fe, be = host.frontend, host.backend
     if frames > host.max_grant_frames:
-        out.append(("error", "grant table", "each guest needs %d grant frames, its table allows %d: blkfront "
-                    "stalls waiting for grant references once the rings fill; raise "
-                    "max_grant_frames in the guest's xl config (or /etc/xen/xl.conf) to %d, or "
-                    "lower xen_blkfront max_indirect_segments, max_ring_page_order or max_queues"
-                    % (frames, host.max_grant_frames, frames)))
+        out.append(("error", "grant table", (
+            "each guest needs %d grant frames, its table allows %d: blkfront stalls waiting "
+            "for grant references once the rings fill; raise max_grant_frames in the guest's "
+            "xl config (or /etc/xen/xl.conf) to %d, or lower xen_blkfront "
+            "max_indirect_segments, max_ring_page_order or max_queues")
+            % (frames, host.max_grant_frames, frames)))
     if mt_frames > host.max_maptrack_frames:
-        out.append(("error", "maptrack", "dom0 maps up to %d maptrack frames' worth of grants, Xen allows %d: "
-                    "mappings fail (GNTST_no_space) and I/O errors; raise "
-                    "gnttab_max_maptrack_frames on Xen's command line to %d, or run fewer VBDs "
-                    "per backend domain" % (mt_frames, host.max_maptrack_frames, mt_frames)))
+        out.append(("error", "maptrack", (
+            "dom0 maps up to %d maptrack frames' worth of grants, Xen allows %d: mappings "
+            "fail (GNTST_no_space) and I/O errors; raise gnttab_max_maptrack_frames on Xen's "
+            "command line to %d, or run fewer VBDs per backend domain")
+            % (mt_frames, host.max_maptrack_frames, mt_frames)))
     if fe.memory_mib:
         share = guest_mem / float(fe.memory_mib << 20)
         if share >= 0.75:
-            out.append(("error", "guest memory", "blkfront preallocates %d MiB of the guest's %d MiB: it will not "
-                        "finish loading; give the guest more memory, or lower xen_blkfront "
-                        "max_indirect_segments / max_ring_page_order / max_queues, or set "
-                        "xen_blkfront feature_persistent=0" % (guest_mem >> 20, fe.memory_mib)))
+            out.append(("error", "guest memory", (
+                "blkfront preallocates %d MiB of the guest's %d MiB: it will not finish "
+                "loading; give the guest more memory, or lower xen_blkfront "
+                "max_indirect_segments / max_ring_page_order / max_queues, or set "
+                "xen_blkfront feature_persistent=0") % (guest_mem >> 20, fe.memory_mib)))
         elif share >= 0.4:
-            out.append(("warn", "guest memory", "blkfront preallocates %d MiB, %d%% of the guest's %d MiB"
+            out.append(("warn", "guest memory",
+                        "blkfront preallocates %d MiB, %d%% of the guest's %d MiB"
                         % (guest_mem >> 20, share * 100, fe.memory_mib)))
     if n["persistent"] and grants_queue > cap:
-        out.append(("note", "persistent grants", "%s keeps %d grants per ring mapped, blkfront may use %d: the rest "
-                    "are mapped and unmapped per request (%s)"
-                    % (be.kind, cap, grants_queue,
-                       "xen_blkback parameter max_persistent_grants" if be.kind == "blkback"
-                       else "blkif/backend/datapath.py MAX_PERSISTENT_GRANTS")))
+        where = ("xen_blkback parameter max_persistent_grants" if be.kind == "blkback"
+                 else "blkif/backend/datapath.py MAX_PERSISTENT_GRANTS")
+        out.append(("note", "persistent grants", (
+            "%s keeps %d grants per ring mapped, blkfront may use %d: the rest are mapped "
+            "and unmapped per request (%s)") % (be.kind, cap, grants_queue, where)))
     if fe.max_indirect_segments > n["indirect_segments"] > 0:
-        out.append(("note", "indirect segments", "blkfront asks for %d indirect segments, the backend offers %d"
+        out.append(("note", "indirect segments",
+                    "blkfront asks for %d indirect segments, the backend offers %d"
                     % (fe.max_indirect_segments, n["indirect_segments"])))
     return out
