@@ -132,7 +132,9 @@ def inspect(host, root="/", xl_info=run_xl_info, state_dir=None):
             be, kind="blkback",
             max_persistent_grants=_int(back, "max_persistent_grants", be.max_persistent_grants),
             max_ring_page_order=_int(back, "max_ring_page_order", be.max_ring_page_order),
-            max_queues=min(_int(back, "max_queues", be.max_queues), sizing.MAX_QUEUES),
+            # 0 is blkback's "one per CPU" (xen_blkif_init)
+            max_queues=min(_int(back, "max_queues", 0) or _cpus(root) or be.max_queues,
+                           sizing.MAX_QUEUES),
             persistent=_flag(back.get("feature_persistent", "Y"))))
         vbds = len(glob.glob(os.path.join(root, "sys/bus/xen-backend/devices/vbd-*")))
         if vbds:

@@ -58,6 +58,13 @@ def test_dom0_reads_xen_limits_and_blkback(tmp_path):
     assert any("xen_blkback parameters" in line for line in read)
 
 
+def test_blkback_max_queues_0_means_one_per_cpu(tmp_path):
+    root = _blkback(tmp_path, max_queues=0)
+    _tree(tmp_path, {"sys/devices/system/cpu/online": "0-5\n"})
+    host, _ = livecheck.inspect(sizing.Host(), root, None)
+    assert host.backend.max_queues == 6
+
+
 def test_dom0_defaults_when_the_command_line_and_xl_conf_say_nothing(tmp_path):
     host, _ = livecheck.inspect(sizing.Host(), _blkback(tmp_path),
                                 lambda: "xen_commandline : console=com1\n")
