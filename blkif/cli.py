@@ -17,7 +17,7 @@ from xenstore import XenstoreError
 
 # name: (module, one-line help)
 COMMANDS = {
-    "calc": ("blkif.calc", "ring-size calculator: slots, segments and bytes in flight"),
+    "calc": ("blkif.calc", "ring sizes, and capacity plans: grants, memory, maps, throughput"),
     "vbd": ("blkif.toolstack", "create, destroy and list VBDs in xenstore as libxl does"),
     "serve": ("blkif.backend.service", "the backend service: one worker process per VBD"),
     "stats": ("blkif.backend.status", "counters of a running `blkif serve`, per VBD"),

@@ -104,3 +104,37 @@ def test_cli_bad_arguments_are_one_line_and_exit_2(args, message):
 def test_importable_errors_name_the_problem():
     with pytest.raises(UsageError, match="unknown ABI"):
         calculate("mips")
+
+
+def test_capacity_plan_json_sizes_a_host():
+    out = _cli("--json", "--guests", "10", "--disks", "2", "--vcpus", "2", "--queues", "2",
+               "--ring-page-order", "2", "--guest-memory", "256")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["negotiated"]["slots"] == 128 and plan["negotiated"]["queues"] == 2
+    figures = plan["figures"]
+    assert figures["guest_prealloc_bytes_per_vbd"] == 2 * 128 * 33 * 4096
+    assert figures["dom0_maps_peak"] == 20 * figures["dom0_maps_peak_per_vbd"]
+    assert figures["host_guest_prealloc_bytes"] == 10 * figures["guest_prealloc_bytes"]
+    assert set(plan["explain"]) == set(figures) == set(plan["units"])
+
+
+def test_capacity_plan_explain_names_sources():
+    out = _cli("--explain", "--vcpus", "2", "--queues", "2", "--ring-page-order", "4",
+               "--max-indirect-segments", "512", "--guest-memory", "512")
+    assert out.returncode == 0, out.stderr
+    assert "fill_grant_buffer" in out.stdout and "opt_max_maptrack_frames" in out.stdout
+    assert "error: blkfront preallocates 1046 MiB of the guest's 512 MiB" in out.stdout
+    assert "negotiated: ring order 4 (512 slots), 2 queue(s), 256 indirect segments" in out.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--disks", "0"], "disks 0 out of range"),
+    (["--backend", "qdisk"], "unknown backend 'qdisk'"),
+    (["--latency-ms", "-1"], "latency must be positive"),
+    (["--guests", "x"], "invalid int value"),
+])
+def test_capacity_plan_bad_arguments_are_one_line(args, message):
+    out = _cli(*args)
+    assert out.returncode == 2 and out.stdout == ""
+    assert message in out.stderr and out.stderr.count("\n") == 1

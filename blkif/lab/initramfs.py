@@ -218,16 +218,22 @@ idle() { while :; do sleep 3600; done; }
 finish() { say "DONE rc=$FAILED"; idle; }
 now() { cut -d' ' -f1 /proc/uptime; }
 
+memfree() { sed -n 's/^MemFree: *\([0-9]*\) kB/\1/p' /proc/meminfo; }
+
 say "BOOT mode=$MODE blkfront=$BLK uptime=$(now)"
+# xen-blkfront last, so the MemFree drop across it is blkfront's alone.
 for m in $(cat /etc/lab/modules); do
   case "$m" in
-    */xen-blkfront.ko) insmod "$m" $BLK ;;
-    *) insmod "$m" ;;
-  esac || say "WARN insmod $m failed"
+    */xen-blkfront.ko) BLKFRONT=$m ;;
+    *) insmod "$m" || say "WARN insmod $m failed" ;;
+  esac
 done
+FREE0=$(memfree)
+insmod "$BLKFRONT" $BLK || say "WARN insmod $BLKFRONT failed"
 i=0
 while [ ! -b /dev/xvda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 if [ ! -b /dev/xvda ]; then check attach fail "no /dev/xvda after 30s"; finish; fi
+say "VALUE memfree_before_kb=$FREE0 memfree_after_kb=$(memfree)"
 check attach pass "/dev/xvda at uptime $(now)s"
 q=/sys/block/xvda/queue
 say "VALUE max_segments=$(cat $q/max_segments)" \
@@ -300,12 +306,30 @@ raw_read() {
     || check $1 fail "$bad of $n chunks differ or failed"
 }
 
+# Every slot of every ring busy at once (blkif/lab/capacity.py), where that
+# takes at most 16 MiB per queue: one O_DIRECT read of nr_requests full
+# requests from each CPU.
+fill_rings() {
+  kb=$(( $(cat $q/nr_requests) * $(cat $q/max_hw_sectors_kb) ))
+  if [ $kb -gt 16384 ]; then say "VALUE fill_kb=0"; return; fi
+  pin=; taskset -c 0 true 2>/dev/null && pin=1
+  t0=$(now)
+  for c in $(seq 0 $(( $(set -- /sys/block/xvda/mq/*; echo $#) - 1 ))); do
+    if [ -n "$pin" ]; then taskset -c $c dd if=/dev/xvda of=/dev/null bs=${kb}k count=1 iflag=direct 2>/dev/null &
+    else dd if=/dev/xvda of=/dev/null bs=${kb}k count=1 iflag=direct 2>/dev/null &
+    fi
+  done
+  wait
+  say "VALUE fill_kb=$kb fill_from_s=$t0 fill_to_s=$(now)"
+}
+
 case "$MODE" in
   full)
     fs_check
     discard_check $(head -1 /etc/lab/discard)
     raw_write
     raw_read raw-verify
+    fill_rings
     ;;
   verify)
     raw_read reread

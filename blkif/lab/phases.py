@@ -5,7 +5,8 @@
     dom0      xen modules, xenfs, xenstored, xen-init-dom0, xenconsoled
     baseline  Linux xen-blkback on a loop device serving a PV guest's
               xen-blkfront: verified workload, negotiated values from
-              both sides of xenstore, xl destroy, a second xl create
+              both sides of xenstore, the calculator's memory and grant
+              figures against Xen's (blkif.lab.capacity), xl destroy
     backend   our ``blkif serve`` vs Linux blkfront: the same guest cycle,
               plus the service's own counters and the image's bytes
     frontend  our ``blkif.frontend`` in dom0 vs Linux blkback
@@ -24,7 +25,7 @@ import shlex
 import time
 
 from blkif.errors import BlkifError
-from blkif.lab import control, initramfs, qemu, workload
+from blkif.lab import capacity, control, initramfs, qemu, workload
 
 PHASES = ("boot", "dom0", "baseline", "backend", "frontend")
 XEN_BIN = "/usr/lib/xen-4.17/bin"
@@ -474,7 +475,11 @@ class Lab:
         try:
             # One guest: the re-create is proven against our backend; this
             # control keeps the run well inside its 10 minutes on a busy host.
-            self.guest_cycle(phase, "phy:%s,%s,w" % (loop, VDEV), recreate=False)
+            host = capacity.host_for(BLKFRONT_PARAMS, GUEST_MEMORY_MB, GUEST_VCPUS, "blkback")
+            first = self.guest_cycle(phase, "phy:%s,%s,w" % (loop, VDEV), recreate=False,
+                                     connected=lambda domid: self.capacity_rows(phase, domid, host))
+            self.report.add(phase, "calc: blkfront memory",
+                            *capacity.memory_check(first.values, host))
         finally:
             self.cleanup_sh("losetup -d %s; rm -f /run/lab/baseline.img" % loop)
 
@@ -508,12 +513,16 @@ class Lab:
         self.report.add(phase, "blkif serve", "pass", "%s (%d MiB, dom0 tmpfs); log %s" % (
             BACKEND_IMAGE, DISK_BYTES >> 20, serve_log), time.monotonic() - start)
         queues = int(dict(p.split("=") for p in BACKEND_BLKFRONT_PARAMS.split(","))["max_queues"])
+        host = capacity.host_for(BACKEND_BLKFRONT_PARAMS, BACKEND_GUEST_MEMORY_MB,
+                                 GUEST_VCPUS, "blkif")
         try:
             first = self.guest_cycle(
                 phase, backend_disk_spec(BACKEND_IMAGE, script), BACKEND_BLKFRONT_PARAMS,
                 BACKEND_GUEST_MEMORY_MB,
-                connected=lambda domid: self.backend_stats_row(phase, domid, queues),
+                connected=lambda domid: self.backend_stats_row(phase, domid, queues, host),
                 destroyed=lambda domid: self.backend_released_row(phase, domid))
+            self.report.add(phase, "calc: blkfront memory",
+                            *capacity.memory_check(first.values, host))
             start = time.monotonic()
             self.sh("%s: stop blkif serve" % phase, SERVE_STOP.format(pidfile=pidfile))
             self.report.add(phase, "blkif serve stops on SIGTERM", "pass", "",
@@ -538,13 +547,15 @@ class Lab:
         except ValueError:
             raise StepFailed("%s: blkif stats" % phase, "not JSON: %s" % out[-200:], out)
 
-    def backend_stats_row(self, phase, domid, queues):
+    def backend_stats_row(self, phase, domid, queues, host):
         start = time.monotonic()
         stats = self.stats(phase)
-        self.report.negotiated["%s service (blkif stats, domain %d)" % (phase, domid)] = (
-            stats_summary(stats, domid))
+        summary = stats_summary(stats, domid)
+        self.report.negotiated["%s service (blkif stats, domain %d)" % (phase, domid)] = summary
         status, detail = backend_in_use(stats, domid, queues)
         self.report.add(phase, "blkif stats: in use", status, detail, time.monotonic() - start)
+        self.report.add(phase, "calc: grants our backend maps",
+                        *capacity.backend_maps_check(summary, host))
 
     def backend_released_row(self, phase, domid):
         start = time.monotonic()
@@ -555,6 +566,13 @@ class Lab:
             time.sleep(1)
         self.report.add(phase, "blkif stats: released d%d" % domid, status, detail,
                         time.monotonic() - start)
+
+    def capacity_rows(self, phase, domid, host):
+        """Xen's grant tables against the calculator (blkif.lab.capacity)."""
+        dump = capacity.grant_dump(self, phase)
+        filled = self.guests["lab-%s-1" % phase].values.get("fill_kb", "0") != "0"
+        for check, status, detail in capacity.grant_checks(dump, domid, host, filled):
+            self.report.add(phase, "calc: " + check, status, detail)
 
     def frontend(self):
         """Our frontend in dom0 vs Linux blkback on a loop device in dom0.
