@@ -21,7 +21,7 @@ from blkif.abi.constants import (
     PAGE_SIZE,
     XENBUS_MAX_RING_GRANT_ORDER,
 )
-from blkif.backend.datapath import MAX_PERSISTENT_GRANTS
+from blkif.backend.engine import MAX_PERSISTENT_GRANTS
 from blkif.errors import UsageError
 from blkif.negotiate import MAX_QUEUES, BackendOffer, FrontendWants
 from blkif.ring import ring_slots
@@ -244,7 +244,9 @@ def plan(host):
                     "disks connect" % (host.disks, pre_vbd, book_vbd))
     # dom0 maps.  blkback maps every segment of every request in flight
     # (xen_blkbk_map), keeping up to max_persistent_grants per ring mapped
-    # between requests; ours maps one request at a time beyond its cache.
+    # between requests; so does our C engine (every request of a batch in
+    # flight), whose requests that find the cache full of pages in use are
+    # mapped for themselves.
     cap = be.max_persistent_grants if n["persistent"] else 0
     kept = min(grants_queue, cap)
     if be.kind == "blkback":
@@ -252,9 +254,11 @@ def plan(host):
         peak_why = ("blkback maps every request in flight (blkback.c xen_blkbk_map, "
                     "persistent ones kept up to max_persistent_grants %d)" % cap)
     else:
-        peak_queue = pages + kept + per_slot
-        peak_why = ("ours maps its cache (up to %d per ring, blkif/backend/datapath.py "
-                    "MAX_PERSISTENT_GRANTS) plus the one request it serves" % cap)
+        spill = grants_queue if grants_queue > cap else 0
+        peak_queue = pages + kept + spill
+        peak_why = ("ours maps its cache (up to %d per ring, blkif/backend/engine.py "
+                    "MAX_PERSISTENT_GRANTS) plus, once it is full, the requests in flight "
+                    "mapped for themselves (csrc/engine.c map_pages)" % cap)
     add("dom0_maps_idle_per_vbd", q * (pages + kept), "grants",
         "%d queues x (%d ring pages + min(%d grants, %d persistent kept)): mapped between "
         "requests" % (q, pages, grants_queue, cap))
@@ -338,7 +342,7 @@ def _warnings(host, n, frames, mt_frames, guest_mem, grants_queue, cap):
                         % (guest_mem >> 20, share * 100, fe.memory_mib)))
     if n["persistent"] and grants_queue > cap:
         where = ("xen_blkback parameter max_persistent_grants" if be.kind == "blkback"
-                 else "blkif/backend/datapath.py MAX_PERSISTENT_GRANTS")
+                 else "blkif/backend/engine.py MAX_PERSISTENT_GRANTS")
         out.append(("note", "persistent grants", (
             "%s keeps %d grants per ring mapped, blkfront may use %d: the rest are mapped "
             "and unmapped per request (%s)") % (be.kind, cap, grants_queue, where)))

@@ -61,11 +61,15 @@ def test_untrusted_backend_bounces_without_persistent_grants():
     assert untrusted.value("guest_prealloc_bytes_per_vbd") == 32 * 33 * PAGE_SIZE
 
 
-def test_ours_maps_one_request_beyond_its_cache_blkback_the_whole_ring():
+def test_both_map_the_whole_ring_in_flight_ours_beside_its_cache():
+    """The C engine has every request in flight, as blkback: past its cache of
+    1056 a ring's requests are mapped for themselves."""
     ours = plan(_host(segs=256, order=2, queues=2, vcpus=2, backend=Backend.ours(max_queues=2)))
     linux = plan(_host(segs=256, order=2, queues=2, vcpus=2, backend=Backend(max_queues=2)))
-    assert ours.value("dom0_maps_peak_per_vbd") == 2 * (4 + 1056 + 257)
+    assert ours.value("dom0_maps_peak_per_vbd") == 2 * (4 + 1056 + 128 * 257)
     assert linux.value("dom0_maps_peak_per_vbd") == 2 * (4 + 128 * 257)
+    small = plan(_host(segs=0, order=0, queues=1, vcpus=1, backend=Backend.ours(max_queues=1)))
+    assert small.value("dom0_maps_peak_per_vbd") == 1 + 32 * 11  # all of it in the cache
     assert ours.value("dom0_maps_idle_per_vbd") == linux.value("dom0_maps_idle_per_vbd") == 2 * 1060
 
 
