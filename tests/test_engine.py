@@ -163,19 +163,47 @@ def test_4096_segments_past_iov_max(hypervisor, image, server):
 
 @pytest.mark.parametrize("server", ["c-io_uring", "python"])
 def test_persistent_grants_lru_keeps_hits_past_its_capacity(hypervisor, image, server):
-    """A working set of 12 pages in a cache of 8: the hot pages stay mapped."""
+    """A working set of 12 pages in a cache of 8, a request every 120 ms: a
+    full cache maps the cold page with its request, then frees its least
+    recently used page (at most every 100 ms), and the hot pages stay."""
     rig = Rig(hypervisor, image, persistent=True, server=server, max_grants=8)
     hot, cold = rig.data.refs[:4], rig.data.refs[4:12]
     for round_ in range(16):
         refs = hot + [cold[round_ % 8]]
         rig.enc.rw(rig.ring, c.BLKIF_OP_READ, round_, 0, [(ref, 0, 7) for ref in refs])
         assert rig.run() == [(round_, c.BLKIF_OP_READ, OKAY)]
+        assert rig.data.buffer[:4096] == image.read_bytes()[:4096]
+        time.sleep(0.12)
     counters = rig.counters
     assert counters.persistent_grants == 8
-    # Each round after the fourth evicts the least recently used cold page.
-    assert (counters.grant_misses, counters.grant_evictions) == (4 + 16, 16 - 4)
-    assert counters.grant_hits == 15 * 4  # the hot pages, every round after the first
-    assert counters.mapped_grants == 0
+    # The hot pages hit in every round but the first (the engine maps only what
+    # the cache turns away; the reference maps such a request whole).
+    assert counters.grant_hits >= (15 * 4 - 4 if server != "python" else 30)
+    # Once full, a round turns its cold page away and the next one keeps it.
+    assert 5 <= counters.grant_evictions <= 12
+    assert counters.mapped_grants >= 1  # what the full cache turned away
+    rig.close()
+
+
+@pytest.mark.parametrize("server", ["c-io_uring", "python"])
+def test_a_working_set_past_the_cache_is_not_remapped_page_by_page(hypervisor, image, server):
+    """32-page requests cycling over 256 pages with a cache of 64: the pages
+    that do not fit are mapped with their request (one call), not evicted
+    and mapped one by one on every request (the lab's 1 MiB reads took 36 s
+    that way under TCG)."""
+    rig = Rig(hypervisor, image, persistent=True, server=server, max_grants=64,
+              data_pages=256)
+    desc = rig.front.grant_pages(0, 1)
+    for i in range(24):
+        refs = rig.data.refs[(i % 8) * 32:(i % 8) * 32 + 32]
+        rig.enc.write_descriptors(desc.buffer, [(ref, 0, 7) for ref in refs])
+        rig.enc.indirect(rig.ring, c.BLKIF_OP_READ, i, 0, 32, desc.refs)
+        assert rig.run() == [(i, c.BLKIF_OP_READ, OKAY)]
+    counters = rig.counters
+    assert counters.persistent_grants <= 64
+    assert counters.grant_misses < 64 + 24 * 4  # not 24 x 32 maps one page at a time
+    assert counters.mapped_grants > 0
+    desc.close()
     rig.close()
 
 

@@ -24,18 +24,18 @@ CORPUS = os.path.join(os.path.dirname(os.path.dirname(_HERE)), "tests", "fuzz-co
 SANITIZERS = "-fsanitize=fuzzer,address,undefined"
 
 
-def _cdef_source(name):
+def _cdefs(name):
     spec = importlib.util.spec_from_file_location(
         "_cdefs_" + name, os.path.join(_HERE, "_cdefs", name + ".py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.SOURCE
+    return module
 
 
 def harness_text(csrc=CSRC):
-    """The C file clang compiles: the ABI structs cffi compiles, then the target."""
-    return ("#include <stdint.h>\n" + _cdef_source("blkif") + _cdef_source("evtchn")
-            + '#include "%s"\n' % os.path.join(csrc, "fuzz_engine.c"))
+    """The C file clang compiles: the structs cffi compiles, then the target."""
+    return ("#include <stdint.h>\n" + _cdefs("blkif").SOURCE + _cdefs("evtchn").SOURCE
+            + _cdefs("engine").TYPES + '#include "%s"\n' % os.path.join(csrc, "fuzz_engine.c"))
 
 
 def build(out_dir, csrc=CSRC, cc="clang"):

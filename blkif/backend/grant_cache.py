@@ -4,8 +4,12 @@ With ``feature-persistent`` both ends reuse granted pages, so the backend maps
 each grant once and keeps it: keyed by gref alone (a page the frontend uses
 as an indirect page and later as a data page is one entry), mapped writable
 (blkback maps persistent grants read-write), at most ``capacity`` per ring
-(Linux ``max_persistent_grants``) in least-recently-used order, and purged
-once unused for ``unused_seconds`` (``persistent_grant_unused_seconds``).
+(Linux ``max_persistent_grants``), and purged once unused for
+``unused_seconds`` (``persistent_grant_unused_seconds``).  A request whose
+grants do not fit a full cache is mapped for itself; :meth:`clean` then
+frees the least recently used 5%, at most every 100 ms (Linux
+``purge_persistent_gnt``): a working set larger than the cache keeps its hot
+pages and never remaps page by page on every request.
 The C engine (``csrc/engine.c``) keeps the same cache with reference counts
 for requests in flight; this one serves one request at a time.
 """
@@ -21,24 +25,20 @@ class GrantCache:
         self.capacity, self.unused_seconds, self.clock = capacity, unused_seconds, clock
         self._pages = collections.OrderedDict()  # gref -> (mapping, view, last used)
         self.hits = self.misses = self.evictions = self.purged = 0
+        self.full_misses = 0  # grants a full cache could not keep since the last clean
+        self._next_clean = 0.0
 
     def __len__(self):
         return len(self._pages)
 
     def pages(self, grefs):
-        """Views of the pages of ``grefs``, mapping the missing ones; None when
-        they do not fit (more than the cache holds besides themselves)."""
+        """Views of the pages of ``grefs``, mapping the missing ones into the
+        cache; None when they do not fit: map them with the request."""
         pages, now = self._pages, self.clock()
         missing = [gref for gref in dict.fromkeys(grefs) if gref not in pages]
-        room = self.capacity - len(pages)
-        if len(missing) > room:
-            wanted = set(grefs)
-            spare = [gref for gref in pages if gref not in wanted][:len(missing) - room]
-            if len(spare) < len(missing) - room:
-                return None
-            for gref in spare:
-                self._drop(gref)
-                self.evictions += 1
+        if len(missing) > self.capacity - len(pages):
+            self.full_misses += len(missing)
+            return None
         for gref in missing:
             mapping = self.platform.map_grants(self.domid, [gref], writable=True)
             pages[gref] = (mapping, mapping.buffer, now)
@@ -51,6 +51,20 @@ class GrantCache:
             pages.move_to_end(gref)
             out.append(view)
         return out
+
+    def clean(self):
+        """After a full cache turned grants away: unmap the least recently used
+        5% (at least one), at most every 100 ms."""
+        now = self.clock()
+        if not self.full_misses or now < self._next_clean:
+            return
+        for _ in range(max(1, self.capacity * 5 // 100)):
+            if not self._pages:
+                break
+            self._drop(next(iter(self._pages)))
+            self.evictions += 1
+        self.full_misses = 0
+        self._next_clean = now + 0.1
 
     def purge(self):
         """Unmap the grants unused for ``unused_seconds``."""

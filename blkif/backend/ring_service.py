@@ -96,6 +96,7 @@ class RingServer:
                     continue
                 if self.grants is not None:
                     self.grants.purge()
+                    self.grants.clean()
                 return handled
             for _ in range(pending):
                 self._handle_one()

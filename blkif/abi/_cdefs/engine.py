@@ -7,31 +7,20 @@ engine's own (configuration, a decoded request, counters), not Xen's.
 """
 import os
 
-CDEF = """
-#define ENG_ABI_X86_64 ...
-#define ENG_ABI_X86_32 ...
-#define ENG_PORT_XEN ...
-#define ENG_PORT_SOCKET ...
-#define ENG_IO_URING ...
-#define ENG_IO_THREADS ...
-#define ENG_OK ...
-#define ENG_STOPPED ...
-#define ENG_RING_ERROR ...
-#define ENG_CHANNEL_CLOSED ...
-#define ENG_FAILED ...
-
+# The engine's own types: given to cffi as they are and put before engine.c.
+TYPES = """
 struct eng_limits {
     uint64_t sectors;
     uint32_t max_indirect_segments;
     uint8_t readonly, flush, barrier, discard, discard_secure;
 };
 
-struct eng_request {
+struct eng_request {                  /* a request decoded and validated */
     uint64_t id, sector_number, nr_sectors;
     uint32_t indirect_grefs[8];
     uint16_t nr_segments;
     uint8_t operation, kind, nr_indirect, secure, whole_pages;
-    int16_t status;
+    int16_t status;                   /* the answer when refused */
 };
 
 struct eng_stats {
@@ -49,7 +38,7 @@ struct eng_config {
     int abi;
     struct eng_limits limits;
     int store_fd, store_is_device;
-    int *flush_failed; /* the store's, shared by its rings */
+    int *flush_failed;                /* the store's, shared by its rings */
     int port_kind, port_fd;
     uint32_t port;
     int persistent;
@@ -58,7 +47,21 @@ struct eng_config {
     uint32_t io_threads;
     void *handle;
 };
+"""
 
+CDEF = """
+#define ENG_ABI_X86_64 ...
+#define ENG_ABI_X86_32 ...
+#define ENG_PORT_XEN ...
+#define ENG_PORT_SOCKET ...
+#define ENG_IO_URING ...
+#define ENG_IO_THREADS ...
+#define ENG_OK ...
+#define ENG_STOPPED ...
+#define ENG_RING_ERROR ...
+#define ENG_CHANNEL_CLOSED ...
+#define ENG_FAILED ...
+""" + TYPES + """
 struct engine;
 struct engine *eng_new(const struct eng_config *cfg, char *err, size_t errlen);
 int eng_run(struct engine *e, int timeout_ms);
@@ -79,6 +82,6 @@ extern "Python" int eng_map_grants(void *, const uint32_t *, unsigned, int, uint
 extern "Python" void eng_unmap_grants(void *, uint64_t);
 """
 
-SOURCE = '#include "engine.c"\n'
+SOURCE = TYPES + '#include "engine.c"\n'
 INCLUDE_DIRS = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")]
 LIBRARIES = ["uring", "pthread"]

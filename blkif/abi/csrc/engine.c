@@ -74,45 +74,11 @@
 #define ENG_IOV_MAX 1024
 #define SPURIOUS_STREAK 4      /* then each further spurious event costs a pause */
 #define SPURIOUS_PAUSE_NS 1000000L
+#define CLEAN_PERCENT 5         /* Linux LRU_PERCENT_CLEAN */
+#define CLEAN_INTERVAL_MS 100   /* Linux LRU_INTERVAL */
 
-struct eng_limits {
-    uint64_t sectors;
-    uint32_t max_indirect_segments;
-    uint8_t readonly, flush, barrier, discard, discard_secure;
-};
-
-struct eng_request {
-    uint64_t id, sector_number, nr_sectors;
-    uint32_t indirect_grefs[MAX_INDIRECT_PAGES];
-    uint16_t nr_segments;
-    uint8_t operation, kind, nr_indirect, secure, whole_pages;
-    int16_t status;
-};
-
-struct eng_stats {
-    uint64_t requests, indirect, errors, read_bytes, write_bytes, batches, notifies, submits;
-    uint64_t op_read, op_write, op_barrier, op_flush, op_discard;
-    uint64_t events, spurious_events;
-    uint64_t grant_hits, grant_misses, grant_evictions, grant_purged, mapped_grants;
-    uint64_t in_flight, persistent_grants;
-    int64_t last_io_errno;
-};
-
-struct eng_config {
-    void *sring;
-    uint64_t ring_bytes;
-    int abi;
-    struct eng_limits limits;
-    int store_fd, store_is_device;
-    int *flush_failed; /* the store's, shared by its rings */
-    int port_kind, port_fd;
-    uint32_t port;
-    int persistent;
-    uint32_t max_grants, grant_unused_seconds;
-    int io_mode;
-    uint32_t io_threads;
-    void *handle;
-};
+/* struct eng_limits, eng_request, eng_stats and eng_config are declared in
+ * _cdefs/engine.py (TYPES), once for cffi and for this file. */
 
 /* Implemented in Python (blkif/backend/engine.py); called with the GIL taken. */
 static int eng_map_grants(void *handle, const uint32_t *grefs, unsigned n, int writable,
@@ -413,6 +379,9 @@ struct engine {
     volatile int stop;
     int masked, spurious_streak, channel_closed;
     time_t now, next_purge;
+    int64_t next_clean;      /* ms: cache_clean at most every CLEAN_INTERVAL_MS */
+    uint64_t full_misses;    /* grants a full cache could not keep since then */
+    uint32_t *scratch;       /* the grefs a full cache could not keep, of one request */
     struct eng_stats stats;
     char error[256];
     char io_note[160];
@@ -666,8 +635,9 @@ static void cache_evict(struct engine *e, int32_t i)
     e->stats.persistent_grants--;
 }
 
-/* The cached page of ``gref`` (its users count raised), mapping it on a miss;
- * -1 if it cannot be cached (full of pages in use) or mapped (*failed set). */
+/* The cached page of ``gref`` (its users count raised), mapping it on a miss
+ * while there is room; -1 if the cache is full or (*failed set) the grant
+ * cannot be mapped. */
 static int32_t cache_get(struct engine *e, uint32_t gref, int *failed)
 {
     struct grant_cache *c = &e->cache;
@@ -678,12 +648,8 @@ static int32_t cache_get(struct engine *e, uint32_t gref, int *failed)
         e->stats.grant_hits++;
         return i;
     }
-    if (c->free_head < 0) {
-        if (c->lru_head < 0)
-            return -1;
-        cache_evict(e, c->lru_head);
-        e->stats.grant_evictions++;
-    }
+    if (c->free_head < 0)
+        return -1; /* full: the caller maps it with its request (cache_clean makes room) */
     uintptr_t addr;
     uint64_t token;
     if (eng_map_grants(e->cfg.handle, &gref, 1, 1, &addr, &token) < 0) {
@@ -711,7 +677,18 @@ static void cache_put(struct engine *e, int32_t i)
         lru_append(&e->cache, i);
 }
 
-/* Linux purge_persistent_gnt: drop grants unused for grant_unused_seconds. */
+/* Linux purge_persistent_gnt, for a full cache: unmap the least recently used
+ * 5% of it that no request holds, so that new grants can be kept. */
+static void cache_clean(struct engine *e)
+{
+    uint32_t n = e->cache.cap * CLEAN_PERCENT / 100;
+    for (n = n ? n : 1; n && e->cache.lru_head >= 0; n--) {
+        cache_evict(e, e->cache.lru_head);
+        e->stats.grant_evictions++;
+    }
+}
+
+/* Drop grants unused for grant_unused_seconds (Linux persistent_grant_unused_seconds). */
 static void cache_purge(struct engine *e)
 {
     struct grant_cache *c = &e->cache;
@@ -727,34 +704,48 @@ static void cache_purge(struct engine *e)
 static int map_pages(struct engine *e, struct pending *p, const uint32_t *grefs, uint32_t n,
                      int writable, int32_t *entries, uintptr_t *pages)
 {
-    int failed = 0;
-    uint32_t got = 0;
+    uint32_t missing = n;
+    const uint32_t *map = grefs;
     if (e->cfg.persistent) {
-        for (; got < n; got++) {
-            int32_t i = cache_get(e, grefs[got], &failed);
-            if (i < 0)
-                break;
-            entries[got] = i;
-            pages[got] = e->cache.entries[i].addr;
+        /* Hits from the cache, misses into it while it has room; the rest
+         * (a full cache) mapped together below, as blkback maps the grants
+         * it cannot keep, while cache_clean frees room in the background. */
+        int failed = 0;
+        uint32_t seen = 0;
+        missing = 0;
+        for (; seen < n && !failed; seen++) {
+            int32_t i = cache_get(e, grefs[seen], &failed);
+            entries[seen] = i;
+            if (i >= 0)
+                pages[seen] = e->cache.entries[i].addr;
+            else if (!failed)
+                e->scratch[missing++] = grefs[seen];
         }
-        if (got == n)
-            return 0;
-        while (got)          /* full, or a bad grant: give back what we took */
-            cache_put(e, entries[--got]);
-        if (failed)
+        if (failed) {        /* a bad grant: give back what we took */
+            while (seen--)
+                if (entries[seen] >= 0)
+                    cache_put(e, entries[seen]);
             return -1;
+        }
+        if (!missing)
+            return 0;
+        e->full_misses += missing;
+        map = e->scratch;
     }
-    /* No persistent grants (or no room): one mapping for the request, as
-     * blkback maps non-persistent grants per request. */
-    if (eng_map_grants(e->cfg.handle, grefs, n, writable, &p->base, &p->token) < 0) {
+    if (eng_map_grants(e->cfg.handle, map, missing, writable, &p->base, &p->token) < 0) {
         p->token = 0;
+        if (e->cfg.persistent)
+            for (uint32_t k = 0; k < n; k++)
+                if (entries[k] >= 0)
+                    cache_put(e, entries[k]);
         return -1;
     }
-    e->stats.mapped_grants += n;
-    for (uint32_t i = 0; i < n; i++) {
-        entries[i] = -1;
-        pages[i] = p->base + (uintptr_t)i * PAGE;
-    }
+    e->stats.mapped_grants += missing;
+    for (uint32_t k = 0, j = 0; k < n; k++)
+        if (!e->cfg.persistent || entries[k] < 0) {
+            entries[k] = -1;
+            pages[k] = p->base + (uintptr_t)j++ * PAGE;
+        }
     return 0;
 }
 
@@ -1110,16 +1101,25 @@ static void tick(struct engine *e)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
     e->now = ts.tv_sec;
-    if (e->cfg.persistent && e->now >= e->next_purge) {
+    if (!e->cfg.persistent)
+        return;
+    if (e->now >= e->next_purge) {
         cache_purge(e);
         e->next_purge = e->now + 1;
     }
+    int64_t ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    if (e->full_misses && ms >= e->next_clean) {
+        cache_clean(e);
+        e->full_misses = 0;
+        e->next_clean = ms + CLEAN_INTERVAL_MS;
+    }
 }
 
-/* One round: consume, submit, reap, run a parked barrier, push.  Returns the
+/* One round: the clock, consume, submit, reap, run a parked barrier, push.  Returns the
  * work done (requests taken + completions), or a negative ENG_* status. */
 static int round_(struct engine *e)
 {
+    tick(e);
     int taken = consume(e);
     if (taken < 0)
         return ENG_RING_ERROR;
@@ -1146,7 +1146,6 @@ static int eng_run(struct engine *e, int timeout_ms)
 {
     int64_t deadline = now_ms() + timeout_ms;
     for (;;) {
-        tick(e);
         int work = round_(e);
         if (work < 0)
             return work;
@@ -1195,7 +1194,6 @@ static int eng_quiesce(struct engine *e, int timeout_ms)
 {
     int64_t deadline = now_ms() + timeout_ms;
     for (;;) {
-        tick(e);
         int work = round_(e);
         if (work < 0)
             return work;
@@ -1240,6 +1238,7 @@ static void eng_free(struct engine *e)
         free(e->pending[i].iov);
     }
     free(e->pending);
+    free(e->scratch);
     free(e->cache.entries);
     free(e->cache.table);
     if (e->stop_fd >= 0)
@@ -1290,7 +1289,10 @@ static struct engine *eng_new(const struct eng_config *cfg, char *err, size_t er
         if (grow(&e->pending[i], MAX_DIRECT) < 0)
             goto nomem;
     }
-    if (cfg->persistent && cache_init(&e->cache, cfg->max_grants) < 0)
+    uint32_t most = cfg->limits.max_indirect_segments > MAX_DIRECT
+                        ? cfg->limits.max_indirect_segments : MAX_DIRECT;
+    e->scratch = malloc(most * sizeof *e->scratch);
+    if (!e->scratch || (cfg->persistent && cache_init(&e->cache, cfg->max_grants) < 0))
         goto nomem;
     e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     int rc = e->stop_fd < 0 ? -errno : io_start(e);

@@ -71,6 +71,8 @@ static void exercise_cache(const uint8_t *ops, size_t n)
         e->now += ops[i] & 0x40 ? 70 : 0;
         if (ops[i] & 0x20)
             cache_purge(e);
+        if ((ops[i] & 0x60) == 0x60)
+            cache_clean(e);
         if (e->cache.count > e->cache.cap)
             abort();
         for (uint32_t h = 0; h <= e->cache.mask; h++) {
