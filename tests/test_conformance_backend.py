@@ -1,0 +1,77 @@
+"""The backend conformance suite against ``blkif serve`` in the sandbox (sim
+platform, every process real), and against backends broken on purpose
+(tests/broken_peers): the suite must report exactly the broken case."""
+import os
+
+import pytest
+
+from blkif.conformance import catalogue, report
+from blkif.conformance.backend.session import SandboxBackends
+from blkif.conformance.catalogue import INFO, MUST, SHOULD
+from xenstore_fixtures import ROOT
+
+BROKEN_PEERS = os.path.join(ROOT, "tests", "broken_peers")
+CASES = catalogue.load("backend")
+# Known defects of our backend, fixed in the datapath branch: at the merge
+# these turn into unexpected passes and the xfail markers must go.
+DATAPATH_FIXES = {
+    "req-16": "secure discard refused while discard-secure=0",
+    "req-18": "indirect request with a bad header answered with operation 6",
+    "req-19": "indirect request with a bad indirect_op answered with operation 6",
+}
+
+
+@pytest.fixture(scope="module")
+def ours():
+    """{case id: Result} of the whole backend suite against blkif serve."""
+    with SandboxBackends() as session:
+        results = report.run_cases(CASES, session)
+    return {r.id: r for r in results}
+
+
+def _param(case):
+    marks = []
+    if case.id in DATAPATH_FIXES:
+        marks.append(pytest.mark.xfail(strict=True, reason="fixed by the datapath branch: "
+                                                           + DATAPATH_FIXES[case.id]))
+    return pytest.param(case.id, id=case.id, marks=marks)
+
+
+@pytest.mark.parametrize("case_id", [_param(c) for c in CASES if c.level == MUST])
+def test_our_backend_passes_must_case(ours, case_id):
+    result = ours[case_id]
+    assert result.status == report.PASS, result.observed
+
+
+@pytest.mark.parametrize("case_id", [c.id for c in CASES if c.level != MUST])
+def test_our_backend_should_and_info_cases_run(ours, case_id):
+    assert ours[case_id].status == report.PASS, ours[case_id].observed
+
+
+def test_the_catalogue_has_every_kind_of_case():
+    levels = {c.level for c in CASES}
+    assert levels == {MUST, SHOULD, INFO}
+    assert {c.group for c in CASES} == set(catalogue.GROUPS["backend"])
+    for c in CASES:
+        assert c.clause and c.sends and c.expects and c.why, c.id
+
+
+# breakage (tests/broken_peers/sitecustomize.py) -> the case it must fail, and a
+# case of the same group it must still pass (the breakage is that narrow)
+BREAKAGES = [
+    ("no-error-node", "xenbus-5", "xenbus-1"),
+    ("no-events", "ring-2", "ring-3"),
+    ("too-many-sectors", "req-9", "req-1"),
+]
+
+
+@pytest.mark.parametrize("broken,fails,passes", BREAKAGES, ids=[b[0] for b in BREAKAGES])
+def test_the_suite_catches_a_broken_backend(monkeypatch, broken, fails, passes):
+    monkeypatch.setenv("PYTHONPATH", BROKEN_PEERS)
+    monkeypatch.setenv("BLKIF_BROKEN", broken)
+    cases = catalogue.select(CASES, [fails, passes])
+    with SandboxBackends() as session:
+        results = {r.id: r for r in report.run_cases(cases, session)}
+    assert results[fails].status == report.FAIL, results[fails]
+    assert results[passes].status == report.PASS, results[passes]
+    assert report.exit_status(list(results.values())) == 1
