@@ -1,9 +1,10 @@
-"""Breaks ``blkif serve`` (and its workers) in one way, chosen by
-$BLKIF_BROKEN, so the conformance tests can show the suite catches it.
+"""Breaks ``blkif serve`` (and its workers) or our frontend (in a sandbox
+guest) in one way, chosen by $BLKIF_BROKEN, so the conformance tests can
+show the suite catches it.
 
 Python imports this module at start-up when its directory is on PYTHONPATH;
-without $BLKIF_BROKEN it does nothing.  Each breakage patches a public name
-outside the backend's own modules, so it survives rewrites of the datapath.
+without $BLKIF_BROKEN it does nothing.  Each backend breakage patches a public
+name outside the backend's own modules, so it survives rewrites of the datapath.
 """
 import os
 
@@ -39,7 +40,48 @@ def _too_many_sectors():
     negotiate.DiskInfo.nodes = overstate
 
 
+def _any_operation():
+    """A frontend that takes any operation in a response as its request's."""
+    from blkif import request
+
+    class Anything(int):
+        def __ne__(self, other):
+            return False
+    take = request.RequestEncoder.take_response
+
+    def take_response(self, ring):
+        rid, _, status = take(self, ring)
+        return rid, Anything(0), status
+    request.RequestEncoder.take_response = take_response
+
+
+def _flush_whatever_offered():
+    """A frontend that reads every offer as having feature-flush-cache."""
+    import dataclasses
+
+    from blkif import negotiate
+    read = negotiate.BackendOffer.read.__func__
+
+    def read_with_flush(cls, reader):
+        return dataclasses.replace(read(cls, reader), flush=True)
+    negotiate.BackendOffer.read = classmethod(read_with_flush)
+
+
+def _indirect_beyond_the_offer():
+    """A frontend that uses all the indirect segments it wants, whatever the offer."""
+    from blkif import negotiate
+    choose = negotiate.FrontendWants.choose
+
+    def choose_greedily(self, offer):
+        order, queues, _, persistent = choose(self, offer)
+        return order, queues, self.max_indirect_segments, persistent
+    negotiate.FrontendWants.choose = choose_greedily
+
+
 BREAKAGES = {
+    "any-operation": _any_operation,
+    "flush-whatever-offered": _flush_whatever_offered,
+    "indirect-beyond-the-offer": _indirect_beyond_the_offer,
     "no-error-node": _no_error_nodes,
     "no-events": _no_events,
     "too-many-sectors": _too_many_sectors,

@@ -11,10 +11,10 @@ import time
 
 from blkif.abi import NATIVE, ffi
 from blkif.abi.constants import PAGE_SIZE
-from blkif.conformance.catalogue import Failed, Skipped
+from blkif.conformance.catalogue import Failed
 from blkif.frontend.queue import FrontQueue
 from blkif.negotiate import BackendOffer, Connection, DiskInfo, QueueRing
-from blkif.request import RequestEncoder
+from blkif.ring import FrontRing
 from xenstore import NoEntry, PermissionDenied, WaitTimeout, XenbusState as S
 
 TOOLSTACK_NODES = {"backend", "backend-id", "state", "virtual-device", "device-type"}
@@ -81,14 +81,17 @@ class FrontendPeer:
         return BackendOffer.read(self.read_back)
 
     def setup(self, queues=1, order=0, persistent=False, indirect=0, abi=None,
-              protocol=None, extra=None, omit=(), pool_pages=16):
-        """Grant ``queues`` rings of 2**``order`` pages, write the nodes as
-        blkfront does (``protocol`` overrides the node, "" leaves it out),
-        plus ``extra``, minus ``omit``; switch Initialised."""
+              protocol=None, extra=None, omit=(), pool_pages=16, start=0):
+        """Grant ``queues`` rings of 2**``order`` pages (indices at ``start``),
+        write the nodes as blkfront does (``protocol`` overrides the node, ""
+        leaves it out), plus ``extra``, minus ``omit``; switch Initialised."""
         self.offer()
         self.abi = abi or NATIVE
         self.queues = [FrontQueue(self.platform, self.backend_id, self.abi, order, indirect,
                                   pool_pages) for _ in range(queues)]
+        for q in self.queues if start else ():
+            q.ring.release()
+            q.ring = FrontRing(q.ring_grant.buffer, self.abi, init=True, start=start)
         conn = Connection(tuple(QueueRing(tuple(q.ring_refs), q.port.port) for q in self.queues),
                           order, self.abi.protocol if protocol is None else protocol,
                           persistent)

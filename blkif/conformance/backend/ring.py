@@ -10,7 +10,6 @@ import time
 
 from blkif.abi.constants import BLKIF_OP_READ, BLKIF_RSP_OKAY
 from blkif.conformance.catalogue import MUST, SHOULD, Failed, group
-from blkif.ring import FrontRing
 from xenstore import XenbusState as S
 
 case = group("backend", "ring")
@@ -87,12 +86,8 @@ def _(peer):
           "attaches at rsp_prod (BACK_RING_ATTACH, Linux 5.10+) shows it without 2**32 "
           "requests")
 def _(peer):
-    peer.setup()
+    peer.connect(start=2**32 - 20)
     q = peer.q
-    q.ring.release()
-    q.ring = FrontRing(q.ring_grant.buffer, q.abi, init=True, start=2**32 - 20)
-    peer.wait_backend([S.Connected], what="connect")
-    peer.switch(S.Connected)
     for batch in range(3):
         got = peer.exchange(_reads(peer, 16, batch * 16))
         bad = {k: v for k, v in got.items() if v != (0, BLKIF_RSP_OKAY)}

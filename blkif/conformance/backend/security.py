@@ -63,7 +63,7 @@ def _(peer):
 @case("sec-2", "XSA-155; ring.h: RING_COPY_REQUEST", MUST,
       title="a request rewritten after the notify is acted on once, consistently",
       sends="40 times: a valid one-page READ, push, notify, then at once rewrite the slot "
-            "to a WRITE of 200 segments",
+            "to a WRITE of 200 segments from another page",
       expects="each answered either READ/OKAY (the first copy) or WRITE/ERROR (the second); "
               "never a mix; the disk unchanged",
       why="XSA-155: a backend that reads a shared request twice can validate one version "
@@ -71,19 +71,20 @@ def _(peer):
 def _(peer):
     peer.connect(pool_pages=32)
     q = peer.q
-    ref = peer.gref(0)
-    q.pool.buffer[:4096] = b"\x5a" * 4096
+    before = read_pages(peer, 0, 1)
+    q.pool.buffer[:4096] = b"\x5a" * 4096  # page 0: what a mixed-up WRITE would write
     for i in range(40):
-        q.encoder.rw(q.ring, BLKIF_OP_READ, i, 0, [(ref, 0, 7)])
+        q.encoder.rw(q.ring, BLKIF_OP_READ, i, 0, [(peer.gref(1), 0, 7)])
         req = peer.request()
         peer.push()
         req.operation = BLKIF_OP_WRITE
         req.nr_segments = 200
+        req.seg[0].gref = peer.gref(0)
         (rid, op, status), = peer.responses(1)
         if (op, status) not in ((BLKIF_OP_READ, BLKIF_RSP_OKAY),
                                 (BLKIF_OP_WRITE, BLKIF_RSP_ERROR)):
             raise Failed("round %d: answered operation %d status %d" % (i, op, status))
-    if read_pages(peer, 0, 1) != bytes(4096):
+    if read_pages(peer, 0, 1) != before:
         raise Failed("sector 0 was written")
 
 
