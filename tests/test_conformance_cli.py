@@ -21,11 +21,26 @@ def blkif(*argv, env=None):
 
 
 def test_docs_conformance_md_is_the_catalogue():
+    """The committed doc is the catalogue plus the lab's committed results."""
+    lab = os.path.join(ROOT, "docs", "conformance-lab.json")
+    results = None
+    if os.path.exists(lab):
+        with open(lab) as f:
+            results = json.load(f)
     with open(os.path.join(ROOT, "docs", "conformance.md")) as f:
         committed = f.read()
-    assert committed == markdown.catalogue_markdown(catalogue.load()), (
-        "docs/conformance.md is stale: run `blkif conformance list --markdown > "
-        "docs/conformance.md`")
+    assert committed == markdown.catalogue_markdown(catalogue.load(), results), (
+        "docs/conformance.md is stale: run `blkif conformance list --markdown [--results "
+        "docs/conformance-lab.json] > docs/conformance.md`")
+
+
+def test_markdown_compares_implementations(tmp_path):
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({"A": {"req-1": "PASS"}, "B": {"req-1": "FAIL"}}))
+    out = blkif("list", "--markdown", "--results", str(results))
+    assert out.returncode == 0, out.stderr
+    row = [line for line in out.stdout.splitlines() if line.startswith("| req-1 ")]
+    assert row and row[0].endswith("| MUST | PASS | FAIL |"), row
 
 
 def test_list_names_every_case_once():

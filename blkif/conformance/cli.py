@@ -4,13 +4,28 @@ list the catalogue.
 Exit status: 0 when every MUST case passed (SHOULD and INFO never fail a
 run), 1 when one failed, 2 for a usage error.
 """
+import argparse
 import sys
 
 from blkif.conformance.catalogue import LEVELS
 from blkif.errors import UsageError
 
 
+EXAMPLES = """\
+examples:
+  blkif conformance backend                     our blkif serve in the sandbox
+  blkif conformance backend --case req --level MUST --junit-xml out.xml
+  blkif conformance backend --platform xen --domid 0 --vdev xvda --other-vdev xvdb
+  blkif conformance frontend --json             our frontend in a sandbox guest
+  blkif conformance list --markdown > docs/conformance.md
+
+Exit status: 0 if every MUST case passed (SHOULD and INFO never fail a run),
+1 if one failed, 2 for a usage error."""
+
+
 def add_arguments(parser):
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(dest="side", metavar="SIDE", required=True)
     back = sub.add_parser(
         "backend", help="play a frontend against a backend's VBD",
@@ -35,6 +50,9 @@ def add_arguments(parser):
     back.add_argument("--workdir", metavar="DIR",
                       help="the sandbox's logs and images go here (default: a temporary "
                            "directory, removed)")
+    back.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                      help="how long a correct backend may take to answer or change state "
+                           "(default 5; more for emulated hosts)")
     _common(back)
     front = sub.add_parser(
         "frontend", help="play a backend for a frontend",
@@ -48,6 +66,9 @@ def add_arguments(parser):
                              description="Print every case: id, level, clause, title.")
     listing.add_argument("--markdown", action="store_true",
                          help="the whole catalogue as Markdown (docs/conformance.md)")
+    listing.add_argument("--results", metavar="FILE",
+                         help="with --markdown: end with a comparison table of these results "
+                              "({implementation: {case: status}}, as the lab writes them)")
     listing.add_argument("--json", action="store_true", help="one JSON array")
 
 
@@ -69,7 +90,12 @@ def run(args):
     if args.side == "list":
         cases = catalogue.load()
         if args.markdown:
-            sys.stdout.write(markdown.catalogue_markdown(cases))
+            results = None
+            if args.results:
+                import json
+                with open(args.results) as f:
+                    results = json.load(f)
+            sys.stdout.write(markdown.catalogue_markdown(cases, results))
         elif args.json:
             import json
             print(json.dumps([markdown.case_dict(c) for c in cases], indent=2))
@@ -83,6 +109,10 @@ def run(args):
         raise UsageError(str(exc)) from None
     session = _session(args)
     session.debug = args.debug
+    if args.side == "backend":
+        if not args.timeout > 0:
+            raise UsageError("--timeout must be positive")
+        session.timeout = args.timeout
     progress = None if args.quiet else (sys.stderr if args.json else sys.stdout)
     with session:
         results = report.run_cases(cases, session, progress)

@@ -1,5 +1,7 @@
 """docs/conformance.md from the catalogue (``blkif conformance list --markdown``),
-so the cases are written once, in code."""
+so the cases are written once, in code; with ``--results FILE`` (what the
+lab's conformance phase writes: {implementation: {case id: status}}) it ends
+with a table comparing the implementations case by case."""
 from blkif.conformance.catalogue import GROUPS, LEVELS
 
 HEADER = """\
@@ -21,7 +23,7 @@ def case_dict(case):
                                           "sends", "expects", "why")}
 
 
-def catalogue_markdown(cases):
+def catalogue_markdown(cases, results=None):
     out = [HEADER]
     counts = {side: {level: 0 for level in LEVELS} for side in GROUPS}
     for c in cases:
@@ -41,4 +43,22 @@ def catalogue_markdown(cases):
                 out.append("\n- **%s** (%s, %s) %s.  \n  Sends: %s.  \n  Expects: %s.  \n"
                            "  Why: %s.\n" % (c.id, c.level, c.clause, c.title, c.sends,
                                              c.expects, c.why))
+    if results:
+        out.append(comparison(cases, results))
+    return "".join(out)
+
+
+def comparison(cases, results):
+    """The backend cases, one row each, a column per implementation."""
+    names = sorted(results)
+    out = ["\n## Backends compared (the real Xen lab)\n\n",
+           "Measured by `blkif lab --only conformance` (Xen 4.17, Linux 6.1 dom0 under QEMU): "
+           "the backend suite in dom0 against each backend, dom0 being the frontend. "
+           "Regenerate: `blkif conformance list --markdown --results "
+           "docs/conformance-lab.json > docs/conformance.md`.\n\n",
+           "| case | level | %s |\n|---|---|%s\n" % (" | ".join(names), "---|" * len(names))]
+    for c in cases:
+        if c.side == "backend":
+            out.append("| %s %s | %s | %s |\n" % (c.id, c.title, c.level, " | ".join(
+                results[n].get(c.id, "-") for n in names)))
     return "".join(out)

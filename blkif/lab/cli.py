@@ -148,7 +148,8 @@ def _run_locked(args, chosen, workdir):
         if "baseline" in chosen:
             step("baseline", "linux blkback vs linux blkfront", lab.baseline)
         for name, why in (("backend", phases.available_backend()),
-                          ("frontend", phases.available_frontend())):
+                          ("frontend", phases.available_frontend()),
+                          ("conformance", None)):
             if name in chosen:
                 if why:
                     report.add(name, "our %s" % name, "skip", why)

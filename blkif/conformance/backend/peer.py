@@ -18,7 +18,7 @@ from blkif.ring import FrontRing
 from xenstore import NoEntry, PermissionDenied, WaitTimeout, XenbusState as S
 
 TOOLSTACK_NODES = {"backend", "backend-id", "state", "virtual-device", "device-type"}
-TIMEOUT = 5.0  # for anything a correct backend does at once
+TIMEOUT = 5.0  # default for anything a correct backend does at once
 
 
 class FrontendPeer:
@@ -35,6 +35,7 @@ class FrontendPeer:
         self.queues = []
         self.abi = NATIVE
         self.disk = None
+        self.timeout = session.timeout
 
     # -- xenstore -----------------------------------------------------------
 
@@ -44,9 +45,10 @@ class FrontendPeer:
     def backend_state(self):
         return self.xs.read_state(self.back + "/state")
 
-    def wait_backend(self, states, timeout=TIMEOUT, what=None):
+    def wait_backend(self, states, timeout=None, what=None):
         """The backend's state once it is one of ``states``; Failed if it is
         not within ``timeout`` s."""
+        timeout = timeout or self.timeout
         try:
             return self.xs.wait_for_state(self.back + "/state", states, timeout)
         except WaitTimeout:
@@ -143,12 +145,10 @@ class FrontendPeer:
         self.wait_backend([S.InitWait], what="reconnect")
 
     def reset(self):
-        """Bring a used VBD back to a fresh start (backend InitWait)."""
+        """Bring a used VBD back to a fresh start: Closed until the backend is
+        Closed too (from any state, InitWait included), then Initialising."""
         self.switch(S.Closed)
-        try:
-            self.xs.wait_for_state(self.back + "/state", [S.Closed, S.InitWait], TIMEOUT)
-        except WaitTimeout:
-            pass
+        self.wait_backend([S.Closed], what="reset")
         self.release()
         self.restart()
 
@@ -181,11 +181,12 @@ class FrontendPeer:
         if q.ring.push_requests() and notify:
             q.port.notify()
 
-    def responses(self, count, queue=0, timeout=TIMEOUT, raw=False):
+    def responses(self, count, queue=0, timeout=None, raw=False):
         """Wait for ``count`` responses: [(id, operation, status)], or with
         ``raw`` [(id, operation, status, slot bytes)].  Failed on a timeout."""
         q = self.queues[queue]
         got = []
+        timeout = timeout or self.timeout
         deadline = time.monotonic() + timeout
         while True:
             while len(got) < count and q.ring.pending_responses():
@@ -202,7 +203,7 @@ class FrontendPeer:
             q.port.wait(0.05)
         return got
 
-    def exchange(self, build, count=None, queue=0, timeout=TIMEOUT):
+    def exchange(self, build, count=None, queue=0, timeout=None):
         """``build(encoder, ring)`` writes requests; push, notify, wait for as
         many responses: {id: (operation, status)}."""
         q = self.queues[queue]
@@ -212,7 +213,7 @@ class FrontendPeer:
         self.push(queue)
         return {rid: (op, status) for rid, op, status in self.responses(n, queue, timeout)}
 
-    def one(self, build, queue=0, timeout=TIMEOUT):
+    def one(self, build, queue=0, timeout=None):
         """Send one request; its (operation, status)."""
         got = self.exchange(build, 1, queue, timeout)
         return next(iter(got.values()))
@@ -224,7 +225,7 @@ class FrontendPeer:
     def gref(self, i, queue=0):
         return self.queues[queue].pool.refs[i]
 
-    def alive(self, queue=0, timeout=TIMEOUT):
+    def alive(self, queue=0, timeout=None):
         """A one-page read at sector 0 must still be answered OKAY."""
         from blkif.abi.constants import BLKIF_OP_READ, BLKIF_RSP_OKAY
         ref = self.gref(0, queue)

@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import os
 
-from blkif.conformance.backend.peer import FrontendPeer
+from blkif.conformance.backend.peer import TIMEOUT, FrontendPeer
 from blkif.conformance.catalogue import Skipped
 from blkif.platform import open_platform
 from blkif.toolstack import vdev_to_devid
@@ -24,6 +24,7 @@ IMAGE_SIZE = 4 << 20
 
 class _Session:
     debug = False
+    timeout = TIMEOUT  # seconds for anything a correct backend does at once
 
     def __init__(self):
         self._extras = []
