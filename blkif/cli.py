@@ -23,6 +23,8 @@ COMMANDS = {
     "stats": ("blkif.backend.status", "counters of a running `blkif serve`, per VBD"),
     "demo": ("blkif.demo", "the whole stack in processes on the sim platform, verified I/O"),
     "bench": ("blkif.bench", "blkif against the backing file itself: IOPS, MB/s, latency"),
+    "conformance": ("blkif.conformance.cli",
+                    "conformance suite: test any blkif backend or frontend against blkif.h"),
     "lab": ("blkif.lab.cli", "boot a real Xen host in QEMU and prove blkif against Linux's drivers"),
 }
 

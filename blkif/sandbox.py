@@ -41,7 +41,8 @@ import traceback
 
 from blkif.errors import BlkifError, UsageError
 
-GUEST_MODULES = ("blkif.demo", "blkif.bench")  # what a guest may be asked to call
+# what a guest may be asked to call
+GUEST_MODULES = ("blkif.demo", "blkif.bench", "blkif.conformance.frontend.guest")
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0  # per process, before SIGKILL
 PR_SET_PDEATHSIG = 1

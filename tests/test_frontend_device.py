@@ -708,3 +708,12 @@ def test_plugged_submits_go_out_together(served, vbd):
         assert all(h.done and h.error is None for h in handles)
         dev.flush()
     assert image.read_bytes()[:16 * 8192] == b"".join(bytes([i]) * 8192 for i in range(16))
+
+
+def test_indirect_segments_are_capped_at_the_page_pool():
+    """An offer of 4096 indirect segments on 4 queues must not make each queue
+    grant 4096 pages (the sim's grant table filled up: conformance fe-xenbus-8)."""
+    offer = BackendOffer(max_queues=4, max_indirect_segments=4096)
+    assert FrontendOptions(max_queues=4).wants().choose(offer)[2] == 512
+    assert FrontendOptions(pool_pages=64).wants().choose(offer)[2] == 64
+    assert FrontendOptions(pool_pages=8).wants().choose(offer)[2] == 0  # direct is as good

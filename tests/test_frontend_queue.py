@@ -9,11 +9,12 @@ import pytest
 from blkif.abi import X86_32, X86_64, constants as c
 from blkif.backend.ring_service import RingServer
 from blkif.backend.backing import Store
-from blkif.errors import LocalProtocolError
+from blkif.errors import LocalProtocolError, RemoteProtocolError
 from blkif.frontend.queue import FrontQueue
 from blkif.platform import open_platform
 from blkif.platform.sim import SimHypervisor
-from blkif.request import Limits
+from blkif.request import Limits, RequestDecoder, ResponseWriter
+from blkif.ring import BackRing
 
 SIZE = 8 << 20
 
@@ -152,4 +153,36 @@ def test_indirect_descriptor_pages_are_granted_writable(hypervisor):
         assert queue.ind_pool is not None and not queue.ind_pool.readonly
     finally:
         queue.close()
+        front.close()
+
+
+@pytest.mark.parametrize("indirect", [0, 32])
+def test_a_response_with_another_operation_is_a_protocol_error(hypervisor, indirect):
+    """Linux blkfront's check: the response echoes its request's operation
+    (an indirect request's indirect_op); anything else fails the queue."""
+    front = open_platform("sim", domid=1, path=hypervisor.path)
+    back = open_platform("sim", domid=0, path=hypervisor.path)
+    queue = FrontQueue(front, 0, X86_64, indirect_segments=indirect, pool_pages=64)
+    ring_map = back.map_grants(1, queue.ring_refs)
+    ring = BackRing(ring_map.buffer, X86_64)
+    try:
+        decoder = RequestDecoder(X86_64, Limits(sectors=SIZE // 512, max_indirect_segments=32))
+        for _ in range(2):  # each one indirect request, or two direct ones
+            queue.submit_read(0, 16 * 4096)
+        queue.kick()
+        first, second = decoder.take(ring), decoder.take(ring)
+        assert second.operation == (c.BLKIF_OP_INDIRECT if indirect else c.BLKIF_OP_READ)
+        writer = ResponseWriter(X86_64)
+        writer.put(ring, first.id, first.kind, c.BLKIF_RSP_OKAY)  # right
+        # wrong: 6 for an indirect READ, WRITE for a direct one
+        writer.put(ring, second.id, second.operation if indirect else c.BLKIF_OP_WRITE,
+                   c.BLKIF_RSP_OKAY)
+        ring.push_responses()
+        with pytest.raises(RemoteProtocolError, match="has operation"):
+            queue.complete()
+    finally:
+        ring.release()
+        ring_map.unmap()
+        queue.close()
+        back.close()
         front.close()

@@ -174,3 +174,18 @@ def test_one_run_per_workdir(tmp_path):
                                   keep=False, json=False)
         with pytest.raises(BlkifError, match="another blkif lab"):
             cli.run(args)
+
+
+def test_conformance_is_a_phase_only_on_request():
+    assert "conformance" not in cli.parse_only(None)
+    assert cli.parse_only("conformance") == {"boot", "dom0", "conformance"}
+
+
+def test_conformance_column_shows_info_values():
+    doc = {"results": [
+        {"id": "xenbus-3", "level": "INFO", "status": "PASS", "observed": "native"},
+        {"id": "req-16", "level": "MUST", "status": "FAIL", "observed": "EOPNOTSUPP"},
+        {"id": "req-1", "level": "MUST", "status": "PASS", "observed": ""},
+    ]}
+    assert phases.conformance_column(doc) == {"xenbus-3": "native", "req-16": "FAIL",
+                                              "req-1": "PASS"}

@@ -86,9 +86,11 @@ MAX_FAILED_SETUPS = 3  # backend closed that many setups in a row: give up
 class FrontendOptions:
     """Our limits and behaviour; ``None`` takes what the backend offers.
 
-    ``pool_pages`` is the data pages granted per queue (bounds the bytes in
-    flight); ``timeout`` bounds connecting, reconnecting and each synchronous
-    call; ``abi`` is the ring layout, written as ``protocol``.
+    ``pool_pages`` is the data pages granted per queue: it bounds the bytes
+    in flight and the indirect segments per request (a backend offering 4096
+    would otherwise have each queue grant 4096 pages); ``timeout`` bounds
+    connecting, reconnecting and each synchronous call; ``abi`` is the ring
+    layout, written as ``protocol``.
     """
 
     max_ring_page_order: Optional[int] = None
@@ -120,7 +122,9 @@ class FrontendOptions:
         return FrontendWants(
             max_ring_page_order=pick(self.max_ring_page_order, XENBUS_MAX_RING_GRANT_ORDER),
             max_queues=pick(self.max_queues, MAX_QUEUES),
-            max_indirect_segments=pick(self.max_indirect_segments, BLKIF_MAX_INDIRECT_SEGMENTS),
+            # a request never uses more pages than the pool has
+            max_indirect_segments=min(pick(self.max_indirect_segments,
+                                           BLKIF_MAX_INDIRECT_SEGMENTS), self.pool_pages),
             persistent=self.persistent,
         )
 

@@ -192,13 +192,21 @@ class FrontQueue:
     def complete(self):
         """Consume every response; returns the transfers that finished.
 
+        Raises RemoteProtocolError for a response whose id is not in flight or
+        whose operation is not its request's (Linux blkfront ``blkif_interrupt``):
+        the caller fails the device.
+
         Freed slots and pages may let waiting requests go: :meth:`kick` next."""
         done = []
         while True:
             while self.ring.pending_responses():
-                rid, _, status = self.encoder.take_response(self.ring)
+                rid, op, status = self.encoder.take_response(self.ring)
                 if rid >= len(self.shadow) or self.shadow[rid] is None:
                     raise RemoteProtocolError("response for unknown request id %d" % rid)
+                if op != self.shadow[rid].op:  # an indirect request's is its indirect_op
+                    raise RemoteProtocolError(
+                        "response for request id %d has operation %d, not %d"
+                        % (rid, op, self.shadow[rid].op))
                 finished = self._finish(rid, status)
                 if finished:
                     done.append(finished)

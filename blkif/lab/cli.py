@@ -70,17 +70,19 @@ def ensure_packages(packages=PACKAGES):
 
 
 def parse_only(text):
-    """``--only`` text -> the set of phases to run (boot/dom0 implied).
+    """``--only`` text -> the set of phases to run (boot/dom0 implied);
+    without it every phase but the optional ones.
 
     Raises UsageError for an unknown phase.
     """
     if not text:
         return set(phases.PHASES)
+    known = phases.PHASES + phases.OPTIONAL_PHASES
     chosen = {p.strip() for p in text.split(",") if p.strip()}
-    unknown = chosen - set(phases.PHASES)
+    unknown = chosen - set(known)
     if unknown:
         raise UsageError("unknown phase %s (choose from %s)" % (
-            ", ".join(sorted(unknown)), ",".join(phases.PHASES)))
+            ", ".join(sorted(unknown)), ",".join(known)))
     if chosen - {"boot"}:
         chosen.add("dom0")
     chosen.add("boot")
@@ -93,7 +95,9 @@ def add_arguments(parser):
     parser.add_argument("--timeout", type=int, default=None,
                         help="seconds for the whole run (default 600; 3600 with --perf)")
     parser.add_argument("--only", metavar="PHASES",
-                        help="comma list of %s (default: all)" % ",".join(phases.PHASES))
+                        help="comma list of %s (default: all but %s, which takes 10-20 "
+                             "minutes)" % (",".join(phases.PHASES + phases.OPTIONAL_PHASES),
+                                           ",".join(phases.OPTIONAL_PHASES)))
     parser.add_argument("--seed", type=int, default=None,
                         help="workload plan seed (default: from the clock; printed)")
     parser.add_argument("--keep", action="store_true",
@@ -169,7 +173,8 @@ def _run_locked(args, chosen, workdir):
         if "baseline" in chosen:
             step("baseline", "linux blkback vs linux blkfront", lab.baseline)
         for name, why in (("backend", phases.available_backend()),
-                          ("frontend", phases.available_frontend())):
+                          ("frontend", phases.available_frontend()),
+                          ("conformance", None)):
             if name in chosen:
                 if why:
                     report.add(name, "our %s" % name, "skip", why)

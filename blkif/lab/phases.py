@@ -11,6 +11,10 @@
               plus the service's own counters and the image's bytes
     frontend  our ``blkif.frontend`` in dom0 vs Linux blkback
               (``blkif.lab.frontend_check``)
+    conformance  ``blkif conformance backend`` in dom0 against Linux
+              xen-blkback, then our ``blkif serve`` (``blkif.lab.conformance_run``);
+              the results go to WORKDIR/conformance.json (docs/conformance.md's
+              comparison table), differences are findings, not failures
 
 Every step has a deadline (its own timeout, capped by the run's); a step that
 fails raises StepFailed, which ends the run after recording the step and the
@@ -28,6 +32,7 @@ from blkif.errors import BlkifError
 from blkif.lab import capacity, control, initramfs, qemu, workload
 
 PHASES = ("boot", "dom0", "baseline", "backend", "frontend")
+OPTIONAL_PHASES = ("conformance",)  # only with --only: it outlasts make lab's budget
 XEN_BIN = "/usr/lib/xen-4.17/bin"
 DISK_BYTES = 64 << 20
 GUEST_MEMORY_MB = 256
@@ -55,7 +60,11 @@ TIMEOUTS = {
     "guest": 300,
     "destroy": 60,
     "command": 60,
+    "conformance": 1200,  # one implementation's backend suite under TCG (blkback: 290 s)
 }
+CONFORMANCE_RUN = "{python} -m blkif.lab.conformance_run --backend {name} 2> {log}"
+# The column each run fills in docs/conformance.md's comparison table.
+CONFORMANCE_BACKENDS = (("blkback", "Linux xen-blkback (6.1)"), ("serve", "blkif serve"))
 
 DOM0_SETUP = """modprobe -a xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd
 mountpoint -q /proc/xen || mount -t xenfs xenfs /proc/xen
@@ -613,6 +622,43 @@ class Lab:
             raise StepFailed("%s: frontend_check" % phase, "%s: %s" % (reason, last[0]), result.out)
         self.report.add(phase, "negotiated", "pass", last[0], seconds)
 
+    def conformance(self):
+        """The backend conformance suite in dom0 against Linux xen-blkback,
+        then our ``blkif serve``; one row each (a MUST case a backend fails is
+        a finding, reported in the detail, not a failure of the lab).  Writes
+        WORKDIR/conformance.json: {implementation: {case id: status}}."""
+        phase = "conformance"
+        pidfile = os.path.join(self.workdir, "ctl", "serve.pid")
+        table = {}
+        for name, label in CONFORMANCE_BACKENDS:
+            start = time.monotonic()
+            if name == "serve":
+                self.sh("%s: start blkif serve" % phase, SERVE_START.format(
+                    argv=serve_argv(self.python), log=os.path.join(self.logs, "serve-conf.log"),
+                    pidfile=pidfile, image="/run/lab/unused.img", size=1 << 20))
+            try:
+                out = self.sh("%s: %s" % (phase, name), CONFORMANCE_RUN.format(
+                    python=self.python, name=name,
+                    log=os.path.join(self.logs, "conformance-%s.log" % name)),
+                    TIMEOUTS["conformance"]).out
+            finally:
+                if name == "serve":
+                    self.cleanup_sh(SERVE_STOP.format(pidfile=pidfile))
+            try:
+                doc = json.loads(out[out.index("{"):])
+            except ValueError:
+                raise StepFailed("%s: %s" % (phase, name), "not JSON: %s" % out[-200:], out)
+            table[label] = conformance_column(doc)
+            with open(os.path.join(self.workdir, "conformance-%s.json" % name), "w") as f:
+                f.write(out[out.index("{"):])
+            counts = {s: list(table[label].values()).count(s)
+                      for s in ("PASS", "FAIL", "SKIP", "ERROR")}
+            self.report.add(phase, "suite vs %s" % label, "pass", "%s; MUST failed: %s" % (
+                " ".join("%s %d" % kv for kv in counts.items()),
+                ", ".join(doc["must_failures"]) or "none"), time.monotonic() - start)
+        with open(os.path.join(self.workdir, "conformance.json"), "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+
     def close(self):
         """Stop QEMU and check nothing is left: (status, detail) for the cleanup row."""
         if self.qemu is None:
@@ -673,6 +719,13 @@ def negotiated_summary(backend, frontend, guest):
         backend.get("max-ring-page-order"), frontend.get("ring-page-order", "0"),
         backend.get("feature-persistent"), frontend.get("feature-persistent"),
         backend.get("feature-discard"), backend.get("feature-flush-cache"))
+
+
+def conformance_column(doc):
+    """A column of docs/conformance.md's comparison from one run's JSON report:
+    {case id: status}, an INFO case's observed value in place of PASS."""
+    return {r["id"]: r["observed"] if r["level"] == "INFO" and r["status"] == "PASS"
+            else r["status"] for r in doc["results"]}
 
 
 def frontend_check_nodes(out):

@@ -1,0 +1,145 @@
+"""``blkif conformance``: run the suite against a backend or a frontend, or
+list the catalogue.
+
+Exit status: 0 when every MUST case passed (SHOULD and INFO never fail a
+run), 1 when one failed, 2 for a usage error.
+"""
+import argparse
+import sys
+
+from blkif.conformance.catalogue import LEVELS
+from blkif.errors import UsageError
+
+
+EXAMPLES = """\
+examples:
+  blkif conformance backend                     our blkif serve in the sandbox
+  blkif conformance backend --case req --level MUST --junit-xml out.xml
+  blkif conformance backend --platform xen --domid 0 --vdev xvda --other-vdev xvdb
+  blkif conformance frontend --json             our frontend in a sandbox guest
+  blkif conformance list --markdown > docs/conformance.md
+
+Exit status: 0 if every MUST case passed (SHOULD and INFO never fail a run),
+1 if one failed, 2 for a usage error."""
+
+
+def add_arguments(parser):
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    sub = parser.add_subparsers(dest="side", metavar="SIDE", required=True)
+    back = sub.add_parser(
+        "backend", help="play a frontend against a backend's VBD",
+        description="Play a frontend against a backend's VBD, crafting raw requests, ring "
+                    "headers and xenstore nodes.  Without --domid/--vdev: start the embedded "
+                    "sandbox (our xenstored, the sim hypervisor, blkif serve) and test that.")
+    back.add_argument("--platform", choices=("xen", "sim"), default="sim",
+                      help="grant tables and event channels: real dom0 devices or the sim "
+                           "(default sim)")
+    back.add_argument("--xenstore", metavar="PATH",
+                      help="xenstored socket of the target (default: the system's)")
+    back.add_argument("--sim-path", metavar="DIR", help="the sim hypervisor's directory "
+                                                         "(--platform sim with a target)")
+    back.add_argument("--domid", type=int, metavar="N",
+                      help="the guest whose VBD to test (on xen: the domain the suite runs "
+                           "in, usually 0)")
+    back.add_argument("--vdev", metavar="VDEV", help="the VBD to test (xvda, a devid)")
+    back.add_argument("--other-vdev", metavar="VDEV",
+                      help="a second VBD of that guest, for the isolation cases")
+    back.add_argument("--readonly-vdev", metavar="VDEV",
+                      help="a read-only VBD of that guest, for the read-only cases")
+    back.add_argument("--workdir", metavar="DIR",
+                      help="the sandbox's logs and images go here (default: a temporary "
+                           "directory, removed)")
+    back.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                      help="how long a correct backend may take to answer or change state "
+                           "(default 5; more for emulated hosts)")
+    _common(back)
+    front = sub.add_parser(
+        "frontend", help="play a backend for a frontend",
+        description="Play a backend (offers chosen per case, misbehaviour on purpose) for a "
+                    "frontend and judge what it does.  Tests our own frontend "
+                    "(blkif.frontend.BlockDevice) as a guest of the embedded sandbox.")
+    front.add_argument("--workdir", metavar="DIR",
+                       help="the sandbox's logs go here (default: temporary, removed)")
+    _common(front)
+    listing = sub.add_parser("list", help="print the catalogue of cases",
+                             description="Print every case: id, level, clause, title.")
+    listing.add_argument("--markdown", action="store_true",
+                         help="the whole catalogue as Markdown (docs/conformance.md)")
+    listing.add_argument("--results", metavar="FILE",
+                         help="with --markdown: end with a comparison table of these results "
+                              "({implementation: {case: status}}, as the lab writes them)")
+    listing.add_argument("--json", action="store_true", help="one JSON array")
+
+
+def _common(parser):
+    parser.add_argument("--case", action="append", default=[], metavar="ID",
+                        help="run only this case or group prefix (req, xenbus-5); repeatable")
+    parser.add_argument("--level", action="append", default=[], choices=LEVELS,
+                        help="run only cases of this level; repeatable")
+    parser.add_argument("--json", action="store_true",
+                        help="print the results as one JSON object (progress goes to stderr)")
+    parser.add_argument("--junit-xml", metavar="FILE", help="also write JUnit XML here")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--debug", action="store_true",
+                        help="print a traceback when the suite itself fails (ERROR)")
+
+
+def run(args):
+    from blkif.conformance import catalogue, markdown, report
+    if args.side == "list":
+        cases = catalogue.load()
+        if args.markdown:
+            results = None
+            if args.results:
+                import json
+                with open(args.results) as f:
+                    results = json.load(f)
+            sys.stdout.write(markdown.catalogue_markdown(cases, results))
+        elif args.json:
+            import json
+            print(json.dumps([markdown.case_dict(c) for c in cases], indent=2))
+        else:
+            for c in cases:
+                print("%-12s %-9s %-6s %s" % (c.id, c.side, c.level, c.title))
+        return 0
+    try:
+        cases = catalogue.select(catalogue.load(args.side), args.case, args.level)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    session = _session(args)
+    session.debug = args.debug
+    if args.side == "backend":
+        if not args.timeout > 0:
+            raise UsageError("--timeout must be positive")
+        session.timeout = args.timeout
+    progress = None if args.quiet else (sys.stderr if args.json else sys.stdout)
+    with session:
+        results = report.run_cases(cases, session, progress)
+    if args.json:
+        print(report.as_json(results, args.side, session.target))
+    elif not args.quiet or report.must_failures(results):
+        print(report.summary_table(results, args.side, session.target))
+    if args.junit_xml:
+        with open(args.junit_xml, "w") as f:
+            f.write(report.junit_xml(results, args.side, session.target))
+    return report.exit_status(results)
+
+
+def _session(args):
+    if args.side == "frontend":
+        from blkif.conformance.frontend.session import SandboxFrontends
+        return SandboxFrontends(workdir=args.workdir)
+    from blkif.conformance.backend.session import SandboxBackends, TargetBackends
+    if args.domid is None and args.vdev is None:
+        if args.platform != "sim":
+            raise UsageError("--platform xen needs a target: --domid N --vdev VDEV")
+        return SandboxBackends(workdir=args.workdir)
+    if args.domid is None or args.vdev is None:
+        raise UsageError("a target is --domid N and --vdev VDEV together")
+    if args.platform == "sim" and not args.sim_path:
+        raise UsageError("--platform sim with a target needs --sim-path")
+    if args.platform == "sim" and not args.xenstore:
+        raise UsageError("--platform sim with a target needs --xenstore")
+    return TargetBackends(args.platform, args.xenstore, args.domid, args.vdev,
+                          args.other_vdev, args.readonly_vdev, args.sim_path)

@@ -1,0 +1,1 @@
+"""Frontend cases: the suite plays a backend for a frontend under test."""

@@ -1,0 +1,126 @@
+"""Where the frontend suite's frontends come from: our own
+(:class:`blkif.frontend.BlockDevice`) in a guest process of the embedded
+sandbox, one fresh guest and VBD per case.
+
+The suite is the VBD's backend, as a driver domain of its own
+(:data:`BACKEND_DOMID`), so the sandbox's ``blkif serve`` (which serves
+dom0's backend directory) leaves these VBDs alone.
+"""
+import contextlib
+import itertools
+import threading
+
+from blkif.conformance.catalogue import Failed
+from blkif.conformance.frontend.backend_peer import BackendPeer
+from blkif.negotiate import BackendOffer
+from blkif.platform import open_platform
+from xenstore import XenbusState
+
+BACKEND_DOMID = 0x7F00
+GUEST_IO = "blkif.conformance.frontend.guest:"
+
+
+class FrontendUnderTest:
+    """One case's frontend (a sandbox guest) and the suite's backend for it."""
+
+    def __init__(self, backend, guest):
+        self.backend, self.guest = backend, guest
+
+    def attach(self, offer=BackendOffer(max_queues=1, discard=True), disk=None, omit=(),
+               options=None, connect=True):
+        """Offer, then have the guest attach while we map and connect; the
+        negotiated values the guest reports.  Failed if either side fails."""
+        self.backend.offer(offer, disk, omit)
+        failure = []
+
+        def serve():
+            try:
+                self.backend.connect()
+            except Exception as exc:
+                failure.append(exc)
+        thread = threading.Thread(target=serve, daemon=True)
+        if connect:
+            thread.start()
+        options = dict({"timeout": 5.0, "reconnect": False}, **(options or {}))
+        try:
+            return self.guest.call("attach", {"vdev": "xvda", "options": options},
+                                   timeout=15)
+        except Exception as exc:
+            raise Failed("the frontend did not attach: %s" % exc) from None
+        finally:
+            if connect:
+                thread.join(10)
+            if failure:
+                raise Failed("backend side: %s" % failure[0])
+
+    def reattach(self, offer, disk=None):
+        """The backend closes; the guest detaches and attaches to a new ``offer``."""
+        self.backend.stop()
+        self.backend.switch(XenbusState.Closed)
+        self.guest.call("detach")
+        self.backend.disconnect()
+        return self.attach(offer, disk)
+
+    def io(self, *ops, timeout=20):
+        """Run ops in the guest (see :func:`~.guest.guest_io`); their results."""
+        return self.guest.call("call", {"function": GUEST_IO + "guest_io",
+                                        "params": {"ops": list(ops)}}, timeout=timeout)
+
+    def state(self):
+        return self.guest.call("call", {"function": GUEST_IO + "guest_state"})
+
+    def alive(self):
+        """Failed if the guest's process died (the frontend crashed)."""
+        code = self.guest.proc.poll()
+        if code is not None:
+            raise Failed("the frontend's process died (exit status %d)" % code)
+
+
+class SandboxFrontends:
+    """Our frontend in guests of the embedded sandbox.  A context manager."""
+
+    target = "blkif.frontend.BlockDevice (sandbox guest, sim platform)"
+    debug = False
+
+    def __init__(self, workdir=None):
+        from blkif.sandbox import Sandbox
+        self.sandbox = Sandbox(workdir)
+        self._domids = itertools.count(1)
+
+    def __enter__(self):
+        from blkif import toolstack
+        from xenstore import Xenstore, domain_socket_path
+        self.sandbox.__enter__()
+        box = self.sandbox
+        toolstack.introduce(box.dom0, BACKEND_DOMID)
+        self.xs = Xenstore.open(domain_socket_path(box.xenstore, BACKEND_DOMID))
+        self.platform = open_platform("sim", domid=BACKEND_DOMID, path=box.sim_path)
+        return self
+
+    def __exit__(self, *exc):
+        self.platform.close()
+        self.xs.close()
+        self.sandbox.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def peer_for(self, case):
+        from blkif import toolstack
+        box = self.sandbox
+        domid = next(self._domids)
+        toolstack.introduce(box.dom0, domid)
+        devid = toolstack.create(box.dom0, domid, "xvda", "ram-disk-%d" % domid, "w",
+                                 backend_domid=BACKEND_DOMID)
+        backend = BackendPeer(self.xs, self.platform, BACKEND_DOMID, domid, devid)
+        guest = box.start_guest(domid)
+        try:
+            yield FrontendUnderTest(backend, guest)
+        finally:
+            backend.stop()
+            with contextlib.suppress(Exception):
+                backend.switch(XenbusState.Closed)  # the guest detaches at once
+            guest.quit(timeout=5)
+            box.guests.remove(guest)
+            box.procs.pop("guest-%d" % domid, None)
+            backend.close()
+            with contextlib.suppress(Exception):
+                toolstack.destroy(box.dom0, domid, "xvda", BACKEND_DOMID)

@@ -1,0 +1,87 @@
+"""In the lab's dom0: the backend conformance suite against one backend.
+
+``python -m blkif.lab.conformance_run --backend blkback|serve`` makes three
+VBDs whose frontend is dom0 itself (xvda and xvdb writable, xvdc read-only),
+runs ``blkif conformance backend --platform xen`` against them and prints
+its JSON report, then removes the VBDs.  ``blkback``: Linux xen-blkback on
+loop devices (``physical-device`` written as the block hotplug script does);
+``serve``: a ``blkif serve`` already running in dom0, on image files.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from blkif import toolstack
+from blkif.conformance import catalogue, report
+from blkif.conformance.backend.session import TargetBackends
+from blkif.lab.frontend_check import device_number, raise_gntalloc_limit
+from xenstore import Xenstore
+
+VBDS = (("xvda", "w"), ("xvdb", "w"), ("xvdc", "r"))
+IMAGE_BYTES = 16 << 20
+WORK = "/run/lab/conformance"
+
+
+def prepare(xs, backend):
+    """Create the VBDs; the loop devices to detach afterwards."""
+    os.makedirs(WORK, exist_ok=True)
+    loops = []
+    for vdev, mode in VBDS:
+        image = os.path.join(WORK, vdev + ".img")
+        with open(image, "wb") as f:
+            f.truncate(IMAGE_BYTES)
+        target = image
+        if backend == "blkback":
+            target = subprocess.run(["losetup", "-f", "--show", image], check=True,
+                                    capture_output=True, text=True).stdout.strip()
+            loops.append(target)
+        for path in (toolstack.frontend_path(0, toolstack.vdev_to_devid(vdev)),
+                     toolstack.backend_path(0, 0, toolstack.vdev_to_devid(vdev))):
+            if xs.exists(path):  # a run that died before its cleanup
+                xs.rm(path)
+        devid = toolstack.create(xs, 0, vdev, target, mode)
+        if backend == "blkback":
+            xs.write(toolstack.backend_path(0, 0, devid) + "/physical-device",
+                     device_number(target))
+    return loops
+
+
+def cleanup(xs, loops):
+    for vdev, _ in VBDS:
+        try:
+            toolstack.destroy(xs, 0, vdev)
+        except Exception as exc:  # noqa: BLE001 - best effort, reported
+            print("cleanup: %s: %s" % (vdev, exc), file=sys.stderr)
+    time.sleep(1)  # let the backend close before its devices go
+    for loop in loops:
+        subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m blkif.lab.conformance_run",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=("blkback", "serve"), required=True)
+    parser.add_argument("--timeout", type=float, default=20.0,
+                        help="seconds a correct backend may take (dom0 under TCG is slow)")
+    args = parser.parse_args(argv)
+    raise_gntalloc_limit()
+    if args.backend == "blkback":
+        subprocess.run(["modprobe", "-a", "xen-blkback", "loop"], check=True)
+    elif os.path.exists("/sys/module/xen_blkback"):
+        parser.error("xen-blkback is loaded: it would claim blkif serve's VBDs too")
+    with Xenstore.open() as xs:
+        loops = prepare(xs, args.backend)
+        try:
+            with TargetBackends("xen", None, 0, "xvda", "xvdb", "xvdc") as session:
+                session.timeout = args.timeout
+                results = report.run_cases(catalogue.load("backend"), session, sys.stderr)
+        finally:
+            cleanup(xs, loops)
+    print(report.as_json(results, "backend", args.backend))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
