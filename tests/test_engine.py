@@ -163,9 +163,9 @@ def test_4096_segments_past_iov_max(hypervisor, image, server):
 
 @pytest.mark.parametrize("server", ["c-io_uring", "python"])
 def test_persistent_grants_lru_keeps_hits_past_its_capacity(hypervisor, image, server):
-    """A working set of 12 pages in a cache of 8, a request every 120 ms: a
+    """A working set of 12 pages in a cache of 8, a request every 0.3 s: a
     full cache maps the cold page with its request, then frees its least
-    recently used page (at most every 100 ms), and the hot pages stay."""
+    recently used page idle for a second, and the hot pages stay."""
     rig = Rig(hypervisor, image, persistent=True, server=server, max_grants=8)
     hot, cold = rig.data.refs[:4], rig.data.refs[4:12]
     for round_ in range(16):
@@ -173,14 +173,14 @@ def test_persistent_grants_lru_keeps_hits_past_its_capacity(hypervisor, image, s
         rig.enc.rw(rig.ring, c.BLKIF_OP_READ, round_, 0, [(ref, 0, 7) for ref in refs])
         assert rig.run() == [(round_, c.BLKIF_OP_READ, OKAY)]
         assert rig.data.buffer[:4096] == image.read_bytes()[:4096]
-        time.sleep(0.12)
+        time.sleep(0.3)
     counters = rig.counters
     assert counters.persistent_grants == 8
     # The hot pages hit in every round but the first (the engine maps only what
     # the cache turns away; the reference maps such a request whole).
     assert counters.grant_hits >= (15 * 4 - 4 if server != "python" else 30)
     # Once full, a round turns its cold page away and the next one keeps it.
-    assert 5 <= counters.grant_evictions <= 12
+    assert 3 <= counters.grant_evictions <= 12
     assert counters.mapped_grants >= 1  # what the full cache turned away
     rig.close()
 
@@ -201,8 +201,12 @@ def test_a_working_set_past_the_cache_is_not_remapped_page_by_page(hypervisor, i
         assert rig.run() == [(i, c.BLKIF_OP_READ, OKAY)]
     counters = rig.counters
     assert counters.persistent_grants <= 64
-    assert counters.grant_misses < 64 + 24 * 4  # not 24 x 32 maps one page at a time
+    # Cached pages used within the second stay; the other pages go with their
+    # requests: a few pages mapped one at a time, not 24 x 32.
+    assert counters.grant_misses <= 64 + 16 and counters.grant_evictions <= 16
     assert counters.mapped_grants > 0
+    if server != "python":  # every grant the engine used: a hit, kept, or with its request
+        assert counters.grant_hits + counters.grant_misses + counters.mapped_grants == 24 * 33
     desc.close()
     rig.close()
 

@@ -7,9 +7,10 @@ as an indirect page and later as a data page is one entry), mapped writable
 (Linux ``max_persistent_grants``), and purged once unused for
 ``unused_seconds`` (``persistent_grant_unused_seconds``).  A request whose
 grants do not fit a full cache is mapped for itself; :meth:`clean` then
-frees the least recently used 5%, at most every 100 ms (Linux
-``purge_persistent_gnt``): a working set larger than the cache keeps its hot
-pages and never remaps page by page on every request.
+frees up to 5% of the cache, least recently used first, of the grants idle
+for a second, at most every 100 ms (Linux ``purge_persistent_gnt``): a
+working set larger than the cache keeps its hot pages and is never remapped
+page by page.
 The C engine (``csrc/engine.c``) keeps the same cache with reference counts
 for requests in flight; this one serves one request at a time.
 """
@@ -53,15 +54,19 @@ class GrantCache:
         return out
 
     def clean(self):
-        """After a full cache turned grants away: unmap the least recently used
-        5% (at least one), at most every 100 ms."""
+        """After a full cache turned grants away: unmap up to 5% of it (at
+        least one), least recently used first, of those idle for a second; at
+        most every 100 ms."""
         now = self.clock()
         if not self.full_misses or now < self._next_clean:
             return
         for _ in range(max(1, self.capacity * 5 // 100)):
             if not self._pages:
                 break
-            self._drop(next(iter(self._pages)))
+            gref, (_, _, used) = next(iter(self._pages.items()))
+            if used > now - 1.0:
+                break
+            self._drop(gref)
             self.evictions += 1
         self.full_misses = 0
         self._next_clean = now + 0.1

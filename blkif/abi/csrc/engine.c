@@ -76,6 +76,7 @@
 #define SPURIOUS_PAUSE_NS 1000000L
 #define CLEAN_PERCENT 5         /* Linux LRU_PERCENT_CLEAN */
 #define CLEAN_INTERVAL_MS 100   /* Linux LRU_INTERVAL */
+#define CLEAN_IDLE_SECONDS 1    /* a grant used since is hot: kept */
 
 /* struct eng_limits, eng_request, eng_stats and eng_config are declared in
  * _cdefs/engine.py (TYPES), once for cffi and for this file. */
@@ -677,13 +678,16 @@ static void cache_put(struct engine *e, int32_t i)
         lru_append(&e->cache, i);
 }
 
-/* Linux purge_persistent_gnt, for a full cache: unmap the least recently used
- * 5% of it that no request holds, so that new grants can be kept. */
+/* Linux purge_persistent_gnt, for a full cache: unmap up to 5% of it, least
+ * recently used first, of the grants no request used in the last second (a
+ * cache full of hot grants stays as it is: remapping them would only churn). */
 static void cache_clean(struct engine *e)
 {
-    uint32_t n = e->cache.cap * CLEAN_PERCENT / 100;
-    for (n = n ? n : 1; n && e->cache.lru_head >= 0; n--) {
-        cache_evict(e, e->cache.lru_head);
+    struct grant_cache *c = &e->cache;
+    uint32_t n = c->cap * CLEAN_PERCENT / 100;
+    for (n = n ? n : 1; n && c->lru_head >= 0 &&
+                        c->entries[c->lru_head].last_used + CLEAN_IDLE_SECONDS <= e->now; n--) {
+        cache_evict(e, c->lru_head);
         e->stats.grant_evictions++;
     }
 }
