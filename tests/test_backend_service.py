@@ -477,7 +477,8 @@ def test_crash_loop_backs_off_then_gives_up():
     svc = service_mod.Service(SimpleNamespace(
         backend_domid=0, state_dir="/nonexistent", platform="sim", sim_path=None,
         xenstore=None, max_indirect_segments=256, max_ring_page_order=4, max_queues=1,
-        no_persistent=False, direct=False, engine="c", io="io_uring", grace=1.0,
+        no_persistent=False, max_persistent_grants=1056, direct=False, engine="c",
+        io="io_uring", grace=1.0,
             hung_timeout=30.0))
     handle = service_mod.WorkerHandle(1, 51712, "/local/domain/0/backend/vbd/1/51712")
     handle.proc, handle.last_exit = _Proc(), "killed by SIGKILL"
@@ -529,4 +530,25 @@ def test_a_saturating_guest_leaves_the_worker_responsive(hv, tmp_path, engine):
         fe.shutdown()
     finally:
         svc.close()
+    assert "Traceback" not in svc.output()
+
+
+@pytest.mark.parametrize("engine", ["c", "python"])
+def test_max_persistent_grants_bounds_what_a_ring_keeps(hv, tmp_path, engine):
+    """--max-persistent-grants 8: a ring keeps at most 8 grants mapped; what
+    does not fit is mapped with its request, and the data is right."""
+    svc = Service(hv, tmp_path, "--max-persistent-grants", "8", "--engine", engine)
+    try:
+        domid, devid = svc.new_vbd(tmp_path / "disk.img")
+        fe = RawFrontend(svc, domid, devid)
+        fe.connect(wants=FrontendWants(0, 1, 32, True))
+        workload(fe, tmp_path / "disk.img", seed=5, rounds=10)
+        time.sleep(1.2)  # one status tick
+        counters = _vbd_status(svc, domid, devid)["counters"]
+        assert 0 < counters["persistent_grants"] <= 8
+        assert counters["mapped_grants"] > 0 and counters["errors"] == 0
+        fe.close()
+        fe.shutdown()
+    finally:
+        assert svc.close() == 0
     assert "Traceback" not in svc.output()

@@ -37,6 +37,7 @@ from blkif.abi.constants import (
     SECTOR_SIZE,
 )
 from blkif.backend.counters import RingCounters
+from blkif.backend.engine import MAX_PERSISTENT_GRANTS
 from blkif.backend.grant_cache import GrantCache
 from blkif.errors import RemoteProtocolError
 from blkif.platform import EventChannelClosed, PlatformError
@@ -46,7 +47,6 @@ from blkif.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
-MAX_PERSISTENT_GRANTS = 1056  # Linux xen_blkif_max_pgrants, per ring
 POLL_MS = 200
 
 

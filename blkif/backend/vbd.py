@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from blkif.abi.constants import VDISK_READONLY
 from blkif.backend.counters import RingCounters
-from blkif.backend.engine import RingEngine
+from blkif.backend.engine import MAX_PERSISTENT_GRANTS, RingEngine
 from blkif.backend.ring_service import RingServer
 from blkif.backend.backing import Store
 from blkif.errors import RemoteProtocolError
@@ -56,6 +56,7 @@ class BackendOptions:
     max_queues: int = min(os.cpu_count() or 1, MAX_QUEUES)  # Linux: one per CPU
     persistent: bool = True
     direct: bool = False
+    max_persistent_grants: int = MAX_PERSISTENT_GRANTS  # per ring
     engine: str = "c"  # "c" (blkif.backend.engine) or "python" (ring_service)
     io: str = "io_uring"  # the C engine's I/O: "io_uring" or "threads"
 
@@ -241,12 +242,14 @@ class Vbd:
                 if self.options.engine == "python":
                     server = RingServer(self.platform, self.domid, mapping.buffer, port,
                                         conn.abi, limits, self.store,
-                                        persistent=conn.persistent, label=label)
+                                        persistent=conn.persistent, label=label,
+                                        max_grants=self.options.max_persistent_grants)
                 else:
                     server = RingEngine(self.platform, self.domid, mapping.buffer, port,
                                         conn.abi, limits, self.store,
                                         persistent=conn.persistent, label=label,
-                                        io=self.options.io)
+                                        io=self.options.io,
+                                        max_grants=self.options.max_persistent_grants)
                 self.servers.append(server)
         except BaseException:
             self.disconnect()

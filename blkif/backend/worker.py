@@ -25,6 +25,7 @@ import sys
 import time
 
 from blkif.backend import status
+from blkif.backend.engine import MAX_PERSISTENT_GRANTS
 from blkif.backend.vbd import BackendOptions, Vbd
 from blkif.errors import BlkifError, RemoteProtocolError, UsageError
 from blkif.negotiate import MAX_QUEUES
@@ -70,6 +71,11 @@ OPTIONS = (
     ("--max-queues", dict(type=_bounded(1, MAX_QUEUES), default=BackendOptions.max_queues,
                           metavar="N", help="multi-queue-max-queues (default: one per CPU)")),
     ("--no-persistent", dict(action="store_true", help="do not offer persistent grants")),
+    ("--max-persistent-grants", dict(type=_bounded(0, 1 << 20), default=MAX_PERSISTENT_GRANTS,
+                                     metavar="N",
+                                     help="grants kept mapped per ring (default %d, as Linux's "
+                                          "max_persistent_grants; each pins a page of dom0 "
+                                          "memory)" % MAX_PERSISTENT_GRANTS)),
     ("--direct", dict(action="store_true", help="open backing stores with O_DIRECT")),
     ("--engine", dict(choices=("c", "python"), default="c",
                       help="the datapath: c (the C engine, default) or python (the "
@@ -108,6 +114,7 @@ def backend_options(args):
         max_ring_page_order=args.max_ring_page_order,
         max_queues=args.max_queues,
         persistent=not args.no_persistent,
+        max_persistent_grants=args.max_persistent_grants,
         direct=args.direct,
         engine=args.engine,
         io=args.io,
