@@ -237,9 +237,9 @@ def test_a_failed_flush_fails_every_later_flush(hypervisor, image, server):
     rig.close()
 
 
-def test_a_failing_fdatasync_sets_the_flag(hypervisor, image):
-    """fdatasync on a pipe fails (EINVAL): the flush is answered ERROR and
-    the store remembers it."""
+def test_a_failing_fdatasync_sets_the_flag(hypervisor, image, caplog):
+    """fdatasync on a pipe fails (EINVAL): the flush is answered ERROR, the
+    store remembers it and the log says why."""
     rig = Rig(hypervisor, image)
     rig.server.close()
     r, w = os.pipe()
@@ -250,6 +250,11 @@ def test_a_failing_fdatasync_sets_the_flag(hypervisor, image):
     rig.enc.rw(rig.ring, c.BLKIF_OP_FLUSH_DISKCACHE, 1, 0, [])
     assert rig.run() == [(1, 3, ERROR)]
     assert rig.store.flush_failed[0] == 1
+    deadline = time.monotonic() + 2  # said when the engine next hands back (200 ms)
+    while "Invalid argument" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "1 requests answered with an error so far; last I/O error: Invalid argument" \
+        in caplog.text
     rig.server.close()
     rig.store.fd = real_fd
     os.close(r)

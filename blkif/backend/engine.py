@@ -15,6 +15,7 @@ that breaks the ring (overrun, closed channel) ends the thread and calls
 """
 import itertools
 import logging
+import os
 import threading
 
 from blkif.abi import X86_32, ffi, lib
@@ -123,14 +124,25 @@ class RingEngine:
         self._thread.start()
 
     def _serve(self, on_error):
+        errors = 0
         while True:
             rc = lib.eng_run(self._eng, RUN_SLICE_MS)
+            errors = self._log_io_errors(errors)
             if rc == lib.ENG_STOPPED:
                 return
             if rc < 0:
                 self.failure = ffi.string(lib.eng_error(self._eng)).decode()
                 on_error(self.failure)
                 return
+
+    def _log_io_errors(self, seen):
+        """Log the engine's error count when it grew, with the last I/O errno
+        (the C side answers the guest; the cause is said here)."""
+        stats = lib.eng_stats(self._eng)
+        if stats.errors != seen and stats.last_io_errno:
+            log.error("%s: %d requests answered with an error so far; last I/O error: %s",
+                      self.label, stats.errors, os.strerror(stats.last_io_errno))
+        return stats.errors
 
     def stop(self):
         """Stop the thread (it finishes its round first) and wait for it."""

@@ -239,7 +239,7 @@ class PerfRun:
         # Under TCG a guest of config B takes minutes to load blkfront (it
         # grants ~1 GiB), and each job's start and JSON add to its runtime.
         timeout = 300 + len(JOBS) * (self.runtime + 40) + (300 if verify else 0)
-        domid, report = lab.run_guest("perf", name, disk, None, memory=params["memory"],
+        domid, _ = lab.run_guest("perf", name, disk, None, memory=params["memory"],
                                       vcpus=params["vcpus"], ramdisk=RAMDISK,
                                       extra=extra, timeout=timeout)
         with open(lab.console_log(name), errors="replace") as f:
