@@ -75,7 +75,7 @@ def _stats(workers=(), finished=(), vbds=()):
 
 
 def _vbd(domid=3, rings=2, **counters):
-    c = dict(requests=260, indirect=67, persistent_grants=1318, errors=0,
+    c = dict(requests=260, indirect=67, persistent_grants=128, mapped_grants=900, errors=0,
              ops={"read": 177, "write": 57, "flush_diskcache": 22, "discard": 3})
     c.update(counters)
     return {"domid": domid, "devid": 51712, "state": "Connected", "rings_mapped": rings,
@@ -85,7 +85,9 @@ def _vbd(domid=3, rings=2, **counters):
 
 def test_backend_in_use_needs_every_feature_used():
     status, detail = phases.backend_in_use(_stats(vbds=[_vbd()]), 3, 2)
-    assert status == "pass" and "persistent grants 1318" in detail and "67 indirect" in detail
+    assert status == "pass" and "persistent grants 128, 900 mapped" in detail
+    assert "67 indirect" in detail
+    assert phases.backend_in_use(_stats(vbds=[_vbd(mapped_grants=0)]), 3, 2)[0] == "fail"
     assert phases.backend_in_use(_stats(vbds=[_vbd(indirect=0)]), 3, 2)[0] == "fail"
     assert phases.backend_in_use(_stats(vbds=[_vbd(rings=1)]), 3, 2)[0] == "fail"
     assert phases.backend_in_use(_stats(vbds=[_vbd(errors=1)]), 3, 2)[0] == "fail"

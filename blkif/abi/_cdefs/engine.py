@@ -3,7 +3,8 @@
 Python reaches it through ``blkif.backend.engine``; the structs here are the
 engine's own (configuration, a decoded request, counters), not Xen's.
 ``eng_map_grants``/``eng_unmap_grants`` are implemented in Python
-(``extern "Python"``): the engine calls them, with the GIL, to map grants.
+(``extern "Python"``): the engine calls them, with the GIL, to map grants
+where it has no gntdev descriptor of its own (the sim platform).
 """
 import os
 
@@ -29,7 +30,7 @@ struct eng_stats {
     uint64_t events, spurious_events;
     uint64_t grant_hits, grant_misses, grant_evictions, grant_purged, mapped_grants;
     uint64_t in_flight, persistent_grants;
-    int64_t last_io_errno;
+    int64_t last_io_errno, last_map_errno;
 };
 
 struct eng_config {
@@ -45,6 +46,8 @@ struct eng_config {
     uint32_t max_grants, grant_unused_seconds;
     int io_mode;
     uint32_t io_threads;
+    int gntdev_fd;                    /* maps grants itself through it; -1: eng_map_grants */
+    uint16_t domid;                   /* the frontend's, for gntdev */
     void *handle;
 };
 """

@@ -9,9 +9,10 @@
  *   consume   read req_prod once, reject an overrun (RING_REQUEST_PROD_OVERFLOW),
  *             copy each request out of its slot once (RING_COPY_REQUEST) and
  *             validate only the copy, with exactly request.py's rules;
- *   map       persistent grants come from an LRU keyed by gref; a miss, or a
- *             request without persistent grants, calls back into Python
- *             (eng_map_grants), which owns the platform;
+ *   map       persistent grants come from an LRU keyed by gref; the rest of a
+ *             request's pages are mapped together, on Xen straight through
+ *             /dev/xen/gntdev (one ioctl and one mmap), on the sim by a call
+ *             back into Python (eng_map_grants), which owns the platform;
  *   submit    every read and write of the batch in flight at once: io_uring
  *             (one io_uring_submit per round) or, where io_uring is refused,
  *             a small pool of threads doing preadv/pwritev;
@@ -383,6 +384,7 @@ struct engine {
     int64_t next_clean;      /* ms: cache_clean at most every CLEAN_INTERVAL_MS */
     uint64_t full_misses;    /* grants a full cache could not keep since then */
     uint32_t *scratch;       /* the grefs a full cache could not keep, of one request */
+    struct ioctl_gntdev_map_grant_ref *map_op; /* room for the most grants of a request */
     struct eng_stats stats;
     char error[256];
     char io_note[160];
@@ -624,12 +626,61 @@ static int push(struct engine *e)
 
 /* -- grants ----------------------------------------------------------------- */
 
+/* A gntdev mapping's token: its mmap offset in pages and its page count
+ * (1..4096, so never 0, which means "no mapping"). */
+#define TOKEN_COUNT_BITS 13
+
+/* Map ``n`` grants of the frontend contiguously at *base; *token is what
+ * unmap_grants needs.  -1 (the errno in stats.last_map_errno) if any fails. */
+static int map_grants(struct engine *e, const uint32_t *grefs, uint32_t n, int writable,
+                      uintptr_t *base, uint64_t *token)
+{
+    int fd = e->cfg.gntdev_fd;
+    if (fd < 0)
+        return eng_map_grants(e->cfg.handle, grefs, n, writable, base, token);
+    struct ioctl_gntdev_map_grant_ref *op = e->map_op;
+    op->count = n;
+    for (uint32_t i = 0; i < n; i++) {
+        op->refs[i].domid = e->cfg.domid;
+        op->refs[i].ref = grefs[i];
+    }
+    if (ioctl(fd, IOCTL_GNTDEV_MAP_GRANT_REF, op) < 0) {
+        e->stats.last_map_errno = errno;
+        return -1;
+    }
+    /* The hypervisor maps the grants here, read-only unless PROT_WRITE. */
+    void *addr = mmap(NULL, (size_t)n * PAGE, PROT_READ | (writable ? PROT_WRITE : 0),
+                      MAP_SHARED, fd, (off_t)op->index);
+    if (addr == MAP_FAILED) {
+        e->stats.last_map_errno = errno;
+        struct ioctl_gntdev_unmap_grant_ref undo = {.index = op->index, .count = n};
+        ioctl(fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, &undo);
+        return -1;
+    }
+    *base = (uintptr_t)addr;
+    *token = op->index / PAGE << TOKEN_COUNT_BITS | n;
+    return 0;
+}
+
+static void unmap_grants(struct engine *e, uintptr_t base, uint64_t token)
+{
+    if (e->cfg.gntdev_fd < 0) {
+        eng_unmap_grants(e->cfg.handle, token);
+        return;
+    }
+    uint32_t n = token & ((1u << TOKEN_COUNT_BITS) - 1);
+    struct ioctl_gntdev_unmap_grant_ref op = {
+        .index = token >> TOKEN_COUNT_BITS << 12, .count = n};
+    munmap((void *)base, (size_t)n * PAGE);
+    ioctl(e->cfg.gntdev_fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, &op);
+}
+
 static void cache_evict(struct engine *e, int32_t i)
 {
     struct grant_cache *c = &e->cache;
     lru_unlink(c, i);
     table_remove(c, i);
-    eng_unmap_grants(e->cfg.handle, c->entries[i].token);
+    unmap_grants(e, c->entries[i].addr, c->entries[i].token);
     c->entries[i].next = c->free_head;
     c->free_head = i;
     c->count--;
@@ -653,7 +704,7 @@ static int32_t cache_get(struct engine *e, uint32_t gref, int *failed)
         return -1; /* full: the caller maps it with its request (cache_clean makes room) */
     uintptr_t addr;
     uint64_t token;
-    if (eng_map_grants(e->cfg.handle, &gref, 1, 1, &addr, &token) < 0) {
+    if (map_grants(e, &gref, 1, 1, &addr, &token) < 0) {
         *failed = 1;
         return -1;
     }
@@ -736,7 +787,7 @@ static int map_pages(struct engine *e, struct pending *p, const uint32_t *grefs,
         e->full_misses += missing;
         map = e->scratch;
     }
-    if (eng_map_grants(e->cfg.handle, map, missing, writable, &p->base, &p->token) < 0) {
+    if (map_grants(e, map, missing, writable, &p->base, &p->token) < 0) {
         p->token = 0;
         if (e->cfg.persistent)
             for (uint32_t k = 0; k < n; k++)
@@ -760,7 +811,7 @@ static void unmap_pages(struct engine *e, struct pending *p)
             cache_put(e, p->entries[i]);
     p->mapped = 0;
     if (p->token) {
-        eng_unmap_grants(e->cfg.handle, p->token);
+        unmap_grants(e, p->base, p->token);
         p->token = 0;
     }
 }
@@ -958,12 +1009,14 @@ static int read_indirect(struct engine *e, struct pending *p)
     int32_t entries[MAX_INDIRECT_PAGES];
     uintptr_t pages[MAX_INDIRECT_PAGES];
     uint64_t token = 0;
+    uintptr_t base;
     int rc;
     if (grow(p, r->nr_segments) < 0)
         return fail(r, RSP_ERROR);
     if (map_pages(e, p, r->indirect_grefs, r->nr_indirect, 0, entries, pages) < 0)
         return fail(r, RSP_ERROR);
     token = p->token;
+    base = p->base;
     p->token = 0;
     rc = eng_decode_indirect(&e->cfg.limits, r, (const char *const *)pages, p->grefs,
                              p->bounds);
@@ -971,7 +1024,7 @@ static int read_indirect(struct engine *e, struct pending *p)
         if (entries[i] >= 0)
             cache_put(e, entries[i]);
     if (token)
-        eng_unmap_grants(e->cfg.handle, token);
+        unmap_grants(e, base, token);
     return rc;
 }
 
@@ -1232,7 +1285,8 @@ static void eng_free(struct engine *e)
     if (e->cache.table)
         for (uint32_t h = 0; h <= e->cache.mask; h++)
             if (e->cache.table[h] >= 0)
-                eng_unmap_grants(e->cfg.handle, e->cache.entries[e->cache.table[h]].token);
+                unmap_grants(e, e->cache.entries[e->cache.table[h]].addr,
+                             e->cache.entries[e->cache.table[h]].token);
     e->stats.persistent_grants = 0;
     for (uint32_t i = 0; e->pending && i < e->size; i++) {
         free(e->pending[i].grefs);
@@ -1243,6 +1297,7 @@ static void eng_free(struct engine *e)
     }
     free(e->pending);
     free(e->scratch);
+    free(e->map_op);
     free(e->cache.entries);
     free(e->cache.table);
     if (e->stop_fd >= 0)
@@ -1296,7 +1351,8 @@ static struct engine *eng_new(const struct eng_config *cfg, char *err, size_t er
     uint32_t most = cfg->limits.max_indirect_segments > MAX_DIRECT
                         ? cfg->limits.max_indirect_segments : MAX_DIRECT;
     e->scratch = malloc(most * sizeof *e->scratch);
-    if (!e->scratch || (cfg->persistent && cache_init(&e->cache, cfg->max_grants) < 0))
+    e->map_op = malloc(sizeof *e->map_op + most * sizeof e->map_op->refs[0]);
+    if (!e->scratch || !e->map_op || (cfg->persistent && cache_init(&e->cache, cfg->max_grants) < 0))
         goto nomem;
     e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     int rc = e->stop_fd < 0 ? -errno : io_start(e);
