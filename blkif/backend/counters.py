@@ -19,7 +19,8 @@ KINDS = (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_D
          BLKIF_OP_DISCARD)  # what a request does; indirect ones are also counted apart
 COUNTERS = ("requests", "indirect", "errors", "read_bytes", "write_bytes", "batches",
             "notifies", "events", "spurious_events", "grant_hits", "grant_misses",
-            "grant_evictions", "grant_purged", "mapped_grants")
+            "grant_evictions", "grant_purged", "mapped_grants",
+            "resumed")  # requests a killed predecessor had taken, answered by us
 GAUGES = ("in_flight", "persistent_grants")
 # struct eng_stats field of each operation's counter
 _ENGINE_OPS = {BLKIF_OP_READ: "op_read", BLKIF_OP_WRITE: "op_write",

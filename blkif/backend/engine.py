@@ -79,12 +79,16 @@ class RingEngine:
     :meth:`close`); ``port`` the bound event channel; ``store`` the open
     backing store.  ``io`` is "io_uring" or "threads"; io_uring falls back to
     threads where the kernel refuses it (the reason is in :attr:`io_note`).
+    ``journal`` is the ring's region of a :class:`~blkif.backend.journal.Journal`
+    (kept mapped until :meth:`close`), ``resume`` to carry on from what a
+    killed predecessor left in it.
     """
 
     def __init__(self, platform, domid, ring_buffer, port, abi, limits, store,
                  persistent=False, label="", io="io_uring",
                  max_grants=MAX_PERSISTENT_GRANTS,
-                 grant_unused_seconds=PERSISTENT_GRANT_UNUSED_SECONDS):
+                 grant_unused_seconds=PERSISTENT_GRANT_UNUSED_SECONDS,
+                 journal=None, resume=False):
         self.platform, self.domid, self.port, self.label = platform, domid, port, label
         self.mappings = {}
         self.tokens = itertools.count(1)
@@ -114,6 +118,8 @@ class RingEngine:
         device = platform.grant_device()
         cfg.gntdev_fd = -1 if device is None else device
         cfg.domid = domid
+        cfg.journal = ffi.NULL if journal is None else journal
+        cfg.resume = resume
         cfg.handle = self._handle
         err = ffi.new("char[]", 256)
         self._eng = lib.eng_new(cfg, err, 256)

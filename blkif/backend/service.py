@@ -9,6 +9,8 @@ within ``CRASH_WINDOW`` seconds (or exit status 3, "cannot be served as
 configured") marks the VBD failed instead of feeding a crash loop.  A
 worker rewrites its status file every second; one silent for
 ``--hung-timeout`` seconds is killed as hung and restarted like a crash.
+A worker SIGKILLed by someone else did not crash: it is restarted at once,
+and its successor carries on its connection (live restart, docs/reliability.md).
 
 One spare worker is kept started ahead of need: its interpreter is up and its
 modules imported, and it waits on stdin for a VBD path.  A new VBD goes to
@@ -55,6 +57,7 @@ class WorkerHandle:
         self.crashes = collections.deque()
         self.next_start = 0.0
         self.started = 0.0
+        self.killed_as_hung = False
         self.last_exit = None
 
     @property
@@ -181,6 +184,7 @@ class Service:
         self._start_spare()
         handle.status = "running"
         handle.started = time.time()
+        handle.killed_as_hung = False
         log.info("%s: worker %d started", handle.label, handle.proc.pid)
 
     def _check_hung(self):
@@ -197,6 +201,7 @@ class Service:
             if now - max(beat, handle.started) > limit:
                 log.error("%s: worker %d has not reported for %.0f s; killing it as hung",
                           handle.label, handle.proc.pid, now - max(beat, handle.started))
+                handle.killed_as_hung = True
                 handle.proc.kill()
 
     def _reap(self):
@@ -216,6 +221,12 @@ class Service:
                 log.info("%s: worker %d stopped (%s)", handle.label, handle.proc.pid,
                          handle.last_exit)
                 self._forget(handle)
+            elif code == -signal.SIGKILL and not handle.killed_as_hung:
+                log.warning("%s: worker %d %s; restarting it at once", handle.label,
+                            handle.proc.pid, handle.last_exit)
+                handle.status = "restarting"
+                handle.restarts += 1
+                handle.next_start = time.monotonic()
             elif code == worker.EXIT_UNSERVABLE:
                 log.error("%s: cannot be served (see its error node); not restarting",
                           handle.label)

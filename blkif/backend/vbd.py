@@ -19,22 +19,31 @@ Its life follows Linux blkback:
 - A frontend that breaks the protocol gets Linux's ``xenbus_dev_fatal``: an
   error node under ``/local/domain/<backend>/error/<backend path>``, the rings
   released and Closing.  Only this VBD stops.
+- Live restart: with a journal directory (``BackendOptions.journal_dir``) and
+  the C engine, a connection is journaled (:mod:`blkif.backend.journal`).  A
+  worker that finds the VBD Connected and its predecessor's journal matching
+  the frontend's nodes resumes instead of closing: the same rings and
+  channels, the requests in flight answered once, no renegotiation.
+  :meth:`Vbd.detach` ends a worker that way on purpose (an upgrade).
 
 Nothing here waits: the worker (``blkif.backend.worker``) feeds it xenstore
 changes; a ring whose frontend breaks it reports from its thread
 (:meth:`Vbd.ring_failed`, which wakes the worker) and the next
 :meth:`Vbd.changed` shuts the VBD down.
 """
+import dataclasses
 import errno
 import logging
 import os
 from dataclasses import dataclass
 
-from blkif.abi.constants import VDISK_READONLY
+from blkif.abi import ffi
+from blkif.abi.constants import PAGE_SIZE, VDISK_READONLY
 from blkif.backend.counters import RingCounters
 from blkif.backend.engine import MAX_PERSISTENT_GRANTS, RingEngine
 from blkif.backend.ring_service import RingServer
 from blkif.backend.backing import Store
+from blkif.backend.journal import Journal, JournalError, journal_path
 from blkif.errors import RemoteProtocolError
 from blkif.negotiate import MAX_QUEUES, BackendOffer, Connection, DiskInfo, backend_action
 from blkif.platform import PlatformError
@@ -59,6 +68,7 @@ class BackendOptions:
     max_persistent_grants: int = MAX_PERSISTENT_GRANTS  # per ring
     engine: str = "c"  # "c" (blkif.backend.engine) or "python" (ring_service)
     io: str = "io_uring"  # the C engine's I/O: "io_uring" or "threads"
+    journal_dir: str = None  # where connections are journaled (live restart); None: not
 
 
 class Vbd:
@@ -84,6 +94,8 @@ class Vbd:
         self.wake = lambda: None  # the worker's wake-up, called from ring threads
         self.negotiated = {}
         self.connections = 0
+        self.journal = None  # while connected with a journal
+        self.detached = False  # left to a successor: nothing more to shut down
         self.gone = False  # our directory was removed: the worker may exit
 
     # -- xenstore helpers -------------------------------------------------
@@ -112,6 +124,9 @@ class Vbd:
             raise RemoteProtocolError("%s: backend node %s missing" % (
                 self.label, "params" if not params else "frontend"))
         self.store = Store(params, writable="w" in mode, direct=self.options.direct)
+        own = self.state = self.xs.read_state(self.path + "/state")
+        if own == S.Connected and self._resume():
+            return
         opts = self.options
         self.offer = BackendOffer(
             max_ring_page_order=opts.max_ring_page_order,
@@ -122,7 +137,6 @@ class Vbd:
             discard_granularity=self.store.discard_granularity,
             discard_secure=False,
         )
-        own = self.state = self.xs.read_state(self.path + "/state")
         if own in STALE:
             log.warning("%s: found state %s from a worker that died; closing that connection",
                         self.label, own.name)
@@ -138,6 +152,61 @@ class Vbd:
                  "read-write" if self.store.writable else "read-only", self.store.sectors,
                  ", O_DIRECT" if opts.direct else "")
         self.changed()
+
+    def _journal_path(self):
+        if self.options.journal_dir is None or self.options.engine != "c":
+            return None
+        return journal_path(self.options.journal_dir, self.domid, self.devid)
+
+    def _resume(self):
+        """Carry on the connection a killed worker left; True if it worked.
+        Otherwise its journal is removed and the caller closes the connection."""
+        path = self._journal_path()
+        try:
+            journal = path and Journal.open(path)
+        except JournalError as exc:
+            log.warning("%s: %s", self.label, exc)
+            os.unlink(path)
+            return False
+        if not journal:
+            return False
+        try:
+            desc = journal.description
+            front = self.xs.read_state(self.frontend + "/state")
+            offer = BackendOffer(**desc["offer"])
+            conn = Connection.read(self._frontend_reader(), offer)
+            if front != S.Connected or conn.nodes() != desc["frontend"] or (
+                    desc["params"] != self.store.path):
+                raise JournalError("the frontend is %s, with other nodes than it had"
+                                   % front.name)
+            self.offer = offer
+            self._use_journal(journal)
+            self._attach(conn, resume=True)
+        except (JournalError, RemoteProtocolError, PlatformError, BadValue, KeyError,
+                TypeError) as exc:
+            log.warning("%s: cannot resume the connection a killed worker left (%s); "
+                        "closing it", self.label, exc)
+            self.disconnect()
+            self._end_journal()
+            journal.remove()
+            return False
+        self._connected(conn)
+        log.info("%s: resumed the connection, %d request(s) in flight carried over",
+                 self.label, sum(server.counters().resumed for server in self.servers))
+        return True
+
+    def _use_journal(self, journal):
+        """Journal the connection; the store's flush-failed flag lives there too."""
+        self.journal = journal
+        self.store.flush_failed = journal.flush_failed
+
+    def _end_journal(self):
+        """Stop journaling: the flag back in the store, the journal unmapped."""
+        journal, self.journal = self.journal, None
+        if journal is not None:
+            self.store.flush_failed = ffi.new("int *", journal.flush_failed[0])
+            journal.close()
+        return journal
 
     def ring_failed(self, message):
         """From a ring's thread: its frontend broke the ring; shut down soon."""
@@ -192,8 +261,16 @@ class Vbd:
         """Read the frontend's rings, map them, bind the channels, Connected."""
         try:
             conn = Connection.read(self._frontend_reader(), self.offer)
+            path = self._journal_path()
+            if path:
+                flag = self.store.flush_failed[0]
+                self._use_journal(Journal.create(path, {
+                    "offer": dataclasses.asdict(self.offer), "frontend": conn.nodes(),
+                    "params": self.store.path,
+                    "ring_bytes": [len(q.ring_refs) * PAGE_SIZE for q in conn.queues]}))
+                self.journal.flush_failed[0] = flag
             self._attach(conn)
-        except (RemoteProtocolError, PlatformError) as exc:
+        except (RemoteProtocolError, PlatformError, JournalError, OSError) as exc:
             self.fatal("connecting rings: %s" % exc)
             return
         disk = DiskInfo(
@@ -207,6 +284,10 @@ class Vbd:
                 for key, value in disk.nodes().items():
                     txn.write("%s/%s" % (self.path, key), value)
                 self._switch(S.Connected, txn)
+        self._connected(conn)
+
+    def _connected(self, conn):
+        """Count the connection, say what it is, and serve its rings."""
         self.connections += 1
         self.negotiated = {
             "protocol": conn.abi.protocol, "ring_page_order": conn.ring_page_order,
@@ -222,7 +303,7 @@ class Vbd:
         for server in self.servers:
             server.start(self.ring_failed)
 
-    def _attach(self, conn):
+    def _attach(self, conn, resume=False):
         limits = Limits(
             sectors=self.store.sectors, readonly=not self.store.writable,
             flush=self.offer.flush, barrier=self.offer.barrier, discard=self.offer.discard,
@@ -249,7 +330,9 @@ class Vbd:
                                         conn.abi, limits, self.store,
                                         persistent=conn.persistent, label=label,
                                         io=self.options.io,
-                                        max_grants=self.options.max_persistent_grants)
+                                        max_grants=self.options.max_persistent_grants,
+                                        journal=self.journal and self.journal.region(i),
+                                        resume=resume)
                 self.servers.append(server)
         except BaseException:
             self.disconnect()
@@ -271,7 +354,34 @@ class Vbd:
         self._rings.clear()
         if self.store is not None and self.store.writable:
             self._flush_store()
+        journal = self._end_journal()
+        if journal is not None:
+            journal.remove()
         log.info("%s: disconnected", self.label)
+
+    def detach(self):
+        """Leave the connection to a successor (an upgrade): answer everything
+        in flight, release the rings and channels, keep the journal, and stay
+        Connected.  Without a journal, this is :meth:`shutdown`."""
+        if self.journal is None or self.state != S.Connected or self.gone:
+            self.shutdown()
+            return
+        for server in self.servers:
+            server.stop()
+            server.drain()
+            server.close()
+        for mapping, port in self._rings:
+            port.close()
+            mapping.unmap()
+        self.servers.clear()
+        self._rings.clear()
+        if self.store.writable:
+            self._flush_store()
+        self._end_journal()
+        self.store.close()
+        self.store = None
+        self.detached = True
+        log.info("%s: detached; the connection stays up for the next worker", self.label)
 
     def _flush_store(self):
         try:
@@ -293,6 +403,8 @@ class Vbd:
 
     def shutdown(self):
         """The service stops: serve what is queued, release it all, Closed."""
+        if self.detached:
+            return
         if self.state in (S.Connected, S.Closing):
             self.disconnect()
             if not self.gone:

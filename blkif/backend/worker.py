@@ -10,9 +10,11 @@ ring thread whose frontend broke its ring; each wake-up re-reads both states
 (:meth:`Vbd.changed`).  About once a second the worker rewrites its status
 file and checks that its parent is still alive.
 
-SIGTERM or SIGINT (or the parent dying): serve what is on the rings, switch
-Closing, keep serving until the frontend closes or ``--grace`` seconds pass,
-then unmap, unbind, flush the store, switch Closed and exit 0.
+SIGTERM or SIGINT: serve what is on the rings, switch Closing, keep serving
+until the frontend closes or ``--grace`` seconds pass, then unmap, unbind,
+flush the store, switch Closed and exit 0.  SIGUSR1 (an upgrade), or the
+service dying: detach instead (:meth:`Vbd.detach`): answer what is in flight,
+keep the journal and leave the VBD Connected for the next worker.
 Exit status 3 means the VBD cannot be served as configured (e.g. its backing
 store cannot be opened); the error node says why and restarting won't help.
 """
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 EXIT_UNSERVABLE = 3
 TICK = 1.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+DETACH_SIGNAL = signal.SIGUSR1
 
 
 def _bounded(low, high):
@@ -86,6 +89,10 @@ OPTIONS = (
     ("--state-dir", dict(metavar="DIR", default=None,
                          help="status files for `blkif stats` (default: %s)"
                          % status.default_state_dir())),
+    ("--no-live-restart", dict(action="store_true",
+                               help="do not journal connections: a worker that dies closes "
+                                    "its VBD's connection instead of leaving it to its "
+                                    "successor (live restart needs the C engine)")),
     ("--grace", dict(type=float, default=5.0, metavar="SECONDS",
                      help="on stop, how long a connected frontend has to close (default 5)")),
 )
@@ -118,6 +125,8 @@ def backend_options(args):
         direct=args.direct,
         engine=args.engine,
         io=args.io,
+        journal_dir=None if args.no_live_restart else os.path.join(
+            args.state_dir or status.default_state_dir(), "journal"),
     )
 
 
@@ -138,15 +147,17 @@ class Worker:
         self.wakeup = Wakeup()  # xenstore watches, signals and failing rings
         vbd.wake = self.wakeup.wake
         self.stopping = False
+        self.detaching = False
         self.parent = os.getppid()
         self._next_tick = 0.0
 
     def _on_signal(self, signum, _frame):
         self.stopping = True
+        self.detaching = self.detaching or signum == DETACH_SIGNAL
         self.wakeup.wake()
 
     def run(self):
-        for signum in STOP_SIGNALS:
+        for signum in STOP_SIGNALS + (DETACH_SIGNAL,):
             signal.signal(signum, self._on_signal)
         xs = self.vbd.xs
         watches = [xs.watch(self.vbd.path, "backend", callback=self.wakeup.wake)]
@@ -156,13 +167,16 @@ class Worker:
                                     callback=self.wakeup.wake))
             while not self.stopping and not self.vbd.gone:
                 self._step(TICK)
-            self._stop()
+            if self.detaching:
+                self.vbd.detach()
+            else:
+                self._stop()
         finally:
             for watch in watches:
                 watch.close()
             self.vbd.shutdown()
             self._write_status()
-            for signum in STOP_SIGNALS:
+            for signum in STOP_SIGNALS + (DETACH_SIGNAL,):
                 # Done: a late SIGTERM must not turn exit 0 into "killed" (the
                 # interpreter's exit puts back the default handlers, not SIG_IGN).
                 signal.signal(signum, signal.SIG_IGN)
@@ -177,8 +191,9 @@ class Worker:
             self._next_tick = now + TICK
             self._write_status()
             if os.getppid() != self.parent:
-                log.warning("%s: the service is gone; stopping", self.vbd.label)
-                self.stopping = True
+                log.warning("%s: the service is gone; detaching for its successor",
+                            self.vbd.label)
+                self.stopping = self.detaching = True
 
     def _guarded(self, action):
         """Run ``action``; a broken frontend closes this VBD, never the worker."""

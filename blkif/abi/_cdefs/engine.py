@@ -29,8 +29,26 @@ struct eng_stats {
     uint64_t op_read, op_write, op_barrier, op_flush, op_discard;
     uint64_t events, spurious_events;
     uint64_t grant_hits, grant_misses, grant_evictions, grant_purged, mapped_grants;
-    uint64_t in_flight, persistent_grants;
+    uint64_t in_flight, persistent_grants, resumed;
     int64_t last_io_errno, last_map_errno;
+};
+
+/* A ring's journal (live restart): kept in a shared mapping by the engine,
+ * read back by its successor (engine.c, "the journal"). */
+struct eng_journal_entry {
+    uint32_t state;                   /* JOURNAL_FREE, _TAKEN or _ANSWERED */
+    uint32_t ring_index;              /* where on the ring the request was */
+    uint32_t answer;                  /* ANSWERED: the response's index */
+    uint32_t pad;
+    uint8_t request[112];             /* the slot as copied (x86_64's size, the larger) */
+};
+
+struct eng_journal {
+    uint64_t magic;
+    uint32_t size, abi;               /* the ring's slots; ENG_ABI_* */
+    uint32_t req_cons, rsp_prod_pvt;
+    uint32_t pad[10];
+    struct eng_journal_entry entries[];  /* one per slot, by pending index */
 };
 
 struct eng_config {
@@ -48,6 +66,8 @@ struct eng_config {
     uint32_t io_threads;
     int gntdev_fd;                    /* maps grants itself through it; -1: eng_map_grants */
     uint16_t domid;                   /* the frontend's, for gntdev */
+    struct eng_journal *journal;      /* NULL: none; else room for the ring's size */
+    int resume;                       /* carry on from what the journal holds */
     void *handle;
 };
 """
@@ -64,6 +84,7 @@ CDEF = """
 #define ENG_RING_ERROR ...
 #define ENG_CHANNEL_CLOSED ...
 #define ENG_FAILED ...
+#define ENG_JOURNAL_MAGIC ...
 """ + TYPES + """
 struct engine;
 struct engine *eng_new(const struct eng_config *cfg, char *err, size_t errlen);

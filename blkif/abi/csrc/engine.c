@@ -25,6 +25,10 @@
  * Nothing is allocated per request: pending requests live in an array of one
  * entry per ring slot, each with segment arrays grown once to the largest
  * request seen.
+ *
+ * With a journal (cfg.journal), every request taken is also kept in shared
+ * memory until it is answered, so that a successor can carry on after this
+ * process is killed (see "the journal" below).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -55,6 +59,10 @@
 #define ENG_RING_ERROR (-1)
 #define ENG_CHANNEL_CLOSED (-2)
 #define ENG_FAILED (-3)
+#define ENG_JOURNAL_MAGIC 0x314C4E524A464B42ull /* "BKFJRNL1" */
+#define JOURNAL_FREE 0
+#define JOURNAL_TAKEN 1
+#define JOURNAL_ANSWERED 2
 
 #define OP_READ 0
 #define OP_WRITE 1
@@ -385,6 +393,7 @@ struct engine {
     uint64_t full_misses;    /* grants a full cache could not keep since then */
     uint32_t *scratch;       /* the grefs a full cache could not keep, of one request */
     struct ioctl_gntdev_map_grant_ref *map_op; /* room for the most grants of a request */
+    int recover;             /* journal entries to take again in the first round */
     struct eng_stats stats;
     char error[256];
     char io_note[160];
@@ -624,6 +633,97 @@ static int push(struct engine *e)
     return 0;
 }
 
+/* -- the journal (live restart) --------------------------------------------
+ *
+ * Requests copied off the ring live only in this process, and responses
+ * overwrite request slots, so a worker killed at any moment would lose what
+ * it had taken but not answered.  The journal, a shared mapping of a file
+ * (blkif/backend/journal.py), keeps each request from its taking to its
+ * answer, with plain stores: no system call on the hot path.  Each store is
+ * a release store, in an order that leaves every prefix consistent:
+ *
+ *   take:    entry.request, entry.ring_index, entry.state = TAKEN; req_cons
+ *   answer:  the response in its slot; entry.answer, entry.state = ANSWERED;
+ *            rsp_prod_pvt; entry.state = FREE
+ *
+ * A successor (cfg.resume) takes every TAKEN entry again and answers it
+ * once: a TAKEN entry at req_cons was never taken (its slot still holds
+ * it), an ANSWERED one at rsp_prod_pvt has its response in place already.
+ * Reads and writes done twice are harmless: the frontend waits for the
+ * answer before it touches those sectors or pages again. */
+
+static void journal_take(struct engine *e, int32_t index)
+{
+    struct eng_journal *j = e->cfg.journal;
+    if (!j)
+        return;
+    struct eng_journal_entry *en = &j->entries[index];
+    memcpy(en->request, e->request, e->request_size);
+    en->ring_index = e->req_cons;
+    __atomic_store_n(&en->state, JOURNAL_TAKEN, __ATOMIC_RELEASE);
+    __atomic_store_n(&j->req_cons, e->req_cons + 1, __ATOMIC_RELEASE);
+}
+
+static void journal_answered(struct engine *e, int32_t index, uint32_t at)
+{
+    struct eng_journal *j = e->cfg.journal;
+    if (!j)
+        return;
+    struct eng_journal_entry *en = &j->entries[index];
+    en->answer = at;
+    __atomic_store_n(&en->state, JOURNAL_ANSWERED, __ATOMIC_RELEASE);
+    __atomic_store_n(&j->rsp_prod_pvt, at + 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&en->state, JOURNAL_FREE, __ATOMIC_RELEASE);
+}
+
+/* A new journal, or (cfg.resume) the ring positions and requests of the one
+ * a predecessor left; -1 with ``err`` set if it does not fit this ring. */
+static int journal_open(struct engine *e, char *err, size_t errlen)
+{
+    struct eng_journal *j = e->cfg.journal;
+    uint32_t live = 0;
+    if (!e->cfg.resume) {
+        memset(j, 0, sizeof *j + e->size * sizeof j->entries[0]);
+        j->size = e->size, j->abi = (uint32_t)e->cfg.abi;
+        j->req_cons = j->rsp_prod_pvt = e->req_cons;
+        __atomic_store_n(&j->magic, ENG_JOURNAL_MAGIC, __ATOMIC_RELEASE);
+        return 0;
+    }
+    if (j->magic != ENG_JOURNAL_MAGIC || j->size != e->size || j->abi != (uint32_t)e->cfg.abi) {
+        snprintf(err, errlen, "the journal is not of this ring (size %u, abi %u)",
+                 j->size, j->abi);
+        return -1;
+    }
+    uint32_t cons = j->req_cons, rsp = j->rsp_prod_pvt;
+    for (uint32_t i = 0; i < e->size; i++)
+        if (j->entries[i].state == JOURNAL_ANSWERED && j->entries[i].answer == rsp)
+            rsp++; /* killed between its answer and rsp_prod_pvt */
+    for (uint32_t i = 0; i < e->size; i++) {
+        struct eng_journal_entry *en = &j->entries[i];
+        if (en->state == JOURNAL_TAKEN && (uint32_t)(cons - en->ring_index - 1) < e->size)
+            live++;
+        else
+            en->state = JOURNAL_FREE;
+    }
+    if ((uint32_t)(cons - rsp) != live || (uint32_t)(rsp - *e->rsp_prod) > e->size) {
+        snprintf(err, errlen, "the journal is inconsistent (req_cons %u, rsp_prod_pvt %u, "
+                 "%u requests, rsp_prod %u)", cons, rsp, live, *e->rsp_prod);
+        return -1;
+    }
+    j->rsp_prod_pvt = rsp;
+    e->req_cons = cons;
+    e->rsp_prod_pvt = rsp;
+    e->rsp_pushed = *e->rsp_prod; /* the first push publishes what was answered */
+    e->free_head = -1;            /* the free list, without the requests to take again */
+    for (uint32_t i = e->size; i-- > 0;)
+        if (j->entries[i].state == JOURNAL_FREE) {
+            e->pending[i].next_free = e->free_head;
+            e->free_head = (int32_t)i;
+        }
+    e->recover = live > 0;
+    return 0;
+}
+
 /* -- grants ----------------------------------------------------------------- */
 
 /* A gntdev mapping's token: its mmap offset in pages and its page count
@@ -847,7 +947,9 @@ static void finish(struct engine *e, int32_t index)
         e->stats.read_bytes += r->nr_sectors * SECTOR;
     else if (p->status == RSP_OKAY && r->kind != OP_DISCARD)
         e->stats.write_bytes += r->nr_sectors * SECTOR;
+    uint32_t at = e->rsp_prod_pvt;
     respond(e, r->id, r->kind, p->status);
+    journal_answered(e, index, at);
     p->next_free = e->free_head;
     e->free_head = index;
 }
@@ -1028,13 +1130,12 @@ static int read_indirect(struct engine *e, struct pending *p)
     return rc;
 }
 
-/* One request copied off the ring: decode, map, start its I/O (or answer it). */
-static void take(struct engine *e)
+/* The request copied into e->request, as pending[index]: decode, map, start
+ * its I/O (or answer it). */
+static void take(struct engine *e, int32_t index)
 {
-    int32_t index = e->free_head;
     struct pending *p = &e->pending[index];
     struct eng_request *r = &p->req;
-    e->free_head = p->next_free;
     e->stats.requests++;
     e->stats.in_flight++;
     p->status = RSP_OKAY;
@@ -1093,6 +1194,22 @@ static void take(struct engine *e)
     submit_transfer(e, index, r->kind == OP_READ ? OP_READ : OP_WRITE);
 }
 
+/* Take again what a predecessor left in the journal (its first round). */
+static int recover(struct engine *e)
+{
+    struct eng_journal *j = e->cfg.journal;
+    int n = 0;
+    e->recover = 0;
+    for (uint32_t i = 0; i < e->size; i++)
+        if (j->entries[i].state == JOURNAL_TAKEN) {
+            memcpy(e->request, j->entries[i].request, e->request_size);
+            e->stats.resumed++;
+            take(e, (int32_t)i);
+            n++;
+        }
+    return n;
+}
+
 /* Consume what the ring holds (at most a ring's worth); -1 on an overrun. */
 static int consume(struct engine *e)
 {
@@ -1106,10 +1223,13 @@ static int consume(struct engine *e)
     int n = 0;
     while (e->barrier_waiting < 0 && e->req_cons != prod &&
            (uint32_t)(e->req_cons - e->rsp_prod_pvt) < e->size) {
+        int32_t index = e->free_head;
+        e->free_head = e->pending[index].next_free;
         memcpy(e->request, e->slots + (e->req_cons & (e->size - 1)) * e->slot_size,
                e->request_size);
+        journal_take(e, index);
         e->req_cons++;
-        take(e);
+        take(e, index);
         n++;
     }
     return n;
@@ -1177,7 +1297,8 @@ static void tick(struct engine *e)
 static int round_(struct engine *e)
 {
     tick(e);
-    int taken = consume(e);
+    int taken = e->recover ? recover(e) : 0;
+    taken += consume(e);
     if (taken < 0)
         return ENG_RING_ERROR;
     io_submit(e);
@@ -1359,6 +1480,10 @@ static struct engine *eng_new(const struct eng_config *cfg, char *err, size_t er
     if (rc < 0) {
         snprintf(err, errlen, "cannot start I/O: %s", strerror(-rc));
         goto out;
+    }
+    if (cfg->journal && journal_open(e, err, errlen) < 0) {
+        eng_free(e);
+        return NULL;
     }
     tick(e);
     e->next_purge = e->now + 1;
