@@ -73,7 +73,7 @@ class Vbd:
         self.backend_domid = int(parts[3])
         self.domid, self.devid = int(parts[-2]), int(parts[-1])
         self.label = "vbd %d/%d" % (self.domid, self.devid)
-        self.closed_counters = RingCounters()  # what rings closed so far had done
+        self.closed_counters = {}  # queue index -> what its closed rings had done
         self.store = None
         self.offer = None
         self.frontend = None
@@ -259,10 +259,11 @@ class Vbd:
         """Finish what is on the rings, then unmap and unbind everything."""
         if not self.servers and not self._rings:
             return
-        for server in self.servers:
+        for queue, server in enumerate(self.servers):
             server.stop()
             server.drain()
-            self.closed_counters.add(server.counters(), gauges=False)
+            self.closed_counters.setdefault(queue, RingCounters()).add(
+                server.counters(), gauges=False)
             server.close()
         for mapping, port in self._rings:
             port.close()
@@ -310,11 +311,21 @@ class Vbd:
             "negotiated": self.negotiated if self.servers else {},
             "rings_mapped": len(self._rings), "channels_bound": len(self._rings),
             "counters": self.counters().as_dict(),
+            "queues": [dict(counters.as_dict(), queue=queue)
+                       for queue, counters in sorted(self.queue_counters().items())],
         }
+
+    def queue_counters(self):
+        """{queue index: counters over every ring served as that queue}
+        (gauges: the live ring's)."""
+        out = {queue: RingCounters().add(done) for queue, done in self.closed_counters.items()}
+        for queue, server in enumerate(list(self.servers)):
+            out.setdefault(queue, RingCounters()).add(server.counters())
+        return out
 
     def counters(self):
         """Counters over every ring this VBD served (gauges: the live ones)."""
-        total = RingCounters().add(self.closed_counters)
-        for server in list(self.servers):
-            total.add(server.counters())
+        total = RingCounters()
+        for counters in self.queue_counters().values():
+            total.add(counters)
         return total

@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 
+from blkif import systemd
 from blkif.backend import status
 from blkif.backend.engine import MAX_PERSISTENT_GRANTS
 from blkif.backend.vbd import BackendOptions, Vbd
@@ -227,9 +228,8 @@ def main(argv=None):
         if not args.path:
             return 0  # the service stopped before it needed us
     label = args.path
-    logging.basicConfig(
-        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
-        format="%(asctime)s %(levelname)s blkif-worker[%(process)d]: %(message)s")
+    systemd.setup_logging((logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+                          "%(levelname)s blkif-worker[%(process)d]: %(message)s")
     try:
         with Xenstore.open(args.xenstore) as xs, open_backend_platform(args) as platform:
             vbd = Vbd(xs, platform, args.path, backend_options(args))

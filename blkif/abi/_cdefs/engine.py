@@ -29,6 +29,7 @@ struct eng_stats {
     uint64_t events, spurious_events;
     uint64_t grant_hits, grant_misses, grant_evictions, grant_purged, mapped_grants;
     uint64_t in_flight, persistent_grants;
+    uint64_t latency[17], latency_ns; /* counters.py: bucket i under 32 us << i */
     int64_t last_io_errno;
 };
 

@@ -346,6 +346,7 @@ struct pending {
     uint32_t nparts, outstanding;
     int16_t status;
     int32_t next_free;
+    int64_t taken_ns;        /* when it came off the ring: its latency starts */
 };
 
 struct done { uint64_t user_data; int64_t res; };
@@ -564,11 +565,24 @@ static void io_stop(struct engine *e)
         close(e->done_fd);
 }
 
-static int64_t now_ms(void)
+static int64_t now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static int64_t now_ms(void) { return now_ns() / 1000000; }
+
+#define LATENCY_UNIT_NS 32000 /* counters.py latency_bucket: bucket i under 32 us << i */
+#define LATENCY_LAST 16
+
+static void observe_latency(struct engine *e, int64_t ns)
+{
+    uint64_t units = ns > 0 ? (uint64_t)ns / LATENCY_UNIT_NS : 0;
+    uint32_t bucket = units ? 64 - __builtin_clzll(units) : 0; /* Python's bit_length */
+    e->stats.latency[bucket < LATENCY_LAST ? bucket : LATENCY_LAST]++;
+    e->stats.latency_ns += ns > 0 ? ns : 0;
 }
 
 /* -- the ring: responses, push, notify -------------------------------------- */
@@ -797,6 +811,7 @@ static void finish(struct engine *e, int32_t index)
     else if (p->status == RSP_OKAY && r->kind != OP_DISCARD)
         e->stats.write_bytes += r->nr_sectors * SECTOR;
     respond(e, r->id, r->kind, p->status);
+    observe_latency(e, now_ns() - p->taken_ns);
     p->next_free = e->free_head;
     e->free_head = index;
 }
@@ -984,6 +999,7 @@ static void take(struct engine *e)
     e->free_head = p->next_free;
     e->stats.requests++;
     e->stats.in_flight++;
+    p->taken_ns = now_ns();
     p->status = RSP_OKAY;
     p->token = 0;
     p->mapped = p->nparts = 0;
