@@ -95,14 +95,14 @@ class Store:
         mode = os.fstat(self.fd).st_mode
         self.is_device = stat.S_ISBLK(mode)
         if self.is_device:
-            self.size = _ioctl_u64(self.fd, BLKGETSIZE64)
+            self.size = self.current_size()
             self.logical_block_size = _ioctl_int(self.fd, BLKSSZGET)
             self.physical_block_size = _ioctl_int(self.fd, BLKPBSZGET)
             if writable and _ioctl_int(self.fd, BLKROGET):
                 self.close()
                 raise StoreError("block device %s is read-only" % path)
         elif stat.S_ISREG(mode):
-            self.size = os.fstat(self.fd).st_size
+            self.size = self.current_size()
             self.logical_block_size = SECTOR_SIZE
             self.physical_block_size = SECTOR_SIZE
         else:
@@ -118,6 +118,12 @@ class Store:
             limits = _device_queue_limits(os.fstat(self.fd).st_rdev)
             self.discard_supported = writable and limits.get("discard_max_bytes", 0) > 0
             self.discard_granularity = limits.get("discard_granularity") or self.logical_block_size
+
+    def current_size(self):
+        """The size in bytes the file or device has now (it may have grown)."""
+        if self.is_device:
+            return _ioctl_u64(self.fd, BLKGETSIZE64)
+        return os.fstat(self.fd).st_size
 
     def readv(self, buffers, offset):
         """Fill ``buffers`` from ``offset``.

@@ -160,6 +160,10 @@ class RingEngine:
             log.warning("%s: while draining: %s", self.label,
                         ffi.string(lib.eng_error(self._eng)).decode())
 
+    def set_sectors(self, sectors):
+        """The store grew: accept requests up to ``sectors`` from now on."""
+        lib.eng_set_sectors(self._eng, sectors)
+
     def counters(self):
         """This ring's counters (``blkif stats``)."""
         return engine_counters(lib.eng_stats(self._eng))

@@ -150,6 +150,10 @@ class RingServer:
             except (RemoteProtocolError, PlatformError) as exc:
                 log.warning("%s: while draining: %s", self.label, exc)
 
+    def set_sectors(self, sectors):
+        """The store grew: accept requests up to ``sectors`` from now on."""
+        self.decoder.limits.sectors = sectors
+
     def counters(self):
         stats = self.stats
         if self.grants is not None:

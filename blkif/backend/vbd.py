@@ -16,6 +16,11 @@ Its life follows Linux blkback:
   and does what :func:`blkif.negotiate.backend_action` says.  Connecting
   reads the frontend's nodes with :meth:`Connection.read` (every value capped
   at the offer), maps the rings, binds the channels and publishes the disk.
+- :meth:`Vbd.check_size` (the worker calls it every second and on SIGHUP)
+  finds a store that grew: the rings accept the new size first, then
+  ``sectors`` and Connected are written again in one transaction, as
+  blkback's ``xen_vbd_resize`` does; blkfront reads the new size when it
+  sees Connected again.  A store that shrank is not published (logged).
 - A frontend that breaks the protocol gets Linux's ``xenbus_dev_fatal``: an
   error node under ``/local/domain/<backend>/error/<backend path>``, the rings
   released and Closing.  Only this VBD stops.
@@ -30,7 +35,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from blkif.abi.constants import VDISK_READONLY
+from blkif.abi.constants import SECTOR_SIZE, VDISK_READONLY
 from blkif.backend.counters import RingCounters
 from blkif.backend.engine import MAX_PERSISTENT_GRANTS, RingEngine
 from blkif.backend.ring_service import RingServer
@@ -85,6 +90,7 @@ class Vbd:
         self.negotiated = {}
         self.connections = 0
         self.gone = False  # our directory was removed: the worker may exit
+        self._shrunk_to = None  # a shrunken size already logged
 
     # -- xenstore helpers -------------------------------------------------
 
@@ -138,6 +144,37 @@ class Vbd:
                  "read-write" if self.store.writable else "read-only", self.store.sectors,
                  ", O_DIRECT" if opts.direct else "")
         self.changed()
+
+    def check_size(self):
+        """Publish a store that grew (online resize); True if it did."""
+        if self.store is None:
+            return False
+        try:
+            now = self.store.current_size() // SECTOR_SIZE
+        except OSError as exc:
+            log.warning("%s: cannot read the size of %s: %s", self.label, self.store.path,
+                        exc.strerror)
+            return False
+        if now == self.store.sectors:
+            return False
+        if now < self.store.sectors:
+            if now != self._shrunk_to:
+                log.error("%s: %s shrank from %d to %d sectors; keeping %d (I/O beyond the "
+                          "end fails)", self.label, self.store.path, self.store.sectors, now,
+                          self.store.sectors)
+                self._shrunk_to = now
+            return False
+        log.info("%s: %s grew from %d to %d sectors", self.label, self.store.path,
+                 self.store.sectors, now)
+        self.store.sectors = now
+        for server in self.servers:  # before the frontend can learn of the new size
+            server.set_sectors(now)
+        if self.state == S.Connected:
+            for txn in self.xs.transactions():
+                with txn:
+                    txn.write(self.path + "/sectors", str(now))
+                    self._switch(S.Connected, txn)  # blkfront re-reads the size
+        return True
 
     def ring_failed(self, message):
         """From a ring's thread: its frontend broke the ring; shut down soon."""

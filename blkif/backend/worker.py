@@ -10,6 +10,9 @@ ring thread whose frontend broke its ring; each wake-up re-reads both states
 (:meth:`Vbd.changed`).  About once a second the worker rewrites its status
 file and checks that its parent is still alive.
 
+Every second, and at once on SIGHUP, the worker checks whether the backing
+store grew and publishes the new size (:meth:`Vbd.check_size`).
+
 SIGTERM or SIGINT (or the parent dying): serve what is on the rings, switch
 Closing, keep serving until the frontend closes or ``--grace`` seconds pass,
 then unmap, unbind, flush the store, switch Closed and exit 0.
@@ -39,7 +42,8 @@ log = logging.getLogger(__name__)
 
 EXIT_UNSERVABLE = 3
 TICK = 1.0
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP,)
 
 
 def _bounded(low, high):
@@ -143,11 +147,14 @@ class Worker:
         self._next_tick = 0.0
 
     def _on_signal(self, signum, _frame):
-        self.stopping = True
+        if signum == signal.SIGHUP:
+            self._next_tick = 0.0  # check the store's size now
+        else:
+            self.stopping = True
         self.wakeup.wake()
 
     def run(self):
-        for signum in STOP_SIGNALS:
+        for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._on_signal)
         xs = self.vbd.xs
         watches = [xs.watch(self.vbd.path, "backend", callback=self.wakeup.wake)]
@@ -163,7 +170,7 @@ class Worker:
                 watch.close()
             self.vbd.shutdown()
             self._write_status()
-            for signum in STOP_SIGNALS:
+            for signum in HANDLED_SIGNALS:
                 # Done: a late SIGTERM must not turn exit 0 into "killed" (the
                 # interpreter's exit puts back the default handlers, not SIG_IGN).
                 signal.signal(signum, signal.SIG_IGN)
@@ -176,6 +183,8 @@ class Worker:
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + TICK
+            if not self.stopping:
+                self._guarded(self.vbd.check_size)
             self._write_status()
             if os.getppid() != self.parent:
                 log.warning("%s: the service is gone; stopping", self.vbd.label)

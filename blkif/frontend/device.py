@@ -19,6 +19,8 @@ How it works:
   once the backend is Closed (it has unmapped them), or at once if it died.
   With ``reconnect`` we start over (Initialising) once the backend is Closed
   or InitWait again; the backend then goes InitWait and setup runs again.
+- Online resize: the backend writes a new ``sectors`` and Connected again;
+  we read the new size (:attr:`BlockDevice.size`) as blkfront does.
 - :meth:`BlockDevice.detach`: Closing; when the backend is Closing, Closed;
   when it is Closed too, release the rings.
 
@@ -289,6 +291,9 @@ class BlockDevice:
         if action is None and own == S.Closed and self._start_over and (
                 backend in START_OVER_FROM):
             action = "start_over"
+        if action is None and own == backend == S.Connected and self.disk is not None and (
+                self._backend_reader("sectors") != str(self.disk.sectors)):
+            action = "resize"  # the backend wrote a new size and Connected again
         return action
 
     def _do_start_over(self):
@@ -378,6 +383,17 @@ class BlockDevice:
                       disk.sectors, disk.sector_size, " read-only" if disk.readonly else "",
                       "on" if offer.flush else "barrier" if offer.barrier else "off",
                       "on" if offer.discard else "off")
+
+    def _do_resize(self):
+        """Blkfront ``blkfront_connect`` when already connected: take the new size."""
+        try:
+            disk = DiskInfo.read(self._backend_reader)
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+            return
+        self.log.info("resized: %d -> %d sectors", self.disk.sectors, disk.sectors)
+        self.disk = disk
+        self.negotiated["sectors"] = disk.sectors
 
     def _do_close(self):
         """Blkfront ``blkfront_closing``: fail what is in flight, Closed.

@@ -73,6 +73,7 @@ const struct eng_stats *eng_stats(struct engine *e);
 const char *eng_error(struct engine *e);
 const char *eng_io_note(struct engine *e);
 int eng_io_mode(struct engine *e);
+void eng_set_sectors(struct engine *e, uint64_t sectors);
 int eng_decode(int abi, const struct eng_limits *lim, const void *raw,
                struct eng_request *out, uint32_t *grefs, uint32_t *bounds);
 int eng_decode_indirect(const struct eng_limits *lim, struct eng_request *req,

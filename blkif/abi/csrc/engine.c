@@ -1334,3 +1334,10 @@ static const struct eng_stats *eng_stats(struct engine *e) { return &e->stats; }
 static const char *eng_error(struct engine *e) { return e->error; }
 static const char *eng_io_note(struct engine *e) { return e->io_note; }
 static int eng_io_mode(struct engine *e) { return e->io_mode; }
+
+/* Online resize, from another thread: requests are checked against the new
+ * size from the next one decoded (an aligned 64-bit store: no torn value). */
+static void eng_set_sectors(struct engine *e, uint64_t sectors)
+{
+    __atomic_store_n(&e->cfg.limits.sectors, sectors, __ATOMIC_RELEASE);
+}
