@@ -147,7 +147,7 @@ def test_metrics_address(text, expect):
     assert metrics.parse_address(text) == expect
 
 
-@pytest.mark.parametrize("text", ["", "host:", "host:http", "1:70000", "0"])
+@pytest.mark.parametrize("text", ["", "host:", "host:http", "1:70000", "-1"])
 def test_bad_metrics_address_is_a_usage_error(text):
     with pytest.raises(UsageError):
         metrics.parse_address(text)

@@ -127,7 +127,7 @@ def parse_address(text):
     if not sep:
         host = ""
     host = host.strip("[]") or "0.0.0.0"
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not port.isdigit() or int(port) > 65535:
         raise UsageError("--metrics %r: expected HOST:PORT or PORT" % text)
     return host, int(port)
 
