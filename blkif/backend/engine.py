@@ -94,6 +94,7 @@ class RingEngine:
             "barrier": limits.barrier, "discard": limits.discard,
             "discard_secure": limits.discard_secure,
             "max_indirect_segments": limits.max_indirect_segments,
+            "sector_size": limits.sector_size,
         }
         cfg.store_fd = store.fd
         cfg.store_is_device = store.is_device

@@ -126,7 +126,8 @@ class Vbd:
             persistent=opts.persistent,
             discard=self.store.discard_supported and self._node("discard-enable", "1") != "0",
             discard_granularity=self.store.discard_granularity,
-            discard_secure=False,
+            discard_alignment=self.store.discard_alignment,
+            discard_secure=self.store.discard_secure,
         )
         own = self.state = self.xs.read_state(self.path + "/state")
         if own in STALE:
@@ -265,6 +266,7 @@ class Vbd:
             flush=self.offer.flush, barrier=self.offer.barrier, discard=self.offer.discard,
             discard_secure=self.offer.discard_secure,
             max_indirect_segments=self.offer.max_indirect_segments,
+            sector_size=self.store.logical_block_size,
         )
         try:
             for i, queue in enumerate(conn.queues):

@@ -24,6 +24,12 @@ How it works:
 - :meth:`BlockDevice.detach`: Closing; when the backend is Closing, Closed;
   when it is Closed too, release the rings.
 
+Data never leaves from or lands in the caller's memory: it is copied through
+each queue's own pool of pages, zeroed when granted and used for nothing but
+this device's transfers, so a backend sees only what was sent to it.  That is
+Linux blkfront's bounce mode, which it turns on for ``trusted=0`` (XSA-403);
+ours is always on, and ``negotiated["trusted"]`` records the toolstack's node.
+
 Nothing runs in the background except the xenstore watch thread, which only
 writes a byte to a pipe: the caller's thread runs the state machine and the
 rings in :meth:`BlockDevice._poll`, a select over that pipe and the queues'
@@ -322,6 +328,7 @@ class BlockDevice:
             ring_page_order=order, protocol=self.options.abi.protocol, persistent=persistent)
         self._publish(conn.nodes())
         self.negotiated = {
+            "trusted": self.xs.read_str(self.path + "/trusted", "1") != "0", "bounce": True,
             "abi": self.options.abi.tag, "protocol": self.options.abi.protocol,
             "ring_page_order": order, "ring_pages": 1 << order, "queues": nqueues,
             "indirect_segments": indirect, "persistent": persistent,

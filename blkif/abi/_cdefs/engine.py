@@ -12,6 +12,7 @@ TYPES = """
 struct eng_limits {
     uint64_t sectors;
     uint32_t max_indirect_segments;
+    uint32_t sector_size;             /* the device's logical sector, bytes (512 if 0) */
     uint8_t readonly, flush, barrier, discard, discard_secure;
 };
 

@@ -94,9 +94,13 @@ static int fail(struct eng_request *out, int16_t status)
     return -1;
 }
 
+/* Inside the device and, on a device of larger logical sectors, whole ones
+ * (blkback's dispatch_rw_block_io check); request.py's _check_range. */
 static int in_device(const struct eng_limits *lim, uint64_t first, uint64_t count)
 {
-    return !count || (count <= lim->sectors && first <= lim->sectors - count);
+    uint64_t mask = lim->sector_size > SECTOR ? lim->sector_size / SECTOR - 1 : 0;
+    return !count || (count <= lim->sectors && first <= lim->sectors - count &&
+                      !((first | count) & mask));
 }
 
 static int writes(uint8_t kind)
