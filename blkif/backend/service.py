@@ -25,7 +25,8 @@ which re-checks the size of its backing store at once (online resize).
 (``blkif stats``); ``--metrics ADDRESS`` serves them to Prometheus.
 
 Under systemd (``Type=notify``) the service says READY=1 once it watches
-xenstore, STOPPING=1 when it starts to stop, and its VBD count as STATUS.
+xenstore, STOPPING=1 when it starts to stop (each with a STATUS line), and
+WATCHDOG=1 from its loop when the unit asks for a watchdog.
 """
 import collections
 import logging

@@ -2,8 +2,8 @@
 
 Each worker rewrites ``vbd-<domid>-<devid>.json`` in the state directory
 about once a second and when it exits (its counters summed and per queue);
-the supervisor keeps ``service.json`` (its workers, restarts and failures).  Files are replaced atomically, so a
-reader never sees half of one.
+the supervisor keeps ``service.json`` (its workers, restarts and failures).
+Files are replaced atomically, so a reader never sees half of one.
 """
 import glob
 import json
