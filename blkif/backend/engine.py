@@ -103,6 +103,7 @@ class RingEngine:
             "barrier": limits.barrier, "discard": limits.discard,
             "discard_secure": limits.discard_secure,
             "max_indirect_segments": limits.max_indirect_segments,
+            "sector_size": limits.sector_size,
         }
         cfg.store_fd = store.fd
         cfg.store_is_device = store.is_device
@@ -174,6 +175,10 @@ class RingEngine:
         if rc < 0:
             log.warning("%s: while draining: %s", self.label,
                         ffi.string(lib.eng_error(self._eng)).decode())
+
+    def set_sectors(self, sectors):
+        """The store grew: accept requests up to ``sectors`` from now on."""
+        lib.eng_set_sectors(self._eng, sectors)
 
     def counters(self):
         """This ring's counters (``blkif stats``)."""

@@ -21,8 +21,14 @@ on a loaded dom0 (the lab's emulated one).
 Signal handlers only record what happened and wake the loop (SIGCHLD
 included); the loop reaps, rescans and acts.  SIGTERM/SIGINT stop every
 worker in order: SIGTERM, their ``--grace`` to let frontends close, then
-SIGKILL for any still running.  ``service.json`` in the state directory
-holds the workers and the last exits (``blkif stats``).
+SIGKILL for any still running.  SIGHUP is passed on to every running worker,
+which re-checks the size of its backing store at once (online resize).
+``service.json`` in the state directory holds the workers and the last exits
+(``blkif stats``); ``--metrics ADDRESS`` serves them to Prometheus.
+
+Under systemd (``Type=notify``) the service says READY=1 once it watches
+xenstore, STOPPING=1 when it starts to stop (each with a STATUS line), and
+WATCHDOG=1 from its loop when the unit asks for a watchdog.
 """
 import collections
 import logging
@@ -33,7 +39,9 @@ import subprocess
 import sys
 import time
 
+from blkif import systemd
 from blkif.backend import status, worker
+from blkif.errors import UsageError
 from blkif.wakeup import Wakeup
 from xenstore import NoEntry, Xenstore
 
@@ -87,7 +95,9 @@ class Service:
         self.spare = None  # a worker waiting on stdin for its VBD path
         self.finished = collections.deque(maxlen=32)  # final status of exited workers
         self.stopping = False
-        self.wakeup = Wakeup()  # the xenstore watch, SIGCHLD and stop signals
+        self.recheck = False  # SIGHUP: workers re-check their store's size
+        self.watchdog = systemd.Watchdog()
+        self.wakeup = Wakeup()  # the xenstore watch, SIGCHLD and signals
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wakeup.fileno(), selectors.EVENT_READ)
 
@@ -95,25 +105,48 @@ class Service:
         self.stopping = True
         self.wakeup.wake()
 
+    def _on_hangup(self, signum, _frame):
+        self.recheck = True
+        self.wakeup.wake()
+
     def run(self):
         os.makedirs(self.state_dir, exist_ok=True)
         worker.open_backend_platform(self.args).close()  # fail here, not in every worker
+        metrics = self._serve_metrics()
         handlers = {s: signal.signal(s, self._on_stop) for s in worker.STOP_SIGNALS}
+        handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
         handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self.wakeup.wake)
         try:
             with Xenstore.open(self.args.xenstore) as xs:
                 log.info("serving VBDs under %s (state in %s)", self.root, self.state_dir)
                 self._start_spare()
                 with xs.watch(self.root, "blkif-serve", callback=self.wakeup.wake):
+                    systemd.notify("READY=1", "STATUS=serving VBDs under %s" % self.root)
                     while not self.stopping:
                         self._round(xs)
                         self._write_status("running")
+                        self.watchdog.kick()
             return 0
         finally:
+            systemd.notify("STOPPING=1", "STATUS=stopping %d worker(s)" % len(self.workers))
             self._stop_all()
             self._write_status("stopped")
+            if metrics is not None:
+                metrics.shutdown()
+                metrics.server_close()
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
+
+    def _serve_metrics(self):
+        if not self.args.metrics:
+            return None
+        from blkif.backend import metrics  # prometheus_client: only when asked for
+        try:
+            server = metrics.serve(self.args.metrics, self.state_dir)
+        except OSError as exc:
+            raise UsageError("--metrics %s: %s" % (self.args.metrics, exc.strerror)) from None
+        log.info("metrics on http://%s:%d/metrics", *server.server_address[:2])
+        return server
 
     def _round(self, xs):
         """Wait for a change (or the next restart), then reap, rescan, act."""
@@ -126,6 +159,23 @@ class Service:
         if not self.stopping:
             self._scan(xs)
             self._check_hung()
+        if self.recheck:
+            self.recheck = False
+            self._hang_up_workers()
+
+    def _hang_up_workers(self):
+        """SIGHUP to each worker that runs its VBD (its status file names it:
+        its handler is installed; a worker still starting would die of it)."""
+        log.info("SIGHUP: workers re-check the size of their backing stores")
+        for handle in self.workers.values():
+            if handle.status != "running":
+                continue
+            try:
+                pid = status.read_vbd(self.state_dir, handle.domid, handle.devid).get("pid")
+            except (OSError, ValueError):
+                continue
+            if pid == handle.proc.pid:
+                handle.proc.send_signal(signal.SIGHUP)
 
     def _present(self, xs):
         found = set()
@@ -318,6 +368,8 @@ def add_arguments(parser):
     worker.add_options(parser)
     parser.add_argument("--hung-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="kill and restart a worker silent for this long (default 30)")
+    parser.add_argument("--metrics", metavar="ADDRESS",
+                        help="serve Prometheus metrics on HOST:PORT (or PORT: every address)")
 
 
 def run(args):

@@ -16,6 +16,11 @@ Its life follows Linux blkback:
   and does what :func:`blkif.negotiate.backend_action` says.  Connecting
   reads the frontend's nodes with :meth:`Connection.read` (every value capped
   at the offer), maps the rings, binds the channels and publishes the disk.
+- :meth:`Vbd.check_size` (the worker calls it every second and on SIGHUP)
+  finds a store that grew: the rings accept the new size first, then
+  ``sectors`` and Connected are written again in one transaction, as
+  blkback's ``xen_vbd_resize`` does; blkfront reads the new size when it
+  sees Connected again.  A store that shrank is not published (logged).
 - A frontend that breaks the protocol gets Linux's ``xenbus_dev_fatal``: an
   error node under ``/local/domain/<backend>/error/<backend path>``, the rings
   released and Closing.  Only this VBD stops.
@@ -38,7 +43,7 @@ import os
 from dataclasses import dataclass
 
 from blkif.abi import ffi
-from blkif.abi.constants import PAGE_SIZE, VDISK_READONLY
+from blkif.abi.constants import PAGE_SIZE, SECTOR_SIZE, VDISK_READONLY
 from blkif.backend.counters import RingCounters
 from blkif.backend.engine import MAX_PERSISTENT_GRANTS, RingEngine
 from blkif.backend.ring_service import RingServer
@@ -83,7 +88,7 @@ class Vbd:
         self.backend_domid = int(parts[3])
         self.domid, self.devid = int(parts[-2]), int(parts[-1])
         self.label = "vbd %d/%d" % (self.domid, self.devid)
-        self.closed_counters = RingCounters()  # what rings closed so far had done
+        self.closed_counters = {}  # queue index -> what its closed rings had done
         self.store = None
         self.offer = None
         self.frontend = None
@@ -97,6 +102,7 @@ class Vbd:
         self.journal = None  # while connected with a journal
         self.detached = False  # left to a successor: nothing more to shut down
         self.gone = False  # our directory was removed: the worker may exit
+        self._shrunk_to = None  # a shrunken size already logged
 
     # -- xenstore helpers -------------------------------------------------
 
@@ -127,6 +133,9 @@ class Vbd:
         own = self.state = self.xs.read_state(self.path + "/state")
         if own == S.Connected and self._resume():
             return
+        path = self._journal_path()
+        if path and os.path.exists(path):
+            os.unlink(path)  # a connection nobody carries on
         opts = self.options
         self.offer = BackendOffer(
             max_ring_page_order=opts.max_ring_page_order,
@@ -135,7 +144,8 @@ class Vbd:
             persistent=opts.persistent,
             discard=self.store.discard_supported and self._node("discard-enable", "1") != "0",
             discard_granularity=self.store.discard_granularity,
-            discard_secure=False,
+            discard_alignment=self.store.discard_alignment,
+            discard_secure=self.store.discard_secure,
         )
         if own in STALE:
             log.warning("%s: found state %s from a worker that died; closing that connection",
@@ -207,6 +217,37 @@ class Vbd:
             self.store.flush_failed = ffi.new("int *", journal.flush_failed[0])
             journal.close()
         return journal
+
+    def check_size(self):
+        """Publish a store that grew (online resize); True if it did."""
+        if self.store is None:
+            return False
+        try:
+            now = self.store.current_size() // SECTOR_SIZE
+        except OSError as exc:
+            log.warning("%s: cannot read the size of %s: %s", self.label, self.store.path,
+                        exc.strerror)
+            return False
+        if now == self.store.sectors:
+            return False
+        if now < self.store.sectors:
+            if now != self._shrunk_to:
+                log.error("%s: %s shrank from %d to %d sectors; keeping %d (I/O beyond the "
+                          "end fails)", self.label, self.store.path, self.store.sectors, now,
+                          self.store.sectors)
+                self._shrunk_to = now
+            return False
+        log.info("%s: %s grew from %d to %d sectors", self.label, self.store.path,
+                 self.store.sectors, now)
+        self.store.sectors = now
+        for server in self.servers:  # before the frontend can learn of the new size
+            server.set_sectors(now)
+        if self.state == S.Connected:
+            for txn in self.xs.transactions():
+                with txn:
+                    txn.write(self.path + "/sectors", str(now))
+                    self._switch(S.Connected, txn)  # blkfront re-reads the size
+        return True
 
     def ring_failed(self, message):
         """From a ring's thread: its frontend broke the ring; shut down soon."""
@@ -309,6 +350,7 @@ class Vbd:
             flush=self.offer.flush, barrier=self.offer.barrier, discard=self.offer.discard,
             discard_secure=self.offer.discard_secure,
             max_indirect_segments=self.offer.max_indirect_segments,
+            sector_size=self.store.logical_block_size,
         )
         try:
             for i, queue in enumerate(conn.queues):
@@ -342,10 +384,11 @@ class Vbd:
         """Finish what is on the rings, then unmap and unbind everything."""
         if not self.servers and not self._rings:
             return
-        for server in self.servers:
+        for queue, server in enumerate(self.servers):
             server.stop()
             server.drain()
-            self.closed_counters.add(server.counters(), gauges=False)
+            self.closed_counters.setdefault(queue, RingCounters()).add(
+                server.counters(), gauges=False)
             server.close()
         for mapping, port in self._rings:
             port.close()
@@ -422,11 +465,21 @@ class Vbd:
             "negotiated": self.negotiated if self.servers else {},
             "rings_mapped": len(self._rings), "channels_bound": len(self._rings),
             "counters": self.counters().as_dict(),
+            "queues": [dict(counters.as_dict(), queue=queue)
+                       for queue, counters in sorted(self.queue_counters().items())],
         }
+
+    def queue_counters(self):
+        """{queue index: counters over every ring served as that queue}
+        (gauges: the live ring's)."""
+        out = {queue: RingCounters().add(done) for queue, done in self.closed_counters.items()}
+        for queue, server in enumerate(list(self.servers)):
+            out.setdefault(queue, RingCounters()).add(server.counters())
+        return out
 
     def counters(self):
         """Counters over every ring this VBD served (gauges: the live ones)."""
-        total = RingCounters().add(self.closed_counters)
-        for server in list(self.servers):
-            total.add(server.counters())
+        total = RingCounters()
+        for counters in self.queue_counters().values():
+            total.add(counters)
         return total

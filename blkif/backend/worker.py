@@ -10,6 +10,9 @@ ring thread whose frontend broke its ring; each wake-up re-reads both states
 (:meth:`Vbd.changed`).  About once a second the worker rewrites its status
 file and checks that its parent is still alive.
 
+Every second, and at once on SIGHUP, the worker checks whether the backing
+store grew and publishes the new size (:meth:`Vbd.check_size`).
+
 SIGTERM or SIGINT: serve what is on the rings, switch Closing, keep serving
 until the frontend closes or ``--grace`` seconds pass, then unmap, unbind,
 flush the store, switch Closed and exit 0.  SIGUSR1 (an upgrade), or the
@@ -26,6 +29,7 @@ import signal
 import sys
 import time
 
+from blkif import systemd
 from blkif.backend import status
 from blkif.backend.engine import MAX_PERSISTENT_GRANTS
 from blkif.backend.vbd import BackendOptions, Vbd
@@ -40,8 +44,9 @@ log = logging.getLogger(__name__)
 
 EXIT_UNSERVABLE = 3
 TICK = 1.0
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 DETACH_SIGNAL = signal.SIGUSR1
+HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP, DETACH_SIGNAL)
 
 
 def _bounded(low, high):
@@ -152,12 +157,15 @@ class Worker:
         self._next_tick = 0.0
 
     def _on_signal(self, signum, _frame):
-        self.stopping = True
-        self.detaching = self.detaching or signum == DETACH_SIGNAL
+        if signum == signal.SIGHUP:
+            self._next_tick = 0.0  # check the store's size now
+        else:
+            self.stopping = True
+            self.detaching = self.detaching or signum == DETACH_SIGNAL
         self.wakeup.wake()
 
     def run(self):
-        for signum in STOP_SIGNALS + (DETACH_SIGNAL,):
+        for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._on_signal)
         xs = self.vbd.xs
         watches = [xs.watch(self.vbd.path, "backend", callback=self.wakeup.wake)]
@@ -176,7 +184,7 @@ class Worker:
                 watch.close()
             self.vbd.shutdown()
             self._write_status()
-            for signum in STOP_SIGNALS + (DETACH_SIGNAL,):
+            for signum in HANDLED_SIGNALS:
                 # Done: a late SIGTERM must not turn exit 0 into "killed" (the
                 # interpreter's exit puts back the default handlers, not SIG_IGN).
                 signal.signal(signum, signal.SIG_IGN)
@@ -189,6 +197,8 @@ class Worker:
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + TICK
+            if not self.stopping:
+                self._guarded(self.vbd.check_size)
             self._write_status()
             if os.getppid() != self.parent:
                 log.warning("%s: the service is gone; detaching for its successor",
@@ -242,9 +252,8 @@ def main(argv=None):
         if not args.path:
             return 0  # the service stopped before it needed us
     label = args.path
-    logging.basicConfig(
-        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
-        format="%(asctime)s %(levelname)s blkif-worker[%(process)d]: %(message)s")
+    systemd.setup_logging((logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+                          "%(levelname)s blkif-worker[%(process)d]: %(message)s")
     try:
         with Xenstore.open(args.xenstore) as xs, open_backend_platform(args) as platform:
             vbd = Vbd(xs, platform, args.path, backend_options(args))

@@ -35,6 +35,7 @@ PHASES = ("boot", "dom0", "baseline", "backend", "frontend")
 OPTIONAL_PHASES = ("conformance",)  # only with --only: it outlasts make lab's budget
 XEN_BIN = "/usr/lib/xen-4.17/bin"
 DISK_BYTES = 64 << 20
+RESIZE_GROWTH = 4 << 20  # the backend phase grows its image by this under the guest
 GUEST_MEMORY_MB = 256
 GUEST_VCPUS = 2
 # xen-blkfront parameters for the guest (its init passes them to insmod).
@@ -148,6 +149,16 @@ def image_matches(path, md5s, zeroed=None):
         return "fail", "%d of %d chunks differ in %s (first: %d)" % (len(bad), len(md5s), path, bad[0])
     return "pass", "%d chunks in %s equal what the guest wrote%s" % (
         len(md5s), path, ", discarded MiB zeros" if zeroed is not None else "")
+
+
+def resize_seen(console, sectors):
+    """(status, detail): did the guest's console (its init reports each new
+    size of /dev/xvda) show blkfront taking ``sectors``?"""
+    seen = workload.parse_console(console).values.get("resized_sectors")
+    if seen == str(sectors):
+        return "pass", "/sys/block/xvda/size in the guest is %d after the resize" % sectors
+    return "fail", "the guest's /sys/block/xvda/size %s, want %d" % (
+        "never changed" if seen is None else "became " + seen, sectors)
 
 
 def stats_vbds(stats, domid):
@@ -508,7 +519,8 @@ class Lab:
         only reports connected; our backend takes the VBD from Initialising.
         While guest 1 is up, ``blkif stats`` must show its rings, channels and
         counters of indirect requests, persistent grants, flushes and
-        discards; after each xl destroy, nothing held.  Finally the image is
+        discards; then ``blkif vbd resize`` grows the image and the guest's
+        blkfront must see the new size; after each xl destroy, nothing held.  Finally the image is
         copied into the share and the host checks its bytes.
         """
         phase = "backend"
@@ -539,7 +551,7 @@ class Lab:
             first = self.guest_cycle(
                 phase, backend_disk_spec(BACKEND_IMAGE, script), BACKEND_BLKFRONT_PARAMS,
                 BACKEND_GUEST_MEMORY_MB,
-                connected=lambda domid: self.backend_stats_row(phase, domid, queues, host),
+                connected=lambda domid: self.backend_connected(phase, domid, queues, host),
                 destroyed=lambda domid: self.backend_released_row(phase, domid))
             self.report.add(phase, "calc: blkfront memory",
                             *capacity.memory_check(first.values, host))
@@ -576,6 +588,27 @@ class Lab:
         self.report.add(phase, "blkif stats: in use", status, detail, time.monotonic() - start)
         self.report.add(phase, "calc: grants our backend maps",
                         *capacity.backend_maps_check(summary, host))
+
+    def backend_connected(self, phase, domid, queues, host):
+        self.backend_stats_row(phase, domid, queues, host)
+        self.resize_row(phase, domid)
+
+    def resize_row(self, phase, domid):
+        """Online resize: ``blkif vbd resize`` grows the image under the
+        running guest; Linux blkfront must take the new size."""
+        start = time.monotonic()
+        size = DISK_BYTES + RESIZE_GROWTH
+        self.sh("%s: blkif vbd resize" % phase, "%s -m blkif vbd resize --domid %d --vdev %s "
+                "--size %d" % (self.python, domid, VDEV, size))
+        log = self.console_log("lab-%s-1" % phase)
+        deadline = time.monotonic() + 20
+        while True:
+            with open(log, errors="replace") as f:
+                status, detail = resize_seen(f.read(), size // 512)
+            if status == "pass" or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        self.report.add(phase, "online resize", status, detail, time.monotonic() - start)
 
     def backend_released_row(self, phase, domid):
         start = time.monotonic()

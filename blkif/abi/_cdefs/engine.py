@@ -13,6 +13,7 @@ TYPES = """
 struct eng_limits {
     uint64_t sectors;
     uint32_t max_indirect_segments;
+    uint32_t sector_size;             /* the device's logical sector, bytes (512 if 0) */
     uint8_t readonly, flush, barrier, discard, discard_secure;
 };
 
@@ -30,6 +31,7 @@ struct eng_stats {
     uint64_t events, spurious_events;
     uint64_t grant_hits, grant_misses, grant_evictions, grant_purged, mapped_grants;
     uint64_t in_flight, persistent_grants, resumed;
+    uint64_t latency[17], latency_ns; /* counters.py: bucket i under 32 us << i */
     int64_t last_io_errno, last_map_errno;
 };
 
@@ -96,6 +98,7 @@ const struct eng_stats *eng_stats(struct engine *e);
 const char *eng_error(struct engine *e);
 const char *eng_io_note(struct engine *e);
 int eng_io_mode(struct engine *e);
+void eng_set_sectors(struct engine *e, uint64_t sectors);
 int eng_decode(int abi, const struct eng_limits *lim, const void *raw,
                struct eng_request *out, uint32_t *grefs, uint32_t *bounds);
 int eng_decode_indirect(const struct eng_limits *lim, struct eng_request *req,

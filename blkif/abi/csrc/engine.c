@@ -103,9 +103,13 @@ static int fail(struct eng_request *out, int16_t status)
     return -1;
 }
 
+/* Inside the device and, on a device of larger logical sectors, whole ones
+ * (blkback's dispatch_rw_block_io check); request.py's _check_range. */
 static int in_device(const struct eng_limits *lim, uint64_t first, uint64_t count)
 {
-    return !count || (count <= lim->sectors && first <= lim->sectors - count);
+    uint64_t mask = lim->sector_size > SECTOR ? lim->sector_size / SECTOR - 1 : 0;
+    return !count || (count <= lim->sectors && first <= lim->sectors - count &&
+                      !((first | count) & mask));
 }
 
 static int writes(uint8_t kind)
@@ -355,6 +359,7 @@ struct pending {
     uint32_t nparts, outstanding;
     int16_t status;
     int32_t next_free;
+    int64_t taken_ns;        /* when it came off the ring: its latency starts */
 };
 
 struct done { uint64_t user_data; int64_t res; };
@@ -575,11 +580,24 @@ static void io_stop(struct engine *e)
         close(e->done_fd);
 }
 
-static int64_t now_ms(void)
+static int64_t now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static int64_t now_ms(void) { return now_ns() / 1000000; }
+
+#define LATENCY_UNIT_NS 32000 /* counters.py latency_bucket: bucket i under 32 us << i */
+#define LATENCY_LAST 16
+
+static void observe_latency(struct engine *e, int64_t ns)
+{
+    uint64_t units = ns > 0 ? (uint64_t)ns / LATENCY_UNIT_NS : 0;
+    uint32_t bucket = units ? 64 - __builtin_clzll(units) : 0; /* Python's bit_length */
+    e->stats.latency[bucket < LATENCY_LAST ? bucket : LATENCY_LAST]++;
+    e->stats.latency_ns += ns > 0 ? ns : 0;
 }
 
 /* -- the ring: responses, push, notify -------------------------------------- */
@@ -950,6 +968,7 @@ static void finish(struct engine *e, int32_t index)
     uint32_t at = e->rsp_prod_pvt;
     respond(e, r->id, r->kind, p->status);
     journal_answered(e, index, at);
+    observe_latency(e, now_ns() - p->taken_ns);
     p->next_free = e->free_head;
     e->free_head = index;
 }
@@ -1138,6 +1157,7 @@ static void take(struct engine *e, int32_t index)
     struct eng_request *r = &p->req;
     e->stats.requests++;
     e->stats.in_flight++;
+    p->taken_ns = now_ns();
     p->status = RSP_OKAY;
     p->token = 0;
     p->mapped = p->nparts = 0;
@@ -1499,3 +1519,10 @@ static const struct eng_stats *eng_stats(struct engine *e) { return &e->stats; }
 static const char *eng_error(struct engine *e) { return e->error; }
 static const char *eng_io_note(struct engine *e) { return e->io_note; }
 static int eng_io_mode(struct engine *e) { return e->io_mode; }
+
+/* Online resize, from another thread: requests are checked against the new
+ * size from the next one decoded (an aligned 64-bit store: no torn value). */
+static void eng_set_sectors(struct engine *e, uint64_t sectors)
+{
+    __atomic_store_n(&e->cfg.limits.sectors, sectors, __ATOMIC_RELEASE);
+}
