@@ -332,6 +332,39 @@ def test_a_killed_worker_is_replaced_under_the_running_frontend(service, vbd, ot
     assert "vbd %d/%d: resumed the connection" % (domid, devid) in service.output()
 
 
+def test_an_upgrade_restart_leaves_every_vbd_connected(hv, tmp_path):
+    """SIGUSR1: the service and its workers exit 0 with the VBD still Connected;
+    a request queued while no backend runs is answered by the next service."""
+    svc = Service(hv, tmp_path)
+    try:
+        domid, devid = svc.new_vbd(tmp_path / "disk.img")
+        fe = RawFrontend(svc, domid, devid)
+        fe.connect(wants=FrontendWants(2, 2, 256, True))
+        q = fe.queues[1]
+        data = os.urandom(1 << 20)
+        tags = [q.submit_write(0, data), q.submit_flush()]
+        assert all(comp.ok for comp in fe.run(q, tags).values())
+        with svc.dom0.watch(fe.back + "/state") as watch:
+            assert watch.get(timeout=5) is not None  # a new watch fires once
+            svc.proc.send_signal(signal.SIGUSR1)
+            assert svc.proc.wait(15) == 0, svc.output()
+            assert "detached 1 worker(s)" in svc.output()
+            more = os.urandom(1 << 20)
+            tag = q.submit_write(1 << 20, more)
+            q.kick()  # nobody serves the ring now
+            assert not q.complete()
+            svc.start()
+            read = q.submit_read(0, 2 << 20)
+            done = fe.run(q, [tag, read])
+            assert watch.get(timeout=0.5) is None  # the state was never written again
+        assert done[tag].ok and done[read].data == data + more
+        assert fe.read_back("state") == str(int(S.Connected))
+        assert svc.output().count("resumed the connection") == 1
+        fe.shutdown()
+    finally:
+        assert svc.close() == 0, svc.output()
+
+
 def test_without_live_restart_a_killed_worker_closes_its_vbd_only(hv, tmp_path):
     svc = Service(hv, tmp_path, "--no-live-restart")
     try:

@@ -21,8 +21,11 @@ on a loaded dom0 (the lab's emulated one).
 Signal handlers only record what happened and wake the loop (SIGCHLD
 included); the loop reaps, rescans and acts.  SIGTERM/SIGINT stop every
 worker in order: SIGTERM, their ``--grace`` to let frontends close, then
-SIGKILL for any still running.  SIGHUP is passed on to every running worker,
-which re-checks the size of its backing store at once (online resize).
+SIGKILL for any still running.  SIGUSR1 stops for an upgrade instead: each
+worker detaches (answers what is in flight, keeps its journal), every VBD
+stays Connected, and the next ``blkif serve`` carries the connections on.
+SIGHUP is passed on to every running worker, which re-checks the size of its
+backing store at once (online resize).
 ``service.json`` in the state directory holds the workers and the last exits
 (``blkif stats``); ``--metrics ADDRESS`` serves them to Prometheus.
 
@@ -95,6 +98,7 @@ class Service:
         self.spare = None  # a worker waiting on stdin for its VBD path
         self.finished = collections.deque(maxlen=32)  # final status of exited workers
         self.stopping = False
+        self.detaching = False  # SIGUSR1: leave every connection to the next service
         self.recheck = False  # SIGHUP: workers re-check their store's size
         self.watchdog = systemd.Watchdog()
         self.wakeup = Wakeup()  # the xenstore watch, SIGCHLD and signals
@@ -103,6 +107,10 @@ class Service:
 
     def _on_stop(self, signum, _frame):
         self.stopping = True
+        self.wakeup.wake()
+
+    def _on_detach(self, signum, _frame):
+        self.stopping = self.detaching = True
         self.wakeup.wake()
 
     def _on_hangup(self, signum, _frame):
@@ -115,6 +123,7 @@ class Service:
         metrics = self._serve_metrics()
         handlers = {s: signal.signal(s, self._on_stop) for s in worker.STOP_SIGNALS}
         handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
+        handlers[worker.DETACH_SIGNAL] = signal.signal(worker.DETACH_SIGNAL, self._on_detach)
         handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self.wakeup.wake)
         try:
             with Xenstore.open(self.args.xenstore) as xs:
@@ -324,7 +333,8 @@ class Service:
         self.workers.pop((handle.domid, handle.devid), None)
 
     def _stop_all(self):
-        """SIGTERM every worker, wait out the grace, SIGKILL stragglers."""
+        """SIGTERM every worker (SIGUSR1 to detach), wait out the grace, SIGKILL
+        stragglers."""
         live = [h for h in self.workers.values() if h.proc and h.proc.poll() is None]
         if self.spare is not None:
             self.spare.stdin.close()  # it reads EOF and exits once its imports are done
@@ -334,22 +344,26 @@ class Service:
                 self.spare.kill()
                 self.spare.wait()
             self.spare = None
+        how = worker.DETACH_SIGNAL if self.detaching else signal.SIGTERM
         for handle in live:
             handle.status = "stopping"
-            handle.proc.terminate()
+            handle.proc.send_signal(how)
         deadline = time.monotonic() + self.args.grace + KILL_MARGIN
         for handle in live:
             try:
                 handle.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error("%s: worker %d ignored SIGTERM; killing it", handle.label,
-                          handle.proc.pid)
+                log.error("%s: worker %d ignored %s; killing it", handle.label,
+                          handle.proc.pid, how.name)
                 handle.proc.kill()
                 handle.proc.wait()
         for handle in live:
             handle.last_exit = describe_exit(handle.proc.returncode)
             self._record_final(handle)
-        if live:
+        if live and self.detaching:
+            log.info("detached %d worker(s): their VBDs stay connected for the next "
+                     "blkif serve", len(live))
+        elif live:
             log.info("stopped %d worker(s)", len(live))
 
     def _write_status(self, state):
