@@ -116,7 +116,7 @@ def _left_in(journal_path):
     region = journal.region(0)
     cons = region.req_cons
     left = sum(1 for i in range(region.size) if region.entries[i].state == 1
-               and (cons - region.entries[i].ring_index - 1) % 2**32 < region.size)
+               and region.entries[i].ring_index != cons)
     journal.close()
     return left
 

@@ -667,6 +667,8 @@ static int push(struct engine *e)
  * A successor (cfg.resume) takes every TAKEN entry again and answers it
  * once: a TAKEN entry at req_cons was never taken (its slot still holds
  * it), an ANSWERED one at rsp_prod_pvt has its response in place already.
+ * (A request answered late may have been taken any number of slots before
+ * req_cons: answers come out of order.)
  * Reads and writes done twice are harmless: the frontend waits for the
  * answer before it touches those sectors or pages again. */
 
@@ -718,7 +720,7 @@ static int journal_open(struct engine *e, char *err, size_t errlen)
             rsp++; /* killed between its answer and rsp_prod_pvt */
     for (uint32_t i = 0; i < e->size; i++) {
         struct eng_journal_entry *en = &j->entries[i];
-        if (en->state == JOURNAL_TAKEN && (uint32_t)(cons - en->ring_index - 1) < e->size)
+        if (en->state == JOURNAL_TAKEN && en->ring_index != cons)
             live++;
         else
             en->state = JOURNAL_FREE;
