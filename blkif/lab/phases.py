@@ -32,7 +32,8 @@ from blkif.errors import BlkifError
 from blkif.lab import capacity, control, initramfs, qemu, workload
 
 PHASES = ("boot", "dom0", "baseline", "backend", "frontend")
-OPTIONAL_PHASES = ("conformance",)  # only with --only: it outlasts make lab's budget
+# Only with --only: each outlasts make lab's budget.
+OPTIONAL_PHASES = ("conformance", "restart")
 XEN_BIN = "/usr/lib/xen-4.17/bin"
 DISK_BYTES = 64 << 20
 RESIZE_GROWTH = 4 << 20  # the backend phase grows its image by this under the guest
