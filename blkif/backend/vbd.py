@@ -201,8 +201,8 @@ class Vbd:
             journal.remove()
             return False
         self._connected(conn)
-        log.info("%s: resumed the connection, %d request(s) in flight carried over",
-                 self.label, sum(server.counters().resumed for server in self.servers))
+        log.info("%s: resumed the connection (blkif stats counts the requests carried "
+                 "over as resumed)", self.label)
         return True
 
     def _use_journal(self, journal):

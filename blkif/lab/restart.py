@@ -19,8 +19,9 @@ import time
 from blkif.lab import initramfs, phases, workload
 
 KILLS = 5
-GAP = 6.0  # seconds between two restarts, while fio runs
-ROUNDS = 8  # fio rounds the guest runs; the restarts must all land inside them
+GAP = 4.0  # seconds of serving between a successor's resume and the next restart
+ROUNDS = 16  # fio rounds the guest runs (~10 s each under TCG); the restarts land inside
+RESUME_TIMEOUT = 90  # a cold worker start in the emulated dom0 takes up to ~15 s
 IMAGE = "/run/lab/restart.img"
 IMAGE_BYTES = 64 << 20
 RAMDISK = "/run/lab/guest-restart.cpio.gz"
@@ -122,7 +123,8 @@ class RestartRun:
         lab = self.lab
         name = "restart"
         lab.sh("restart: image", "mkdir -p /run/lab && cp %s %s && rm -f %s && truncate -s %d %s"
-               % (self.ramdisk, RAMDISK, IMAGE, IMAGE_BYTES, IMAGE), timeout=300)
+               " && : > %s" % (self.ramdisk, RAMDISK, IMAGE, IMAGE_BYTES, IMAGE, self.log),
+               timeout=300)
         script = os.path.join(lab.workdir, "hotplug-connected.sh")
         with open(script, "w") as f:
             f.write(phases.HOTPLUG_SCRIPT)
@@ -157,10 +159,9 @@ class RestartRun:
             lab.sh("restart: stop watcher", "kill $(cat %s)" % watcher)
             states = lab.sh("restart: states", "cat %s" % STATES_LOG).out
             lab.report.add("restart", "never left Connected", *states_verdict(states))
-            resumed = lab.sh("restart: serve log", "grep -c 'resumed the connection' %s || true"
-                             % self.log).out.strip().splitlines()[-1]
-            lab.report.add("restart", "successors resumed", "pass" if int(resumed) == KILLS + 1
-                           else "fail", "%s of %d successors resumed the connection"
+            resumed = self._resumed()
+            lab.report.add("restart", "successors resumed", "pass" if resumed == KILLS + 1
+                           else "fail", "%d of %d successors resumed the connection"
                            % (resumed, KILLS + 1))
             lab.destroy("restart", name, domid)
         finally:
@@ -175,22 +176,43 @@ class RestartRun:
         lab = self.lab
         for i in range(KILLS + 1):
             time.sleep(GAP)
+            resumed = self._resumed()
             if i == KILLS // 2:
                 lab.sh("restart: upgrade stop", "pid=$(cat {p}); kill -USR1 $pid; "
                        "for i in $(seq 100); do kill -0 $pid 2>/dev/null || exit 0; sleep 0.2; "
                        "done; exit 1".format(p=self.pidfile))
                 self._start_serve("restart: start blkif serve again")
-                continue
-            pid = None
-            deadline = time.monotonic() + 30
-            while pid is None and time.monotonic() < deadline:
-                pid = self._worker_pid(domid)
-            if pid is None:
-                raise phases.StepFailed("restart: kill", "no running worker for d%d" % domid)
-            lab.sh("restart: kill worker %d" % pid, "kill -KILL %d" % pid)
+            else:
+                self._kill_worker(domid)
+            self._wait_resumed(resumed)
         with open(console, errors="replace") as f:
             text = f.read()
         return None if "LAB RESTART END" in text else rounds_done(text)
+
+    def _kill_worker(self, domid):
+        pid = None
+        deadline = time.monotonic() + 30
+        while pid is None and time.monotonic() < deadline:
+            pid = self._worker_pid(domid)
+        if pid is None:
+            raise phases.StepFailed("restart: kill", "no running worker for d%d" % domid)
+        self.lab.sh("restart: kill worker %d" % pid, "kill -KILL %d" % pid)
+
+    def _resumed(self):
+        """Connections the service's workers have resumed so far (its log)."""
+        out = self.lab.sh("restart: serve log", "grep -c 'resumed the connection' %s || true"
+                          % self.log).out
+        return int(out.strip().splitlines()[-1])
+
+    def _wait_resumed(self, before):
+        """Until a successor has resumed the connection (the next restart
+        must not land on a worker still starting)."""
+        deadline = time.monotonic() + RESUME_TIMEOUT
+        while self._resumed() <= before:
+            if time.monotonic() > deadline:
+                raise phases.StepFailed("restart: successor",
+                                        "no worker resumed within %d s" % RESUME_TIMEOUT)
+            time.sleep(1)
 
     def _wait(self, console, ready, timeout, what):
         deadline = time.monotonic() + self.lab.budget(timeout, "restart: " + what)

@@ -469,8 +469,10 @@ class Hypervisor:
     def _close_port(self, conn, port):
         conn.ports.discard(port)
         record = conn.domain.ports.pop(port)
-        peer = self.domains.get(record.remote_domid)
-        peer = peer.ports.get(record.remote_port) if peer and record.remote_port is not None else None
+        domain = self.domains.get(record.remote_domid)
+        peer = None
+        if domain is not None and record.remote_port is not None:
+            peer = domain.ports.get(record.remote_port)
         if peer is not None:  # the peer's port is unbound again: our end is its spare
             peer.spare, record.sock = record.sock, None
             peer.spare.setblocking(False)
