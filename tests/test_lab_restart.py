@@ -3,13 +3,15 @@ from blkif.lab import restart
 
 
 def test_states_must_stay_connected_once_connected():
-    ok = "1.0 2 1\n1.2 4 3\n1.4 4 4\n1.6 4 4\n9.6 4 4\n"
-    assert restart.states_verdict(ok) == ("pass", "3 samples over 8 s, all Connected")
-    closed = ok + "9.8 5 4\n10.0 4 4\n"
-    status, detail = restart.states_verdict(closed)
-    assert status == "fail" and "backend 5 frontend 4 at 9.8" in detail
-    assert restart.states_verdict("1.0 2 1\n")[0] == "fail"
-    assert restart.states_verdict("garbage\n1.0 - -\n")[0] == "fail"
+    log = ("1.0 back 2\n1.1 front 1\n1.2 front 3\n1.4 back 4\n1.6 front 4\n"
+           "5.0 back 4\n9.6 front 4\n")
+    assert restart.states_verdict(log, 11.6) == (
+        "pass", "2 writes of a state over 10 s after both were Connected, all 4")
+    status, detail = restart.states_verdict(log + "9.8 back 5\n10.0 back 4\n", 11.6)
+    assert status == "fail" and "back wrote 5 at 9.8" in detail
+    assert restart.states_verdict(log + "12.0 back 6\n", 11.6)[0] == "pass"  # after fio
+    assert restart.states_verdict("1.0 back 2\n1.0 front 4\n", 5)[0] == "fail"
+    assert restart.states_verdict("garbage\n", 5)[0] == "fail"
 
 
 def test_rounds_are_counted_from_the_console():

@@ -5,10 +5,11 @@ job on /dev/xvda, served by ``blkif serve`` from an image in dom0's tmpfs:
 random writes of 4 KiB to 1 MiB with an fdatasync (a blkif flush) every
 eight, each round read back and checked.  Meanwhile the host SIGKILLs the
 VBD's worker :data:`KILLS` times and, half way, stops the whole service for
-an upgrade (SIGUSR1) and starts it again, while dom0 samples both ends'
-xenbus states every 0.2 s.  It passes when every round's verify passes, the
-guest's kernel log has no I/O error, neither state ever left Connected, and
-the service logged a resumed connection for each worker that took over.
+an upgrade (SIGUSR1) and starts it again, while dom0 watches both ends'
+xenbus state nodes (``xenstore-watch``: every write is seen).  It passes when
+every round's verify passes, the guest's kernel log has no I/O error, neither
+state was written with anything but Connected once both were, and the
+service logged a resumed connection for each worker that took over.
 
 Only :class:`RestartRun` talks to the lab; the rest is pure.
 """
@@ -63,28 +64,40 @@ say "DONE rc=$FAILED"
 exec sleep 100000
 """.format(rounds=ROUNDS)
 
-# dom0: both ends' states every 0.2 s, "<time> <backend> <frontend>" a line.
-STATES_WATCH = """setsid sh -c 'while :; do
-  echo "$(date +%s.%N) $(xenstore-read {back}/state 2>/dev/null || echo -) \
-$(xenstore-read {front}/state 2>/dev/null || echo -)"; sleep 0.2; done' > {log} 2>&1 < /dev/null &
-echo $! > {pidfile}
+# dom0: each write to either end's state node, "<time> <end> <value>" a line
+# (a watch fires once when set, then on every write).
+STATES_WATCH = """for end in back:{back} front:{front}; do
+  setsid sh -c 'xenstore-watch "$1/state" | while read -r _; do
+    echo "$(date +%s.%N) $2 $(xenstore-read "$1/state" 2>/dev/null || echo -)"; done' \
+    sh "${{end#*:}}" "${{end%%:*}}" >> {log} 2>&1 < /dev/null &
+  echo $! >> {pidfile}
+done
 """
 
 
-def states_verdict(text):
-    """(status, detail) of the states log: after both ends first read 4
-    (Connected), every sample until the last must be 4 4 too."""
-    samples = [line.split() for line in text.splitlines() if len(line.split()) == 3]
-    connected = [i for i, (_, back, front) in enumerate(samples) if back == front == "4"]
-    if not connected:
-        return "fail", "the VBD never reached Connected (%d samples)" % len(samples)
-    during = samples[connected[0]:]
-    bad = [(t, back, front) for t, back, front in during if back != "4" or front != "4"]
+def states_verdict(text, until):
+    """(status, detail) of the watch log up to time ``until``: once both ends
+    read 4 (Connected), every later write must be 4 too."""
+    events = sorted((float(t), end, value) for t, end, value in
+                    (line.split() for line in text.splitlines() if len(line.split()) == 3))
+    last, connected_at, after = {}, None, []
+    for when, end, value in events:
+        if when > until:
+            break
+        if connected_at is None:
+            last[end] = value
+            if last.get("back") == last.get("front") == "4":
+                connected_at = when
+        else:
+            after.append((when, end, value))
+    if connected_at is None:
+        return "fail", "the VBD never reached Connected (%d writes seen)" % len(events)
+    bad = [event for event in after if event[2] != "4"]
     if bad:
         return "fail", "left Connected: %s" % ", ".join(
-            "backend %s frontend %s at %s" % (b, f, t) for t, b, f in bad[:3])
-    return "pass", "%d samples over %.0f s, all Connected" % (
-        len(during), float(during[-1][0]) - float(during[0][0]))
+            "%s wrote %s at %.1f" % (end, value, when) for when, end, value in bad[:3])
+    return "pass", "%d writes of a state over %.0f s after both were Connected, all 4" % (
+        len(after), until - connected_at)
 
 
 def rounds_done(text):
@@ -123,13 +136,16 @@ class RestartRun:
         lab = self.lab
         name = "restart"
         lab.sh("restart: image", "mkdir -p /run/lab && cp %s %s && rm -f %s && truncate -s %d %s"
-               " && : > %s" % (self.ramdisk, RAMDISK, IMAGE, IMAGE_BYTES, IMAGE, self.log),
+               " && : > %s && rm -f %s" % (self.ramdisk, RAMDISK, IMAGE, IMAGE_BYTES, IMAGE,
+                                           self.log, STATES_LOG),
                timeout=300)
         script = os.path.join(lab.workdir, "hotplug-connected.sh")
         with open(script, "w") as f:
             f.write(phases.HOTPLUG_SCRIPT)
         os.chmod(script, 0o755)
         watcher = os.path.join(lab.workdir, "ctl", "states.pid")
+        if os.path.exists(watcher):
+            os.unlink(watcher)
         self._start_serve("restart: start blkif serve")
         try:
             cfg = os.path.join(lab.workdir, "guests", name + ".cfg")
@@ -147,6 +163,7 @@ class RestartRun:
             self._wait(console, lambda text: "LAB RESTART BEGIN" in text, 300, "fio to start")
             done = self._restarts(domid, console)
             guest = self._wait(console, lambda text: "LAB DONE" in text, 900, "fio to finish")
+            finished = float(lab.sh("restart: clock", "date +%s.%N").out.split()[-1])
             report = workload.parse_console(guest)
             for check, passed, detail in report.checks:
                 lab.report.add("restart", "guest %s" % check, "pass" if passed else "fail",
@@ -156,16 +173,17 @@ class RestartRun:
                            "fio finished before the restarts did" if done is None else
                            "%d worker kills and 1 service restart, all while fio ran (%d of %d "
                            "rounds done by then)" % (KILLS, done, ROUNDS))
-            lab.sh("restart: stop watcher", "kill $(cat %s)" % watcher)
             states = lab.sh("restart: states", "cat %s" % STATES_LOG).out
-            lab.report.add("restart", "never left Connected", *states_verdict(states))
+            lab.report.add("restart", "never left Connected",
+                           *states_verdict(states, finished))
             resumed = self._resumed()
             lab.report.add("restart", "successors resumed", "pass" if resumed == KILLS + 1
                            else "fail", "%d of %d successors resumed the connection"
                            % (resumed, KILLS + 1))
             lab.destroy("restart", name, domid)
         finally:
-            lab.cleanup_sh("kill $(cat %s) 2>/dev/null" % watcher)
+            lab.cleanup_sh("kill -- $(sed 's/^/-/' %s) 2>/dev/null; rm -f %s %s"
+                           % (watcher, watcher, STATES_LOG))
             lab.cleanup_sh(phases.SERVE_STOP.format(pidfile=self.pidfile))
             lab.cleanup_sh("rm -f %s %s" % (IMAGE, RAMDISK))
         return "%d kills and a service restart under fio" % KILLS
