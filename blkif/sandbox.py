@@ -405,6 +405,9 @@ def add_arguments(parser):
                         help="ring layout the frontend asks for (default: native)")
     parser.add_argument("--engine", choices=("c", "python"),
                         help="the backend's datapath (blkif serve --engine; default c)")
+    parser.add_argument("--no-live-restart", action="store_true",
+                        help="no journal of the connections (blkif serve "
+                             "--no-live-restart)")
     parser.add_argument("--workdir", metavar="DIR",
                         help="keep the processes' logs, sockets and image here "
                              "(default: a temporary directory, removed)")
@@ -436,6 +439,8 @@ def setup(args):
         front["abi"] = args.abi
     if args.engine:
         serve += ["--engine", args.engine]
+    if args.no_live_restart:
+        serve.append("--no-live-restart")
     return serve, front
 
 
