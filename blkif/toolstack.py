@@ -13,6 +13,7 @@ A VBD is two directories, both starting in Initialising:
 import os
 import re
 
+from blkif.backend.params import ParamsError, parse_params
 from blkif.errors import UsageError
 from xenstore import XenbusState
 
@@ -82,8 +83,24 @@ def frontend_path(domid, devid):
     return "/local/domain/%d/device/vbd/%d" % (domid, devid)
 
 
+def params_node(target):
+    """``params`` for ``target``: a path made absolute (after its ``format:``
+    prefix, if any), an NBD URI as it is.  UsageError if it names nothing we serve."""
+    try:
+        parsed = parse_params(target)
+    except ParamsError as exc:
+        raise UsageError(str(exc)) from None
+    if parsed.kind == "nbd":
+        return target
+    path = os.path.abspath(parsed.path)
+    return "%s:%s" % (parsed.format, path) if parsed.format else path
+
+
 def create(xs, domid, vdev, target, mode="w", backend_domid=0):
-    """Write both directories of a new VBD; returns its devid."""
+    """Write both directories of a new VBD; returns its devid.
+
+    ``target`` is what ``params`` names: a file or device, ``<format>:<image>``
+    or an NBD URI (docs/storage.md)."""
     if mode not in ("r", "w"):
         raise UsageError("mode must be r or w, not %r" % mode)
     devid = vdev_to_devid(vdev)
@@ -93,7 +110,7 @@ def create(xs, domid, vdev, target, mode="w", backend_domid=0):
         raise UsageError("VBD %s (devid %d) of domain %d already exists" % (vdev, devid, domid))
     init = str(int(XenbusState.Initialising))
     backend_nodes = {
-        "frontend": front, "frontend-id": str(domid), "params": os.path.abspath(target),
+        "frontend": front, "frontend-id": str(domid), "params": params_node(target),
         "mode": mode, "online": "1", "removable": "0", "bootable": "1", "state": init,
         "dev": vdev, "type": "file", "device-type": "disk", "discard-enable": "1",
     }

@@ -1,10 +1,13 @@
 """A VBD's control path (Linux: xen-blkback/xenbus.c).
 
-:class:`Vbd` owns one backend directory, the backing store named by its
-``params`` and ``mode`` nodes and, while connected, one mapped ring, bound
-event channel and ring server per queue: a :class:`RingEngine` (C, the
-default) or a :class:`RingServer` (the Python reference), each serving its
-ring on a thread of its own.
+:class:`Vbd` owns one backend directory, the storage named by its
+``params`` and ``mode`` nodes (``blkif.backend.storage``) and, while
+connected, one mapped ring, bound event channel and ring server per queue: a
+:class:`RingEngine` (C, the default) or a :class:`RingServer` (the Python
+reference) for a file or device, an :class:`NbdRingServer` for an image or
+NBD export, each serving its ring on a thread of its own.  Storage that
+fails or comes back is shown in the error node (:meth:`Vbd.tick`,
+:meth:`Vbd.storage_changed`).
 
 Its life follows Linux blkback:
 
@@ -33,8 +36,9 @@ from dataclasses import dataclass
 from blkif.abi.constants import VDISK_READONLY
 from blkif.backend.counters import RingCounters
 from blkif.backend.engine import MAX_PERSISTENT_GRANTS, RingEngine
+from blkif.backend.nbd_ring import NbdRingServer
 from blkif.backend.ring_service import RingServer
-from blkif.backend.backing import Store
+from blkif.backend.storage import Storage
 from blkif.errors import RemoteProtocolError
 from blkif.negotiate import MAX_QUEUES, BackendOffer, Connection, DiskInfo, backend_action
 from blkif.platform import PlatformError
@@ -59,6 +63,7 @@ class BackendOptions:
     max_persistent_grants: int = MAX_PERSISTENT_GRANTS  # per ring
     engine: str = "c"  # "c" (blkif.backend.engine) or "python" (ring_service)
     io: str = "io_uring"  # the C engine's I/O: "io_uring" or "threads"
+    run_dir: str = None  # where image VBDs put their storage daemon's socket
 
 
 class Vbd:
@@ -74,7 +79,10 @@ class Vbd:
         self.domid, self.devid = int(parts[-2]), int(parts[-1])
         self.label = "vbd %d/%d" % (self.domid, self.devid)
         self.closed_counters = RingCounters()  # what rings closed so far had done
+        self.params = None
         self.store = None
+        self.storage = None  # the Storage behind ``store``
+        self._storage_reports = []  # from ring threads: a storage failure, or None when back
         self.offer = None
         self.frontend = None
         self.state = S.Unknown
@@ -111,11 +119,16 @@ class Vbd:
         if not params or not self.frontend:
             raise RemoteProtocolError("%s: backend node %s missing" % (
                 self.label, "params" if not params else "frontend"))
-        self.store = Store(params, writable="w" in mode, direct=self.options.direct)
         opts = self.options
+        self.params = params
+        self.storage = Storage(params, writable="w" in mode, direct=opts.direct,
+                               run_dir=opts.run_dir, label=self.label,
+                               name="vbd-%d-%d" % (self.domid, self.devid))
+        self.store = self.storage.store
         self.offer = BackendOffer(
             max_ring_page_order=opts.max_ring_page_order,
-            max_queues=opts.max_queues,
+            # One NBD connection per VBD, owned by one ring thread: one queue.
+            max_queues=1 if self.storage.is_nbd else opts.max_queues,
             max_indirect_segments=opts.max_indirect_segments,
             persistent=opts.persistent,
             discard=self.store.discard_supported and self._node("discard-enable", "1") != "0",
@@ -134,7 +147,7 @@ class Vbd:
                     self._switch(S.Closed, txn)
                 else:
                     self._switch(S.InitWait, txn)
-        log.info("%s: serving %s (%s, %d sectors%s)", self.label, params,
+        log.info("%s: serving %s (%s, %d sectors%s)", self.label, self.storage.target,
                  "read-write" if self.store.writable else "read-only", self.store.sectors,
                  ", O_DIRECT" if opts.direct else "")
         self.changed()
@@ -144,8 +157,41 @@ class Vbd:
         self._failures.append(message)
         self.wake()
 
+    def storage_changed(self, message):
+        """From a ring's thread: the storage failed (``message``) or is back (None)."""
+        self._storage_reports.append(message)
+        self.wake()
+
+    def tick(self):
+        """About once a second from the worker: watch the storage."""
+        if self.storage is None:
+            return
+        before = self.storage.error
+        self.storage.tick(idle=not self.servers)
+        if self.storage.error != before:
+            self._publish_storage_error()
+
+    def _publish_storage_error(self):
+        """The storage's failure in the error node (removed once it is back)."""
+        error = self.storage.error
+        try:
+            if error is not None:
+                self.xs.write(self._error_node(), "%d %s" % (errno.EIO, error))
+            elif self.xs.exists(self._error_node()):
+                self.xs.rm(self._error_node())
+        except XenstoreError as exc:
+            log.warning("%s: cannot write error node: %s", self.label, exc)
+
+    def _error_node(self):
+        return "/local/domain/%d/error%s/error" % (
+            self.backend_domid, self.path[len("/local/domain/%d" % self.backend_domid):])
+
     def changed(self):
         """Act on the current states of both ends (after any watch event)."""
+        if self._storage_reports:
+            self.storage.error = self._storage_reports[-1]
+            self._storage_reports.clear()
+            self._publish_storage_error()
         if self._failures:
             message = self._failures[0]
             self._failures.clear()
@@ -213,12 +259,13 @@ class Vbd:
             "queues": len(conn.queues), "persistent": conn.persistent,
             "max_indirect_segments": self.offer.max_indirect_segments,
             "discard": self.offer.discard,
-            "engine": self.options.engine, "io": self.servers[0].io_mode,
+            "engine": "python" if self.storage.is_nbd else self.options.engine,
+            "io": self.servers[0].io_mode,
         }
         log.info("%s: connected: %s, %d queue(s) of %d ring page(s), persistent grants %s, "
                  "%s engine (%s)", self.label, conn.abi.protocol, len(conn.queues),
                  1 << conn.ring_page_order, "on" if conn.persistent else "off",
-                 self.options.engine, self.servers[0].io_note)
+                 self.negotiated["engine"], self.servers[0].io_note)
         for server in self.servers:
             server.start(self.ring_failed)
 
@@ -239,7 +286,13 @@ class Vbd:
                     raise
                 self._rings.append((mapping, port))
                 label = "%s q%d" % (self.label, i)
-                if self.options.engine == "python":
+                if self.storage.is_nbd:
+                    server = NbdRingServer(self.platform, self.domid, mapping.buffer, port,
+                                           conn.abi, limits, self.store,
+                                           persistent=conn.persistent, label=label,
+                                           max_grants=self.options.max_persistent_grants,
+                                           on_storage=self.storage_changed)
+                elif self.options.engine == "python":
                     server = RingServer(self.platform, self.domid, mapping.buffer, port,
                                         conn.abi, limits, self.store,
                                         persistent=conn.persistent, label=label,
@@ -282,10 +335,8 @@ class Vbd:
     def fatal(self, message):
         """Linux ``xenbus_dev_fatal``: error node, release the rings, Closing."""
         log.error("%s: %s; closing the device", self.label, message)
-        error_dir = "/local/domain/%d/error%s" % (
-            self.backend_domid, self.path[len("/local/domain/%d" % self.backend_domid):])
         try:
-            self.xs.write(error_dir + "/error", "%d %s" % (errno.EIO, message))
+            self.xs.write(self._error_node(), "%d %s" % (errno.EIO, message))
         except XenstoreError as exc:
             log.warning("%s: cannot write error node: %s", self.label, exc)
         self.disconnect()
@@ -297,15 +348,16 @@ class Vbd:
             self.disconnect()
             if not self.gone:
                 self._switch(S.Closed)
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        if self.storage is not None:
+            self.storage.close()
+            self.storage = self.store = None
 
     def status(self):
         """The VBD's state and counters, for ``blkif stats``."""
         return {
             "domid": self.domid, "devid": self.devid, "path": self.path,
-            "params": self.store.path if self.store else None,
+            "params": self.params,
+            "storage": self.storage.status() if self.storage else None,
             "state": self.state.name, "connections": self.connections,
             "negotiated": self.negotiated if self.servers else {},
             "rings_mapped": len(self._rings), "channels_bound": len(self._rings),

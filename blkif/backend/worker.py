@@ -118,6 +118,7 @@ def backend_options(args):
         direct=args.direct,
         engine=args.engine,
         io=args.io,
+        run_dir=args.state_dir or status.default_state_dir(),
     )
 
 
@@ -175,6 +176,7 @@ class Worker:
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + TICK
+            self._guarded(self.vbd.tick)
             self._write_status()
             if os.getppid() != self.parent:
                 log.warning("%s: the service is gone; stopping", self.vbd.label)
