@@ -235,8 +235,8 @@ def free_port():
 class Nbdkit:
     """``nbdkit file`` on a loopback TCP port or a Unix socket, restartable."""
 
-    def __init__(self, image, unix=None, readonly=False):
-        self.image, self.unix, self.readonly = image, unix, readonly
+    def __init__(self, image, unix=None, readonly=False, delay=None):
+        self.image, self.unix, self.readonly, self.delay = image, unix, readonly, delay
         self.port = None if unix else free_port()
         self.proc = None
 
@@ -250,7 +250,10 @@ class Nbdkit:
         where = ["-U", str(self.unix)] if self.unix else ["-i", "127.0.0.1", "-p", str(self.port)]
         self.proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", *where,
                                       *(["-r"] if self.readonly else []),
-                                      "file", str(self.image)])
+                                      *(["--filter=delay"] if self.delay else []),
+                                      "file", str(self.image),
+                                      *(["delay-read=%s" % self.delay, "delay-write=%s"
+                                         % self.delay] if self.delay else [])])
         deadline = time.monotonic() + 10
         while not self._listening():
             assert self.proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
@@ -310,6 +313,36 @@ def test_a_read_only_export_is_a_read_only_disk(service, tmp_path, nbdkit_server
         fe.shutdown()
 
 
+def test_many_commands_in_flight_and_a_barrier_waits_for_them(service, tmp_path,
+                                                              nbdkit_servers):
+    """Against a server that takes 0.2 s per command: 16 reads at once take
+    about one delay, not sixteen; a barrier after 8 writes is answered only
+    after them (BLKIF_OP_WRITE_BARRIER: nothing in flight, then flush)."""
+    base, _ = make_base(tmp_path)
+    server = Nbdkit(base, delay="200ms")
+    nbdkit_servers.append(server.start())
+    fe, domid, devid = new_vbd(service, server.uri)
+    try:
+        fe.connect(wants=ONE_QUEUE)
+        q = fe.queues[0]
+        started = time.monotonic()
+        tags = [q.submit_read(i * 4096, 4096) for i in range(16)]
+        done = fe.run(q, tags)
+        assert time.monotonic() - started < 1.6  # one at a time: 3.2 s
+        assert all(done[t].ok for t in tags)
+        assert b"".join(done[t].data for t in tags) == base.read_bytes()[:16 * 4096]
+        blocks = [os.urandom(4096) for _ in range(8)]
+        writes = [q.submit_write(i * 4096, block) for i, block in enumerate(blocks)]
+        barrier = q.submit_flush(c.BLKIF_OP_WRITE_BARRIER)
+        done = fe.run(q, writes + [barrier])
+        assert all(done[t].ok for t in writes + [barrier])
+        assert list(done)[-1] == barrier  # done is in the order responses came
+        assert base.read_bytes()[:8 * 4096] == b"".join(blocks)
+        fe.close()
+    finally:
+        fe.shutdown()
+
+
 # -- failures --------------------------------------------------------------
 
 @pytest.fixture
@@ -337,25 +370,80 @@ def wait_for(predicate, what, timeout=15):
         time.sleep(0.05)
 
 
+def worker_status(service, domid, devid):
+    return {(w["domid"], w["devid"]): w["status"]
+            for w in service.status()["workers"]}.get((domid, devid))
+
+
 @pytest.mark.parametrize("params,words", [
-    ("qcow2:{tmp}/missing.qcow2", "cannot open image {tmp}/missing.qcow2: No such file"),
-    ("qcow2:{tmp}/raw.img", "Image is not in qcow2 format"),
     ("vdi:{tmp}/raw.img", "unknown disk format 'vdi'"),
-    ("nbd://127.0.0.1:{port}/", "cannot connect to nbd://127.0.0.1:{port}/"),
-], ids=["missing", "not-qcow2", "unknown-format", "no-server"])
-def test_bad_storage_is_reported_and_only_that_vbd_fails(service, tmp_path, other, params,
-                                                         words, monkeypatch):
-    (tmp_path / "raw.img").write_bytes(bytes(SIZE))
+    ("nbds://storage1/x", "unsupported URI scheme 'nbds'"),
+], ids=["unknown-format", "tls-uri"])
+def test_params_we_cannot_serve_fail_only_that_vbd(service, tmp_path, other, params, words,
+                                                   monkeypatch):
     monkeypatch.setattr(toolstack, "params_node", lambda target: target)  # as libxl: verbatim
-    port = free_port()
-    fe, domid, devid = new_vbd(service, params.format(tmp=tmp_path, port=port))
+    fe, domid, devid = new_vbd(service, params.format(tmp=tmp_path))
+    try:
+        wait_for(lambda: worker_status(service, domid, devid) == "failed", "the VBD failed")
+        assert words in error_node(service, domid, devid)
+        other_still_works(other)
+    finally:
+        fe.shutdown()
+
+
+def test_a_missing_image_is_reported_and_served_once_it_appears(service, tmp_path, other):
+    image = tmp_path / "late.qcow2"
+    fe, domid, devid = new_vbd(service, "qcow2:%s" % image)
     try:
         wait_for(lambda: error_node(service, domid, devid), "the error node")
-        assert words.format(tmp=tmp_path, port=port) in error_node(service, domid, devid)
-        wait_for(lambda: {(w["domid"], w["devid"]): w["status"]
-                          for w in service.status()["workers"]}.get((domid, devid)) == "failed",
-                 "the VBD marked failed")
+        assert "cannot open image %s: No such file" % image in error_node(service, domid, devid)
+        assert worker_status(service, domid, devid) == "running"
+        assert fe.read_back("state") == str(int(S.Initialising))  # nothing offered yet
         other_still_works(other)
+        qemu_img("create", "-q", "-f", "qcow2", image, SIZE)
+        fe.connect(wants=ONE_QUEUE)  # once it opened: InitWait, then as ever
+        assert error_node(service, domid, devid) is None
+        write, read = io(fe, fe.queues[0], lambda q: q.submit_write(0, b"late" * 128),
+                         lambda q: q.submit_read(0, 512))
+        assert write.ok and read.data == b"late" * 128
+        fe.close()
+    finally:
+        fe.shutdown()
+        remove_vbd(service, domid, devid, image)
+    qemu_img("check", "-q", "-f", "qcow2", image)
+
+
+def test_an_image_qemu_refuses_is_reported_with_its_reason(service, tmp_path, other):
+    image = tmp_path / "raw.img"
+    image.write_bytes(bytes(SIZE))
+    fe, domid, devid = new_vbd(service, "qcow2:%s" % image)
+    try:
+        wait_for(lambda: error_node(service, domid, devid), "the error node")
+        assert ("qemu-storage-daemon cannot serve %s: Image is not in qcow2 format" % image
+                in error_node(service, domid, devid))
+        assert "Image is not in qcow2 format" in stats_storage(service, domid, devid)["error"]
+        other_still_works(other)
+        pid = service.worker_pid(domid, devid)
+        service.dom0.rm(toolstack.backend_path(0, domid, devid))
+        wait_for(lambda: not os.path.exists("/proc/%d" % pid), "its worker to stop")
+    finally:
+        fe.shutdown()
+
+
+def test_an_nbd_server_not_there_yet(service, tmp_path, nbdkit_servers, other):
+    base, _ = make_base(tmp_path)
+    server = Nbdkit(base)
+    fe, domid, devid = new_vbd(service, server.uri)
+    try:
+        wait_for(lambda: error_node(service, domid, devid), "the error node")
+        assert ("cannot connect to %s: " % server.uri in error_node(service, domid, devid)
+                and "Connection refused" in error_node(service, domid, devid))
+        other_still_works(other)
+        nbdkit_servers.append(server.start())
+        fe.connect(wants=ONE_QUEUE)
+        (read,) = io(fe, fe.queues[0], lambda q: q.submit_read(0, 4096))
+        assert read.ok and read.data == base.read_bytes()[:4096]
+        fe.close()
     finally:
         fe.shutdown()
 

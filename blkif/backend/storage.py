@@ -1,11 +1,12 @@
 """A VBD's storage as its ``params`` names it, opened and kept alive.
 
-:class:`Storage` parses ``params`` (``blkif.backend.params``) and opens the
-store the target needs: a raw file or device as :class:`Store` (served by
+:class:`Storage` opens the store that a parsed ``params``
+(``blkif.backend.params``) needs: a raw file or device as :class:`Store` (served by
 the C engine), an image through its own :class:`StorageDaemon` and an
 :class:`NbdStore` on the daemon's socket, an NBD URI as an :class:`NbdStore`.
 Opening fails with StoreError (one line: the daemon's own message for a bad
-image); the worker reports that and gives the VBD up.
+image); :attr:`Target.kind` tells the VBD whether to give up (a file, as
+ever) or to try again later (an image or NBD export may come back).
 
 Afterwards the worker calls :meth:`Storage.tick` every second: a daemon that
 died is logged and started again (back-off doubling to MAX_RESTART_DELAY),
@@ -19,7 +20,6 @@ import time
 
 from blkif.backend.backing import Store, StoreError
 from blkif.backend.nbd_store import NbdStore
-from blkif.backend.params import parse_params
 from blkif.backend.storage_daemon import StorageDaemon
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,8 @@ MAX_RESTART_DELAY = 30.0
 class Storage:
     """The store behind one VBD; ``name`` (``vbd-<domid>-<devid>``) names its socket."""
 
-    def __init__(self, params, writable=True, direct=False, run_dir=None, name="", label=""):
-        self.target = parse_params(params)
+    def __init__(self, target, writable=True, direct=False, run_dir=None, name="", label=""):
+        self.target = target
         self.label = label
         self.daemon = None
         self.error = None

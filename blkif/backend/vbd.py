@@ -31,6 +31,7 @@ changes; a ring whose frontend breaks it reports from its thread
 import errno
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from blkif.abi.constants import VDISK_READONLY
@@ -38,6 +39,8 @@ from blkif.backend.counters import RingCounters
 from blkif.backend.engine import MAX_PERSISTENT_GRANTS, RingEngine
 from blkif.backend.nbd_ring import NbdRingServer
 from blkif.backend.ring_service import RingServer
+from blkif.backend.backing import StoreError
+from blkif.backend.params import parse_params
 from blkif.backend.storage import Storage
 from blkif.errors import RemoteProtocolError
 from blkif.negotiate import MAX_QUEUES, BackendOffer, Connection, DiskInfo, backend_action
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 
 S = XenbusState
 STALE = (S.Initialised, S.Connected, S.Closing)  # a dead worker's connection
+FIRST_OPEN_DELAY, MAX_OPEN_DELAY = 1.0, 30.0  # retrying storage that would not open
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,11 @@ class Vbd:
         self.label = "vbd %d/%d" % (self.domid, self.devid)
         self.closed_counters = RingCounters()  # what rings closed so far had done
         self.params = None
+        self.target = None  # ``params`` parsed
         self.store = None
-        self.storage = None  # the Storage behind ``store``
+        self.storage = None  # the Storage behind ``store``, once it opened
+        self.storage_error = None  # why the storage fails, or None
+        self._open_delay, self._open_at = FIRST_OPEN_DELAY / 2, 0.0
         self._storage_reports = []  # from ring threads: a storage failure, or None when back
         self.offer = None
         self.frontend = None
@@ -112,18 +119,39 @@ class Vbd:
     # -- life cycle -------------------------------------------------------
 
     def start(self):
-        """Open the store, publish the offer and go to InitWait."""
+        """Open the store, publish the offer and go to InitWait.
+
+        Raises BlkifError if the VBD cannot be served as configured (bad
+        ``params``, a file that cannot be opened).  An image or NBD export
+        that cannot be opened yet is reported (error node, ``blkif stats``)
+        and tried again from :meth:`tick` until it opens.
+        """
         params = self._node("params", "")
-        mode = self._node("mode", "w")
         self.frontend = self._node("frontend", "")
         if not params or not self.frontend:
             raise RemoteProtocolError("%s: backend node %s missing" % (
                 self.label, "params" if not params else "frontend"))
-        opts = self.options
         self.params = params
-        self.storage = Storage(params, writable="w" in mode, direct=opts.direct,
-                               run_dir=opts.run_dir, label=self.label,
-                               name="vbd-%d-%d" % (self.domid, self.devid))
+        self.target = parse_params(params)
+        self._open()
+
+    def _open(self):
+        opts = self.options
+        try:
+            self.storage = Storage(self.target, writable="w" in self._node("mode", "w"),
+                                   direct=opts.direct, run_dir=opts.run_dir, label=self.label,
+                                   name="vbd-%d-%d" % (self.domid, self.devid))
+        except StoreError as exc:
+            if self.target.kind == "file":
+                raise
+            self._open_delay = min(self._open_delay * 2, MAX_OPEN_DELAY)
+            self._open_at = time.monotonic() + self._open_delay
+            if str(exc) != self.storage_error:
+                log.error("%s: %s; trying again every %.0f s at most", self.label, exc,
+                          MAX_OPEN_DELAY)
+                self._set_storage_error(str(exc))
+            return
+        self._set_storage_error(None)
         self.store = self.storage.store
         self.offer = BackendOffer(
             max_ring_page_order=opts.max_ring_page_order,
@@ -147,7 +175,7 @@ class Vbd:
                     self._switch(S.Closed, txn)
                 else:
                     self._switch(S.InitWait, txn)
-        log.info("%s: serving %s (%s, %d sectors%s)", self.label, self.storage.target,
+        log.info("%s: serving %s (%s, %d sectors%s)", self.label, self.target,
                  "read-write" if self.store.writable else "read-only", self.store.sectors,
                  ", O_DIRECT" if opts.direct else "")
         self.changed()
@@ -163,17 +191,21 @@ class Vbd:
         self.wake()
 
     def tick(self):
-        """About once a second from the worker: watch the storage."""
+        """About once a second from the worker: watch the storage, or open it."""
         if self.storage is None:
+            if self.target is not None and not self.gone and time.monotonic() >= self._open_at:
+                self._open()
             return
-        before = self.storage.error
         self.storage.tick(idle=not self.servers)
-        if self.storage.error != before:
-            self._publish_storage_error()
+        self._set_storage_error(self.storage.error)
 
-    def _publish_storage_error(self):
+    def _set_storage_error(self, error):
         """The storage's failure in the error node (removed once it is back)."""
-        error = self.storage.error
+        if error == self.storage_error:
+            return
+        self.storage_error = error
+        if self.storage is not None:
+            self.storage.error = error
         try:
             if error is not None:
                 self.xs.write(self._error_node(), "%d %s" % (errno.EIO, error))
@@ -189,9 +221,8 @@ class Vbd:
     def changed(self):
         """Act on the current states of both ends (after any watch event)."""
         if self._storage_reports:
-            self.storage.error = self._storage_reports[-1]
+            self._set_storage_error(self._storage_reports[-1])
             self._storage_reports.clear()
-            self._publish_storage_error()
         if self._failures:
             message = self._failures[0]
             self._failures.clear()
@@ -202,6 +233,8 @@ class Vbd:
             self.gone = True
             self.disconnect()
             return
+        if self.storage is None:
+            return  # nothing offered until the storage opens (tick)
         own = self.xs.read_state(self.path + "/state")
         if own != self.state and own in (S.Closing, S.Closed):
             # The toolstack (libxl on ``xl destroy``) asks us to close.
@@ -357,7 +390,9 @@ class Vbd:
         return {
             "domid": self.domid, "devid": self.devid, "path": self.path,
             "params": self.params,
-            "storage": self.storage.status() if self.storage else None,
+            "storage": (self.storage.status() if self.storage else
+                        {"kind": self.target.kind, "target": str(self.target),
+                         "error": self.storage_error} if self.target else None),
             "state": self.state.name, "connections": self.connections,
             "negotiated": self.negotiated if self.servers else {},
             "rings_mapped": len(self._rings), "channels_bound": len(self._rings),
