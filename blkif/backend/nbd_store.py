@@ -185,7 +185,7 @@ class NbdStore:
             issue(completion)
         except nbd.Error as exc:
             self._check()
-            done(exc.errno or errno.EIO)
+            done(exc.errnum or errno.EIO)
 
     # -- synchronous, for the worker's main thread -------------------------
 
