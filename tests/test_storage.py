@@ -422,6 +422,13 @@ def test_an_image_qemu_refuses_is_reported_with_its_reason(service, tmp_path, ot
         assert ("qemu-storage-daemon cannot serve %s: Image is not in qcow2 format" % image
                 in error_node(service, domid, devid))
         assert "Image is not in qcow2 format" in stats_storage(service, domid, devid)["error"]
+        table = subprocess.run([sys.executable, "-m", "blkif", "stats", "--state-dir",
+                                service.state_dir], capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+        row = next(i for i, line in enumerate(table)
+                   if line.split()[:2] == [str(domid), str(devid)])
+        assert table[row + 1].split(": ", 1) == [
+            "       storage error", error_node(service, domid, devid).split(" ", 1)[1]]
         other_still_works(other)
         pid = service.worker_pid(domid, devid)
         service.dom0.rm(toolstack.backend_path(0, domid, devid))
