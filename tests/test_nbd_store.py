@@ -87,7 +87,7 @@ def test_commands_in_flight_complete_with_their_data(server):
         blocks = [bytes([i]) * 4096 for i in range(1, 9)]
         for i, block in enumerate(blocks):
             store.submit_write(bytearray(block), i * 4096, lambda err: results.append(err))
-        assert store.in_flight() > 1  # all queued before any reply was read
+        assert store.handle.aio_in_flight() > 1  # all queued before any reply was read
         pump(store, results, 8)
         store.submit_flush(results.append)
         store.submit_trim(0, 4096, results.append)

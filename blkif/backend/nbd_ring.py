@@ -280,10 +280,10 @@ class NbdRingServer(RingServer):
     def _copy_out(self, op):
         """A completed read's data into the granted pages; 0 or an errno."""
         try:
-            with self._segments(op.req, writable=True) as iov:
+            with self._segments(op.req, writable=True) as iov, memoryview(op.buf) as data:
                 at = 0
                 for view in iov:
-                    view[:] = op.buf[at:at + len(view)]
+                    view[:] = data[at:at + len(view)]
                     at += len(view)
         except PlatformError as exc:
             log.warning("%s: request id %d: %s", self.label, op.req.id, exc)

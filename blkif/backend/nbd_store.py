@@ -64,7 +64,6 @@ class NbdStore:
         self.discard_granularity = max(DISCARD_GRANULARITY, minimum)
         self.logical_block_size = SECTOR_SIZE
         self.physical_block_size = SECTOR_SIZE
-        self.is_device = False
 
     @property
     def sectors(self):
@@ -92,16 +91,10 @@ class NbdStore:
     @staticmethod
     def _wait(h, timeout):
         """One round of libnbd's state machine, waiting at most ``timeout`` s."""
-        direction = h.aio_get_direction()
-        events = ((select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0)
-                  | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0))
         poll = select.poll()
-        poll.register(h.aio_get_fd(), events)
+        poll.register(h.aio_get_fd(), _events(h))
         for _, revents in poll.poll(timeout * 1000):
-            if revents & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                h.aio_notify_read()
-            elif revents & select.POLLOUT:
-                h.aio_notify_write()
+            _notify(h, revents)
 
     def reconnect(self):
         """Connect again after :attr:`down`; StoreError while the server is away."""
@@ -115,20 +108,12 @@ class NbdStore:
 
     def events(self):
         """The poll events the connection waits for now."""
-        direction = self.handle.aio_get_direction()
-        return ((select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0)
-                | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0))
-
-    def in_flight(self):
-        return self.handle.aio_in_flight() if self.down is None else 0
+        return _events(self.handle)
 
     def progress(self, revents):
         """After poll: let libnbd read/write; completions run from here."""
         try:
-            if revents & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                self.handle.aio_notify_read()
-            elif revents & select.POLLOUT:
-                self.handle.aio_notify_write()
+            _notify(self.handle, revents)
         except nbd.Error as exc:
             self._lost(_reason(exc))
         self._check()
@@ -213,6 +198,21 @@ class NbdStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _events(h):
+    """poll(2) events for the direction libnbd waits in."""
+    direction = h.aio_get_direction()
+    return ((select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0)
+            | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0))
+
+
+def _notify(h, revents):
+    """Tell libnbd what poll(2) saw (reading first: a reply may change what it wants)."""
+    if revents & (select.POLLIN | select.POLLHUP | select.POLLERR):
+        h.aio_notify_read()
+    elif revents & select.POLLOUT:
+        h.aio_notify_write()
 
 
 def _reason(exc):

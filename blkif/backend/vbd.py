@@ -28,6 +28,7 @@ changes; a ring whose frontend breaks it reports from its thread
 (:meth:`Vbd.ring_failed`, which wakes the worker) and the next
 :meth:`Vbd.changed` shuts the VBD down.
 """
+import collections
 import errno
 import logging
 import os
@@ -89,7 +90,7 @@ class Vbd:
         self.storage = None  # the Storage behind ``store``, once it opened
         self.storage_error = None  # why the storage fails, or None
         self._open_delay, self._open_at = FIRST_OPEN_DELAY / 2, 0.0
-        self._storage_reports = []  # from ring threads: a storage failure, or None when back
+        self._storage_reports = collections.deque()  # from ring threads: a storage failure, or None when back
         self.offer = None
         self.frontend = None
         self.state = S.Unknown
@@ -220,9 +221,8 @@ class Vbd:
 
     def changed(self):
         """Act on the current states of both ends (after any watch event)."""
-        if self._storage_reports:
-            self._set_storage_error(self._storage_reports[-1])
-            self._storage_reports.clear()
+        while self._storage_reports:  # the last report is the current state
+            self._set_storage_error(self._storage_reports.popleft())
         if self._failures:
             message = self._failures[0]
             self._failures.clear()
