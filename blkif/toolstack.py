@@ -171,7 +171,9 @@ def add_arguments(parser):
     create_p = sub.add_parser("create", help="write a new VBD's nodes (both in Initialising)")
     create_p.add_argument("--domid", type=int, required=True, help="the guest")
     create_p.add_argument("--vdev", required=True, help="xvda, sdb, hdc, d0p1 or a number")
-    create_p.add_argument("--target", required=True, help="image file or block device")
+    create_p.add_argument("--target", required=True,
+                          help="raw file or block device, FORMAT:IMAGE (qcow2:, vhd:, vmdk:, "
+                               "qed:, qcow:) or an NBD URI (docs/storage.md)")
     create_p.add_argument("--mode", default="w", choices=["r", "w"])
     destroy_p = sub.add_parser("destroy", help="remove a VBD's nodes")
     destroy_p.add_argument("--domid", type=int, required=True)

@@ -90,7 +90,7 @@ class Vbd:
         self.storage = None  # the Storage behind ``store``, once it opened
         self.storage_error = None  # why the storage fails, or None
         self._open_delay, self._open_at = FIRST_OPEN_DELAY / 2, 0.0
-        self._storage_reports = collections.deque()  # from ring threads: a storage failure, or None when back
+        self._storage_reports = collections.deque()  # from ring threads: a failure, or None
         self.offer = None
         self.frontend = None
         self.state = S.Unknown
@@ -390,14 +390,19 @@ class Vbd:
         return {
             "domid": self.domid, "devid": self.devid, "path": self.path,
             "params": self.params,
-            "storage": (self.storage.status() if self.storage else
-                        {"kind": self.target.kind, "target": str(self.target),
-                         "error": self.storage_error} if self.target else None),
+            "storage": self._storage_status(),
             "state": self.state.name, "connections": self.connections,
             "negotiated": self.negotiated if self.servers else {},
             "rings_mapped": len(self._rings), "channels_bound": len(self._rings),
             "counters": self.counters().as_dict(),
         }
+
+    def _storage_status(self):
+        if self.storage is not None:
+            return self.storage.status()
+        if self.target is None:
+            return None
+        return {"kind": self.target.kind, "target": str(self.target), "error": self.storage_error}
 
     def counters(self):
         """Counters over every ring this VBD served (gauges: the live ones)."""

@@ -8,7 +8,8 @@ in C, or the Python reference with ``--engine python``).  The main thread
 waits on a wake-up pipe, written by xenstore watch callbacks, signals and a
 ring thread whose frontend broke its ring; each wake-up re-reads both states
 (:meth:`Vbd.changed`).  About once a second the worker rewrites its status
-file and checks that its parent is still alive.
+file, lets the VBD watch its storage (:meth:`Vbd.tick`: a storage daemon to
+restart, an NBD connection to reopen) and checks that its parent is alive.
 
 SIGTERM or SIGINT (or the parent dying): serve what is on the rings, switch
 Closing, keep serving until the frontend closes or ``--grace`` seconds pass,
