@@ -113,6 +113,9 @@ class NbdRingServer(RingServer):
             self.failure = "the frontend closed its event channel"
         except (RemoteProtocolError, PlatformError) as exc:
             self.failure = str(exc)
+        except Exception as exc:  # a bug of ours: this VBD stops, said loudly, nothing else
+            log.exception("%s: ring thread failed", self.label)
+            self.failure = "internal error: %r" % exc
         on_error(self.failure)
 
     def service(self):
