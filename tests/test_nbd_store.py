@@ -148,3 +148,27 @@ def test_no_server_is_a_one_line_store_error(tmp_path):
         open_store("nbd+unix:///?socket=%s" % (tmp_path / "none.sock"))
     assert str(info.value).startswith("cannot connect to test export: ")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("flushed", [False, True], ids=["unflushed", "flushed"])
+def test_writes_no_flush_covered_make_the_next_flush_fail_once(server, flushed):
+    """A connection lost with writes answered but not flushed: the first flush
+    after it fails (they may be gone with the server's caches), later ones work."""
+    _, uri, restart, stop = server
+    with open_store(uri) as store:
+        results = []
+        store.submit_write(bytearray(4096), 0, results.append)
+        pump(store, results, 1)
+        if flushed:
+            store.flush()
+        stop()
+        store.probe()
+        restart()
+        store.reconnect()
+        if flushed:
+            store.flush()
+        else:
+            with pytest.raises(OSError) as info:
+                store.flush()
+            assert info.value.errno == errno.EIO
+        store.flush()

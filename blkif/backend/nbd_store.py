@@ -17,6 +17,9 @@ A connection that dies (server gone, daemon killed) makes :attr:`down` say
 why; commands then in flight complete with an error, new ones are refused
 (``done(ENOTCONN)``), and :meth:`reconnect` tries again (bounded by
 CONNECT_TIMEOUT).  A server that comes back with another size is refused.
+If writes were answered that no FLUSH had covered when the connection died,
+the first FLUSH after it fails (EIO): they may be lost, and the guest must
+hear it (QEMU's file-posix makes a failed fsync sticky for the same reason).
 """
 import errno
 import logging
@@ -55,6 +58,9 @@ class NbdStore:
         self.handle = None
         self.down = None  # why the connection is gone, or None
         self.size = None
+        self._writes_done = 0  # writes answered OK so far
+        self._writes_flushed = 0  # how many of them a FLUSH answered OK covers
+        self._lost_writes = False  # the next FLUSH must fail: see _lost
         self._connect()
         h = self.handle
         self.writable = writable and not h.is_read_only()
@@ -133,8 +139,13 @@ class NbdStore:
             self._lost("the server closed the connection")
 
     def _lost(self, why):
+        """The connection is gone.  Writes the server answered but no FLUSH
+        covered may have been lost with it (a daemon's caches, a crashed
+        host), so the next FLUSH fails: the guest learns it, as from a disk."""
         if self.down is None:
             self.down = "lost the connection to %s: %s" % (self.path, why)
+            if self.can_flush and self._writes_done > self._writes_flushed:
+                self._lost_writes = True
 
     def submit_read(self, buf, offset, done):
         """Read ``len(buf)`` bytes into ``buf`` (kept alive until ``done``)."""
@@ -142,14 +153,30 @@ class NbdStore:
             nbd.Buffer.from_buffer(buf), offset, completion=cb))
 
     def submit_write(self, buf, offset, done):
-        self._submit(done, lambda cb: self.handle.aio_pwrite(
+        def written(err):
+            self._writes_done += not err
+            done(err)
+        self._submit(written, lambda cb: self.handle.aio_pwrite(
             nbd.Buffer.from_buffer(buf), offset, completion=cb))
 
     def submit_flush(self, done):
+        """FLUSH; it covers every write answered before it (NBD's rule)."""
         if not self.can_flush:  # no write cache: every answered write is durable
             done(0)
             return
-        self._submit(done, lambda cb: self.handle.aio_flush(completion=cb))
+        if self._lost_writes and self.down is None:
+            self._lost_writes = False
+            log.error("%s: writes answered before the connection was lost may not be on "
+                      "disk; failing this flush", self.path)
+            done(errno.EIO)
+            return
+        covers = self._writes_done
+
+        def flushed(err):
+            if not err:
+                self._writes_flushed = max(self._writes_flushed, covers)
+            done(err)
+        self._submit(flushed, lambda cb: self.handle.aio_flush(completion=cb))
 
     def submit_trim(self, offset, length, done):
         if not self.discard_supported:
