@@ -37,6 +37,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -220,7 +221,7 @@ def storage_for(fmt, box, image):
                                  "file", image], stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
+        while not _listening(sock):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise BlkifError("nbdkit did not start (see %s)" % box.path("nbdkit.log"))
             time.sleep(0.02)
@@ -229,6 +230,11 @@ def storage_for(fmt, box, image):
     finally:
         proc.terminate()
         proc.wait()
+
+
+def _listening(path):
+    with socket.socket(socket.AF_UNIX) as sock:
+        return sock.connect_ex(path) == 0
 
 
 def _run_patterns(args, names, box, params, target, front, fio, progress):

@@ -3,13 +3,12 @@ asynchronous commands, a server that goes away and one that comes back."""
 import errno
 import importlib.util
 import select
-import subprocess
 import time
 
 import pytest
 
 from blkif.backend.backing import StoreError
-from helpers import require, require_tool
+from helpers import require, require_tool, start_nbdkit
 
 SIZE = 4 << 20
 
@@ -21,26 +20,16 @@ def tools():
             "python module nbd (apt python3-libnbd, linked into the venv by make test)")
 
 
-def start_nbdkit(sock, image, *options):
-    proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), *options,
-                             "file", str(image)])
-    deadline = time.monotonic() + 10
-    while not sock.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
-        time.sleep(0.02)
-    return proc
-
-
 @pytest.fixture
 def server(tmp_path):
     """(image, socket, uri, restart) with nbdkit serving the image."""
     image, sock = tmp_path / "disk.img", tmp_path / "nbd.sock"
     image.write_bytes(bytes(SIZE))
-    procs = [start_nbdkit(sock, image)]
+    procs = [start_nbdkit(sock, "file", str(image))]
 
     def restart(*options):
         stop()
-        procs.append(start_nbdkit(sock, image, *options))
+        procs.append(start_nbdkit(sock, *options, "file", str(image)))
 
     def stop():
         procs[-1].kill()

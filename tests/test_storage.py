@@ -9,7 +9,6 @@ import importlib.util
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
