@@ -23,6 +23,7 @@ hear it (QEMU's file-posix makes a failed fsync sticky for the same reason).
 """
 import errno
 import logging
+import os
 import select
 import time
 
@@ -215,7 +216,7 @@ class NbdStore:
                 self._lost(_reason(exc))
             self._check()
         if result[0]:
-            raise OSError(result[0], "NBD flush failed")
+            raise OSError(result[0], "NBD flush failed: %s" % os.strerror(result[0]))
 
     def close(self):
         self.handle = None  # libnbd closes the connection with the handle
