@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from blkif import __version__
+from blkif import __version__, systemd
 from blkif.errors import BlkifError, UsageError
 from xenstore import XenstoreError
 
@@ -54,9 +54,7 @@ def build_parser():
 
 def setup_logging(verbose):
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    systemd.setup_logging(level, "%(levelname)s %(name)s: %(message)s")
 
 
 def main(argv=None):

@@ -11,6 +11,10 @@ that copy, with Linux blkback's rules (``dispatch_rw_block_io``,
 - Each segment has ``first_sect <= last_sect <= 7``.
 - ``sector_number + sectors`` stays inside the device (Python integers cannot
   wrap, so a huge ``sector_number`` simply fails the bound).
+- Sectors are 512 bytes whatever the device's (blkif.h); on a device of
+  larger logical sectors (``sector-size`` 4096) ``sector_number`` and the
+  sector count must be whole logical sectors, as blkback checks in
+  ``dispatch_rw_block_io`` (discards too: the kernel refuses them otherwise).
 - Anything that writes is refused on a read-only device.
 - An operation we did not advertise answers EOPNOTSUPP; a malformed request
   answers ERROR.  Either way the caller gets a :class:`RequestError` carrying
@@ -79,6 +83,7 @@ class Limits:
     discard: bool = False  # feature-discard
     discard_secure: bool = False  # discard-secure
     max_indirect_segments: int = 0  # feature-max-indirect-segments; 0: none
+    sector_size: int = SECTOR_SIZE  # sector-size: the device's logical sector, in bytes
 
 
 class Request:
@@ -279,12 +284,20 @@ class RequestDecoder:
                                "write to a read-only device")
 
     def _check_range(self, req):
+        if not req.nr_sectors:
+            return
         end = req.sector_number + req.nr_sectors
-        if req.nr_sectors and end > self.limits.sectors:
+        if end > self.limits.sectors:
             raise RequestError(
                 req.id, req.kind, BLKIF_RSP_ERROR,
                 "sectors %d..%d beyond the device's %d" % (
                     req.sector_number, end, self.limits.sectors))
+        mask = self.limits.sector_size // SECTOR_SIZE - 1
+        if (req.sector_number | req.nr_sectors) & mask:
+            raise RequestError(
+                req.id, req.kind, BLKIF_RSP_ERROR,
+                "sectors %d..%d are not whole %d-byte sectors" % (
+                    req.sector_number, end, self.limits.sector_size))
 
     def _direct(self, op):
         limits = self.limits

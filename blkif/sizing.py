@@ -71,8 +71,10 @@ class Backend:
 
     @classmethod
     def ours(cls, **kw):
-        """Our backend: its persistent grant cap is a constant of the datapath."""
-        return cls(kind="blkif", max_persistent_grants=MAX_PERSISTENT_GRANTS, **kw)
+        """Our backend: its persistent grant cap is ``blkif serve``'s default
+        unless given (``--max-persistent-grants``)."""
+        kw.setdefault("max_persistent_grants", MAX_PERSISTENT_GRANTS)
+        return cls(kind="blkif", **kw)
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,14 @@ A VBD is two directories, both starting in Initialising:
 ``devid`` comes from the vdev name as docs/misc/vbd-interface.txt defines it
 (:func:`vdev_to_devid`).
 """
+import argparse
 import os
 import re
+import stat
+import time
 
 from blkif.backend.params import ParamsError, parse_params
-from blkif.errors import UsageError
+from blkif.errors import BlkifError, UsageError
 from xenstore import XenbusState
 
 _XVD = re.compile(r"^xvd([a-z]+)(\d*)$")
@@ -144,6 +147,56 @@ def destroy(xs, domid, vdev, backend_domid=0):
     return devid
 
 
+SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text):
+    """``20G``, ``512M``, ``1073741824``: bytes, a whole number of 512-byte sectors."""
+    match = re.match(r"^(\d+)([KMGT]?)(?:i?B)?$", text.strip(), re.IGNORECASE)
+    if not match:
+        raise UsageError("size %r: expected a number of bytes, optionally with K, M, G or T"
+                         % text)
+    size = int(match.group(1)) * SIZE_SUFFIXES[match.group(2).upper()]
+    if not size or size % 512:
+        raise UsageError("size %r is not a positive multiple of 512 bytes" % text)
+    return size
+
+
+def resize(xs, domid, vdev, size, backend_domid=0):
+    """Grow a VBD's raw image file to ``size`` bytes; returns its path.
+
+    A running ``blkif serve`` notices within a second and tells a connected
+    frontend.  Block devices are grown with their own tools (lvextend, ...),
+    other image formats with ``qemu-img resize``; shrinking is refused.
+    """
+    devid = vdev_to_devid(vdev)
+    back = backend_path(backend_domid, domid, devid)
+    params = xs.read_str(back + "/params", None)
+    if params is None:
+        raise UsageError("no VBD %s (devid %d) for domain %d" % (vdev, devid, domid))
+    try:
+        target = parse_params(params)
+    except ParamsError as exc:
+        raise UsageError("VBD %s of domain %d: %s" % (vdev, domid, exc)) from None
+    if target.kind != "file":
+        raise UsageError("VBD %s of domain %d is %s: online resize is for raw files and block "
+                         "devices (docs/storage.md)" % (vdev, domid, target))
+    path = target.path
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise UsageError("VBD %s of domain %d: %s: %s" % (vdev, domid, path, exc.strerror)) \
+            from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError("%s is not an image file: grow a block device with its own tool "
+                         "(lvextend, ...); blkif serve notices within a second" % path)
+    if size < st.st_size:
+        raise UsageError("%s has %d bytes: shrinking it to %d would lose the guest's data; "
+                         "refused" % (path, st.st_size, size))
+    os.truncate(path, size)
+    return path
+
+
 def list_vbds(xs, backend_domid=0):
     """Every VBD under our backend directory: dicts with both ends' states."""
     root = "/local/domain/%d/backend/vbd" % backend_domid
@@ -163,6 +216,30 @@ def list_vbds(xs, backend_domid=0):
     return out
 
 
+def _size_arg(text):
+    try:
+        return parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _wait_published(xs, domid, vdev, size, timeout, backend_domid):
+    """Wait for a connected VBD's backend to publish ``size``; the message to print."""
+    back = backend_path(backend_domid, domid, vdev_to_devid(vdev))
+    sectors = size // 512
+    if xs.read_state(back + "/state") != XenbusState.Connected:
+        return "%s of domain %d: %d sectors, published when its frontend connects" % (
+            vdev, domid, sectors)
+    deadline = time.monotonic() + timeout
+    while xs.read_str(back + "/sectors", "") != str(sectors):
+        if time.monotonic() > deadline:
+            raise BlkifError("%s of domain %d: the image has %d sectors but the backend did not "
+                             "publish them within %.0f s (is `blkif serve` running?)"
+                             % (vdev, domid, sectors, timeout))
+        time.sleep(0.1)
+    return "%s of domain %d: %d sectors, published to its frontend" % (vdev, domid, sectors)
+
+
 def add_arguments(parser):
     parser.add_argument("--xenstore", metavar="PATH",
                         help="xenstored socket (default: $XENSTORED_PATH or the system's)")
@@ -178,6 +255,15 @@ def add_arguments(parser):
     destroy_p = sub.add_parser("destroy", help="remove a VBD's nodes")
     destroy_p.add_argument("--domid", type=int, required=True)
     destroy_p.add_argument("--vdev", required=True)
+    resize_p = sub.add_parser("resize", help="grow a VBD's raw image; blkif serve tells "
+                                             "the frontend")
+    resize_p.add_argument("--domid", type=int, required=True)
+    resize_p.add_argument("--vdev", required=True)
+    resize_p.add_argument("--size", required=True, type=_size_arg,
+                          help="the new size: bytes, or with K, M, G or T (binary)")
+    resize_p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                          help="wait this long for a connected VBD to publish the size "
+                               "(default 10)")
     list_p = sub.add_parser("list", help="every VBD with both ends' states")
     list_p.add_argument("--json", action="store_true")
 
@@ -196,6 +282,10 @@ def run(args):
             print(backend_path(args.backend_domid, args.domid, devid))
         elif args.action == "destroy":
             destroy(xs, args.domid, args.vdev, args.backend_domid)
+        elif args.action == "resize":
+            resize(xs, args.domid, args.vdev, args.size, args.backend_domid)
+            print(_wait_published(xs, args.domid, args.vdev, args.size, args.timeout,
+                                  args.backend_domid))
         else:
             rows = list_vbds(xs, args.backend_domid)
             if args.json:

@@ -38,12 +38,17 @@ class Service:
         self.xenstored = start_server(self.sock)
         self.log_path = str(tmp / "serve.log")
         self.log = open(self.log_path, "w")
+        self.options = options
+        self.start()
+        self.dom0 = Xenstore.open(self.sock)
+
+    def start(self):
+        """Start ``blkif serve`` (again, once the last one exited)."""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "blkif", "-v", "serve", "--platform", "sim",
-             "--sim-path", hv.path, "--xenstore", self.sock, "--state-dir", self.state_dir,
-             "--grace", "2", *options],
+             "--sim-path", self.hv.path, "--xenstore", self.sock,
+             "--state-dir", self.state_dir, "--grace", "2", *self.options],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        self.dom0 = Xenstore.open(self.sock)
 
     def new_vbd(self, image, mode="w", size=8 << 20):
         """A fresh guest domain with one VBD on ``image`` (created if missing)."""

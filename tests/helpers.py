@@ -4,8 +4,10 @@
 on a developer machine, but under ``CI=true`` it fails, so CI can never go
 green by skipping.
 """
+import contextlib
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -26,6 +28,22 @@ def require_tool(name):
     path = shutil.which(name)
     require(path is not None, "command %r (see Makefile apt packages)" % name)
     return path
+
+
+@contextlib.contextmanager
+def loop_device(backing, sector_size=None):
+    """A loop device over the file ``backing`` (root and losetup needed), with
+    ``sector_size``-byte logical sectors if given: real 4K-sector storage."""
+    losetup = require_tool("losetup")
+    require(os.geteuid() == 0 and os.path.exists("/dev/loop-control"),
+            "root and /dev/loop-control")
+    argv = [losetup, "--find", "--show"] + (
+        ["--sector-size", str(sector_size)] if sector_size else []) + [str(backing)]
+    dev = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run([losetup, "--detach", dev], check=True)
 
 
 def require_header(path):

@@ -1,6 +1,7 @@
 """``blkif serve`` across processes on the sim platform: our xenstored, the
 service and its workers, and a frontend domain negotiated by hand, with every
 byte checked against the image file on disk."""
+import argparse
 import json
 import os
 import random
@@ -8,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -18,7 +18,6 @@ from backend_fixtures import RawFrontend, Service, error_node
 from blkif.abi import X86_32, X86_64, constants as c, ffi
 from blkif.backend import service as service_mod
 from blkif.negotiate import FrontendWants
-from blkif.platform import EventChannelClosed
 from blkif.platform.sim import SimHypervisor
 from xenstore import XenbusState as S
 from xenstore_fixtures import ROOT
@@ -298,7 +297,9 @@ def test_ring_overrun_shuts_down_only_that_vbd(service, vbd, other):
     assert other[0].read_back("state") == str(int(S.Connected))
 
 
-def test_sigkill_of_a_worker_is_that_vbds_failure_only(service, vbd, other):
+def test_a_killed_worker_is_replaced_under_the_running_frontend(service, vbd, other):
+    """Live restart: the successor re-attaches to the same rings, answers the
+    request the dead worker had in flight, and the VBD never leaves Connected."""
     fe, image, domid, devid = vbd
     fe.connect(wants=FrontendWants(2, 2, 256, True))
     q = fe.queues[0]
@@ -306,28 +307,92 @@ def test_sigkill_of_a_worker_is_that_vbds_failure_only(service, vbd, other):
     tags = [q.submit_write(0, data), q.submit_flush()]
     assert all(comp.ok for comp in fe.run(q, tags).values())
     pid = service.worker_pid(domid, devid)
-    q.submit_write(1 << 20, os.urandom(1 << 20))  # in flight as the worker dies
-    os.kill(pid, signal.SIGKILL)
-    try:
-        q.kick()
-    except EventChannelClosed:
-        pass  # the frontend sees the backend gone (or not yet: it may still be dying)
-    # The restarted worker closes the dead connection; we start over.
-    assert fe.backend_state([S.Closed]) == S.Closed
-    assert service.worker_pid(domid, devid) != pid
-    fe.release()
-    fe.xs.switch_state(fe.front + "/state", S.Closed)
-    fe.xs.switch_state(fe.front + "/state", S.Initialising)
-    fe.connect(wants=FrontendWants(0, 1, 0, False))
-    q = fe.queues[0]
-    tag = q.submit_read(0, 1 << 20)
-    assert fe.run(q, [tag])[tag].data == data
-    assert image.read_bytes()[:1 << 20] == data
+    more = os.urandom(1 << 20)
+    tag = q.submit_write(1 << 20, more)
+    q.kick()  # on the ring, maybe taken, as the worker dies
+    with service.dom0.watch(fe.back + "/state") as watch:
+        assert watch.get(timeout=5) is not None  # a new watch fires once
+        os.kill(pid, signal.SIGKILL)
+        assert fe.run(q, [tag])[tag].ok  # by the successor (or the worker, as it died)
+        deadline = time.monotonic() + 10
+        while service.worker_pid(domid, devid) == pid:
+            assert time.monotonic() < deadline, "no successor"
+            time.sleep(0.05)
+        assert watch.get(timeout=0.5) is None  # the state was never written again
+    assert fe.read_back("state") == str(int(S.Connected))
+    tags = [q.submit_read(0, 2 << 20), q.submit_flush()]
+    done = fe.run(q, tags)
+    assert done[tags[0]].data == data + more and done[tags[1]].ok
+    assert image.read_bytes()[:2 << 20] == data + more
     workload(other[0], other[1], seed=4, rounds=5)
     workers = {(w["domid"], w["devid"]): w for w in service.status()["workers"]}
     assert workers[(domid, devid)]["restarts"] == 1
     assert workers[other[2]]["restarts"] == 0
     assert "killed by SIGKILL" in service.output()
+    assert "vbd %d/%d: resumed the connection" % (domid, devid) in service.output()
+
+
+def test_an_upgrade_restart_leaves_every_vbd_connected(hv, tmp_path):
+    """SIGUSR1: the service and its workers exit 0 with the VBD still Connected;
+    a request queued while no backend runs is answered by the next service."""
+    svc = Service(hv, tmp_path)
+    try:
+        domid, devid = svc.new_vbd(tmp_path / "disk.img")
+        fe = RawFrontend(svc, domid, devid)
+        fe.connect(wants=FrontendWants(2, 2, 256, True))
+        q = fe.queues[1]
+        data = os.urandom(1 << 20)
+        tags = [q.submit_write(0, data), q.submit_flush()]
+        assert all(comp.ok for comp in fe.run(q, tags).values())
+        with svc.dom0.watch(fe.back + "/state") as watch:
+            assert watch.get(timeout=5) is not None  # a new watch fires once
+            svc.proc.send_signal(signal.SIGUSR1)
+            assert svc.proc.wait(15) == 0, svc.output()
+            assert "detached 1 worker(s)" in svc.output()
+            more = os.urandom(1 << 20)
+            tag = q.submit_write(1 << 20, more)
+            q.kick()  # nobody serves the ring now
+            assert not q.complete()
+            svc.start()
+            read = q.submit_read(0, 2 << 20)
+            done = fe.run(q, [tag, read])
+            assert watch.get(timeout=0.5) is None  # the state was never written again
+        assert done[tag].ok and done[read].data == data + more
+        assert fe.read_back("state") == str(int(S.Connected))
+        assert svc.output().count("resumed the connection") == 1
+        fe.shutdown()
+    finally:
+        assert svc.close() == 0, svc.output()
+
+
+def test_without_live_restart_a_killed_worker_closes_its_vbd_only(hv, tmp_path):
+    svc = Service(hv, tmp_path, "--no-live-restart")
+    try:
+        domid, devid = svc.new_vbd(tmp_path / "disk.img")
+        fe = RawFrontend(svc, domid, devid)
+        fe.connect(wants=FrontendWants(2, 2, 256, True))
+        q = fe.queues[0]
+        data = os.urandom(1 << 20)
+        tags = [q.submit_write(0, data), q.submit_flush()]
+        assert all(comp.ok for comp in fe.run(q, tags).values())
+        pid = svc.worker_pid(domid, devid)
+        q.submit_write(1 << 20, os.urandom(1 << 20))  # in flight as the worker dies
+        q.kick()
+        os.kill(pid, signal.SIGKILL)
+        # The restarted worker closes the dead connection; we start over.
+        assert fe.backend_state([S.Closed]) == S.Closed
+        assert svc.worker_pid(domid, devid) != pid
+        fe.release()
+        fe.xs.switch_state(fe.front + "/state", S.Closed)
+        fe.xs.switch_state(fe.front + "/state", S.Initialising)
+        fe.connect(wants=FrontendWants(0, 1, 0, False))
+        q = fe.queues[0]
+        tag = q.submit_read(0, 1 << 20)
+        assert fe.run(q, [tag])[tag].data == data
+        assert (tmp_path / "disk.img").read_bytes()[:1 << 20] == data
+        fe.shutdown()
+    finally:
+        assert svc.close() == 0, svc.output()
 
 
 def test_a_hung_worker_is_killed_and_restarted(hv, tmp_path):
@@ -474,12 +539,10 @@ def test_a_new_vbd_goes_to_the_spare_worker_started_ahead(hv, tmp_path):
 
 
 def test_crash_loop_backs_off_then_gives_up():
-    svc = service_mod.Service(SimpleNamespace(
-        backend_domid=0, state_dir="/nonexistent", platform="sim", sim_path=None,
-        xenstore=None, max_indirect_segments=256, max_ring_page_order=4, max_queues=1,
-        no_persistent=False, max_persistent_grants=1056, direct=False, engine="c",
-        io="io_uring", grace=1.0,
-            hung_timeout=30.0))
+    parser = argparse.ArgumentParser()
+    service_mod.add_arguments(parser)
+    svc = service_mod.Service(parser.parse_args(["--platform", "sim", "--state-dir",
+                                                 "/nonexistent", "--max-queues", "1"]))
     handle = service_mod.WorkerHandle(1, 51712, "/local/domain/0/backend/vbd/1/51712")
     handle.proc, handle.last_exit = _Proc(), "killed by SIGKILL"
     delays = []

@@ -1,12 +1,14 @@
 """Backing stores on real files and a loop device: zero-copy vectored I/O,
 flush, hole punching and BLKDISCARD."""
+import errno
 import os
-import subprocess
+import struct
 
 import pytest
 
 from blkif.backend.backing import Store, StoreError
-from helpers import require, require_tool
+import helpers
+from blkif.backend import backing as backing_mod
 
 
 @pytest.fixture
@@ -98,14 +100,10 @@ def test_direct_io_on_page_aligned_buffers(image):
 @pytest.fixture
 def loop_device(tmp_path):
     """A loop device over a 4 MiB file of random bytes (root and losetup needed)."""
-    losetup = require_tool("losetup")
-    require(os.geteuid() == 0 and os.path.exists("/dev/loop-control"), "root and /dev/loop-control")
     backing = tmp_path / "loop.img"
     backing.write_bytes(os.urandom(4 << 20))
-    dev = subprocess.run([losetup, "--find", "--show", str(backing)], capture_output=True,
-                         text=True, check=True).stdout.strip()
-    yield dev, backing
-    subprocess.run([losetup, "--detach", dev], check=True)
+    with helpers.loop_device(backing) as dev:
+        yield dev, backing
 
 
 def test_block_device_size_io_and_discard(loop_device):
@@ -124,3 +122,49 @@ def test_block_device_size_io_and_discard(loop_device):
         store.readv([got], 1 << 20)
         assert got == bytes(8192)
     assert backing.read_bytes()[65536:65536 + 8192] == payload
+
+
+def test_4k_sector_device_sizes_and_discard_limits(tmp_path):
+    """A real 4K-sector device (a loop device with 4096-byte logical sectors):
+    its sizes come from BLKSSZGET/BLKPBSZGET, sectors still count 512 bytes."""
+    image = tmp_path / "4k.img"
+    image.write_bytes(bytes(4 << 20))
+    with helpers.loop_device(image, sector_size=4096) as dev:
+        with Store(dev) as store:
+            assert (store.logical_block_size, store.physical_block_size) == (4096, 4096)
+            assert store.sectors == (4 << 20) // 512
+            assert store.discard_supported and store.discard_granularity == 4096
+            assert store.discard_alignment == 0
+            assert not store.discard_secure  # loop devices have no secure erase
+
+
+@pytest.mark.parametrize("err,supported", [(errno.EINVAL, True), (errno.EOPNOTSUPP, False),
+                                           (errno.EBADF, False)])
+def test_secure_erase_probe_asks_with_a_range_linux_refuses(monkeypatch, err, supported):
+    asked = []
+
+    def ioctl(fd, request, arg):
+        asked.append((request, struct.unpack("QQ", arg)))
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(backing_mod.fcntl, "ioctl", ioctl)
+    monkeypatch.setattr(backing_mod.os, "uname", lambda: os.uname_result(
+        ("Linux", "h", "6.1.0-18-amd64", "#1", "x86_64")))
+    assert backing_mod._secure_erase_supported(7) is supported
+    assert asked == [(backing_mod.BLKSECDISCARD, (1, 512))]  # misaligned: never carried out
+    monkeypatch.setattr(backing_mod.os, "uname", lambda: os.uname_result(
+        ("Linux", "h", "5.10.0", "#1", "x86_64")))
+    assert backing_mod._secure_erase_supported(7) is False  # older kernels: not asked
+    assert len(asked) == 1
+
+
+def test_discard_limits_from_sysfs(tmp_path):
+    device = tmp_path / "7:3"
+    (device / "queue").mkdir(parents=True)
+    (device / "queue" / "discard_max_bytes").write_text("4294966784\n")
+    (device / "queue" / "discard_granularity").write_text("65536\n")
+    (device / "discard_alignment").write_text("32768\n")
+    assert backing_mod._device_discard_limits(os.makedev(7, 3), str(tmp_path)) == {
+        "discard_max_bytes": 4294966784, "discard_granularity": 65536,
+        "discard_alignment": 32768}
+    assert backing_mod._device_discard_limits(os.makedev(7, 4), str(tmp_path)) == {}

@@ -31,7 +31,8 @@ def c_limits(limits):
         "sectors": limits.sectors, "readonly": limits.readonly, "flush": limits.flush,
         "barrier": limits.barrier, "discard": limits.discard,
         "discard_secure": limits.discard_secure,
-        "max_indirect_segments": limits.max_indirect_segments})
+        "max_indirect_segments": limits.max_indirect_segments,
+        "sector_size": limits.sector_size})
 
 
 def c_decode(abi, limits, raw, indirect_pages=b""):
@@ -75,7 +76,8 @@ limits_st = st.builds(
     Limits, sectors=st.sampled_from([0, 8, 2048, 2**40, 2**64 - 1]), readonly=st.booleans(),
     flush=st.booleans(), barrier=st.booleans(), discard=st.booleans(),
     discard_secure=st.booleans(),
-    max_indirect_segments=st.sampled_from([0, 1, 11, 256, 512, 513, MAX_SEGS]))
+    max_indirect_segments=st.sampled_from([0, 1, 11, 256, 512, 513, MAX_SEGS]),
+    sector_size=st.sampled_from([512, 512, 4096]))
 
 
 @st.composite
@@ -94,12 +96,16 @@ def requests(draw):
         req.indirect_op = draw(st.sampled_from([0, 1, 3, 9]))
         req.nr_segments = draw(st.sampled_from([0, 1, 11, 256, 257, 511, 512, 513, MAX_SEGS,
                                                 MAX_SEGS + 1, 0xFFFF]))
-    elif op != 5:
+    elif op == 5:
+        disc = ffi.cast(abi.ctype("request_discard") + " *", ffi.from_buffer(raw))
+        disc.nr_sectors = draw(st.sampled_from([0, 1, 4, 8, 16, 2**64 - 1]))
+    else:
         req.nr_segments = draw(st.integers(0, 12))
         for i in range(11):
             req.seg[i].first_sect = draw(st.sampled_from([0, 0, 3, 7, 8]))
             req.seg[i].last_sect = draw(st.sampled_from([7, 7, 3, 0, 8, 255]))
-    req.sector_number = draw(st.sampled_from([0, 1, 2040, 2047, 2048, 2**64 - 8, 2**64 - 1]))
+    req.sector_number = draw(st.sampled_from([0, 1, 4, 2040, 2047, 2048, 2**64 - 8,
+                                              2**64 - 1]))
     return abi, bytes(raw)
 
 

@@ -75,7 +75,7 @@ def _stats(workers=(), finished=(), vbds=()):
 
 
 def _vbd(domid=3, rings=2, **counters):
-    c = dict(requests=260, indirect=67, persistent_grants=1318, errors=0,
+    c = dict(requests=260, indirect=67, persistent_grants=128, mapped_grants=900, errors=0,
              ops={"read": 177, "write": 57, "flush_diskcache": 22, "discard": 3})
     c.update(counters)
     return {"domid": domid, "devid": 51712, "state": "Connected", "rings_mapped": rings,
@@ -85,7 +85,9 @@ def _vbd(domid=3, rings=2, **counters):
 
 def test_backend_in_use_needs_every_feature_used():
     status, detail = phases.backend_in_use(_stats(vbds=[_vbd()]), 3, 2)
-    assert status == "pass" and "persistent grants 1318" in detail and "67 indirect" in detail
+    assert status == "pass" and "persistent grants 128, 900 mapped" in detail
+    assert "67 indirect" in detail
+    assert phases.backend_in_use(_stats(vbds=[_vbd(mapped_grants=0)]), 3, 2)[0] == "fail"
     assert phases.backend_in_use(_stats(vbds=[_vbd(indirect=0)]), 3, 2)[0] == "fail"
     assert phases.backend_in_use(_stats(vbds=[_vbd(rings=1)]), 3, 2)[0] == "fail"
     assert phases.backend_in_use(_stats(vbds=[_vbd(errors=1)]), 3, 2)[0] == "fail"
@@ -189,3 +191,33 @@ def test_conformance_column_shows_info_values():
     ]}
     assert phases.conformance_column(doc) == {"xenbus-3": "native", "req-16": "FAIL",
                                               "req-1": "PASS"}
+
+
+def test_guest_reports_a_resize_that_dom0_recognises(tmp_path):
+    """The guest init's idle loop, run in a real sh against a stand-in for
+    /sys/block/xvda/size: a new size appears on its console, and dom0's
+    check accepts only the size it asked for."""
+    import re
+    import subprocess
+    import time
+
+    from blkif.lab.initramfs import GUEST_INIT
+
+    size = tmp_path / "size"
+    size.write_text("131072\n")
+    idle = re.search(r"^idle\(\) \{\n.*?^\}\n", GUEST_INIT, re.S | re.M).group(0)
+    script = 'say() { echo "LAB $*"; }\n' + idle.replace("/sys/block/xvda/size", str(size)) \
+        + "idle\n"
+    proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.8)
+        size.write_text("139264\n")
+        time.sleep(1.5)
+    finally:
+        proc.kill()
+    console = proc.communicate()[0]
+    assert console == "LAB VALUE resized_sectors=139264\n"
+    assert phases.resize_seen(console, 139264)[0] == "pass"
+    assert phases.resize_seen(console, 140000) == (
+        "fail", "the guest's /sys/block/xvda/size became 139264, want 140000")
+    assert phases.resize_seen("", 139264)[1].endswith("never changed, want 139264")

@@ -74,6 +74,7 @@ ERR, NOTSUP = c.BLKIF_RSP_ERROR, c.BLKIF_RSP_EOPNOTSUPP
 R, W = c.BLKIF_OP_READ, c.BLKIF_OP_WRITE
 RO = Limits(sectors=SECTORS, readonly=True, discard=True, max_indirect_segments=256)
 BARE = Limits(sectors=SECTORS, flush=False, barrier=False)
+K4 = Limits(sectors=SECTORS, discard=True, max_indirect_segments=256, sector_size=4096)
 
 # (name, limits, encode, expected status, words in the reason)
 BAD = [
@@ -103,6 +104,15 @@ BAD = [
      "count 257"),
     ("indirect write read-only", RO, lambda e, f: e.indirect(f, W, 1, 0, 8, [1]), ERR,
      "read-only"),
+    ("4k: start not whole", K4, lambda e, f: e.rw(f, R, 1, 4, [(1, 0, 7)]), ERR,
+     "not whole 4096-byte"),
+    ("4k: length not whole", K4, lambda e, f: e.rw(f, W, 1, 8, [(1, 0, 7), (2, 0, 3)]), ERR,
+     "not whole 4096-byte"),
+    ("4k: discard not whole", K4, lambda e, f: e.discard(f, 1, 8, 4), ERR,
+     "not whole 4096-byte"),
+    ("4k: flush data not whole", K4,
+     lambda e, f: e.rw(f, c.BLKIF_OP_FLUSH_DISKCACHE, 1, 0, [(1, 0, 0)]), ERR,
+     "not whole 4096-byte"),
 ]
 
 
@@ -213,3 +223,13 @@ def test_what_the_encoder_writes_the_decoder_reads(abi, op, id, segs, sector):
     assert (req.id, req.kind, req.sector_number) == (id, op, sector)
     assert [(s.gref, s.offset // 512, (s.offset + s.length) // 512 - 1)
             for s in req.segments] == segs
+
+
+@pytest.mark.parametrize("abi", ABIS)
+def test_4k_device_takes_whole_logical_sectors(abi):
+    """Sectors stay 512 bytes on the wire; 8 of them at a multiple of 8 is one 4 KiB sector."""
+    req = roundtrip(abi, K4, lambda e, f: e.rw(f, R, 1, 16, [(1, 0, 7), (2, 0, 7)]))
+    assert (req.sector_number, req.nr_sectors) == (16, 16)
+    flush = roundtrip(abi, K4, lambda e, f: e.rw(f, c.BLKIF_OP_FLUSH_DISKCACHE, 2, 3, []))
+    assert flush.nr_sectors == 0  # a pure flush moves no data: nothing to align
+    assert roundtrip(abi, K4, lambda e, f: e.discard(f, 3, 8, 16)).nr_sectors == 16

@@ -35,6 +35,7 @@ def _cdefs(name):
 def harness_text(csrc=CSRC):
     """The C file clang compiles: the structs cffi compiles, then the target."""
     return ("#include <stdint.h>\n" + _cdefs("blkif").SOURCE + _cdefs("evtchn").SOURCE
+            + _cdefs("gntdev").SOURCE
             + _cdefs("engine").TYPES + '#include "%s"\n' % os.path.join(csrc, "fuzz_engine.c"))
 
 

@@ -4,14 +4,18 @@ Reads and writes go straight between the device and the caller's buffers
 (mapped grant pages) with ``preadv``/``pwritev``: no copies, at most IOV_MAX
 buffers a call.  ``flush`` is ``fdatasync``; once one has failed, every later
 flush fails too (the writes it lost stay lost: QEMU's file-posix does the
-same), shared with the C engine through ``flush_failed``.  ``discard`` punches a hole in a file (reads back as zeros,
-size kept) or issues BLKDISCARD (BLKSECDISCARD when secure) on a device.
+same), shared with the C engine through ``flush_failed``.  ``discard``
+punches a hole in a file (reads back as zeros, size kept) or issues
+BLKDISCARD (BLKSECDISCARD when secure, offered where the device has it) on a
+device.  Sizes are the device's own: ``logical_block_size`` (4096 on 4K-sector
+storage) and ``physical_block_size``; ``sectors`` counts 512-byte units.
 """
 import ctypes
 import errno
 import fcntl
 import logging
 import os
+import re
 import stat
 import struct
 
@@ -59,17 +63,32 @@ def _punches_holes(fd, size):
     return _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, size, SECTOR_SIZE) == 0
 
 
-def _device_queue_limits(rdev):
-    """The discard limits a block device's queue reports in sysfs ({} if unreadable)."""
-    queue = "/sys/dev/block/%d:%d/queue" % (os.major(rdev), os.minor(rdev))
+def _device_discard_limits(rdev, sysfs="/sys/dev/block"):
+    """The discard limits sysfs shows for a block device ({} if unreadable):
+    its queue's ``discard_max_bytes`` and ``discard_granularity``, and the
+    device's own ``discard_alignment`` (a partition's offset into a granule)."""
+    device = "%s/%d:%d" % (sysfs, os.major(rdev), os.minor(rdev))
     out = {}
-    for name in ("discard_max_bytes", "discard_granularity"):
+    for name in ("queue/discard_max_bytes", "queue/discard_granularity", "discard_alignment"):
         try:
-            with open(os.path.join(queue, name)) as f:
-                out[name] = int(f.read())
+            with open(os.path.join(device, name)) as f:
+                out[os.path.basename(name)] = int(f.read())
         except (OSError, ValueError):
             pass
     return out
+
+
+def _secure_erase_supported(fd):
+    """Does the device take BLKSECDISCARD?  Asked with a misaligned range,
+    which Linux 5.19+ answers EOPNOTSUPP when it cannot, else EINVAL, before
+    touching anything (older kernels check the range first: not asked)."""
+    if tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2]) < (5, 19):
+        return False
+    try:
+        fcntl.ioctl(fd, BLKSECDISCARD, struct.pack("QQ", 1, SECTOR_SIZE))
+    except OSError as exc:
+        return exc.errno == errno.EINVAL
+    return False  # not reached: a misaligned range is refused
 
 
 class Store:
@@ -95,14 +114,14 @@ class Store:
         mode = os.fstat(self.fd).st_mode
         self.is_device = stat.S_ISBLK(mode)
         if self.is_device:
-            self.size = _ioctl_u64(self.fd, BLKGETSIZE64)
+            self.size = self.current_size()
             self.logical_block_size = _ioctl_int(self.fd, BLKSSZGET)
             self.physical_block_size = _ioctl_int(self.fd, BLKPBSZGET)
             if writable and _ioctl_int(self.fd, BLKROGET):
                 self.close()
                 raise StoreError("block device %s is read-only" % path)
         elif stat.S_ISREG(mode):
-            self.size = os.fstat(self.fd).st_size
+            self.size = self.current_size()
             self.logical_block_size = SECTOR_SIZE
             self.physical_block_size = SECTOR_SIZE
         else:
@@ -111,13 +130,25 @@ class Store:
         self.sectors = self.size // SECTOR_SIZE
         # Files: hole punching, offered only where the filesystem can (blkback
         # too offers discard only when the device has it; otherwise blkfront's
-        # mkfs.ext4 and every later discard get EOPNOTSUPP).
-        self.discard_supported = writable and (self.is_device or _punches_holes(self.fd, self.size))
-        self.discard_granularity = 4096
+        # mkfs.ext4 and every later discard get EOPNOTSUPP), in the
+        # filesystem's blocks.  Devices: what their queue says.
+        self.discard_alignment = 0
+        self.discard_secure = False
         if self.is_device:
-            limits = _device_queue_limits(os.fstat(self.fd).st_rdev)
+            limits = _device_discard_limits(os.fstat(self.fd).st_rdev)
             self.discard_supported = writable and limits.get("discard_max_bytes", 0) > 0
             self.discard_granularity = limits.get("discard_granularity") or self.logical_block_size
+            self.discard_alignment = limits.get("discard_alignment", 0)
+            self.discard_secure = self.discard_supported and _secure_erase_supported(self.fd)
+        else:
+            self.discard_supported = writable and _punches_holes(self.fd, self.size)
+            self.discard_granularity = max(os.fstatvfs(self.fd).f_frsize, SECTOR_SIZE)
+
+    def current_size(self):
+        """The size in bytes the file or device has now (it may have grown)."""
+        if self.is_device:
+            return _ioctl_u64(self.fd, BLKGETSIZE64)
+        return os.fstat(self.fd).st_size
 
     def readv(self, buffers, offset):
         """Fill ``buffers`` from ``offset``.

@@ -3,9 +3,10 @@
 :class:`RingEngine` hands the engine the mapped ring, the bound port, the
 store's descriptor and the VBD's limits, then runs ``eng_run`` in a thread
 of its own: cffi releases the GIL for the call, so each queue of each VBD
-is served in parallel, like blkback's kthread per ring.  The engine calls
-back into Python only to map and unmap grants (``eng_map_grants``), which
-keeps the platforms in Python.
+is served in parallel, like blkback's kthread per ring.  On Xen the engine
+maps grants itself, through the platform's gntdev descriptor
+(``Platform.grant_device``); elsewhere (the sim) it calls back into Python
+to map and unmap them (``eng_map_grants``).
 
 Life: ``start(on_error)``; ``stop()`` joins the thread; ``drain()`` serves
 what the frontend already queued and waits for every request in flight;
@@ -64,6 +65,10 @@ def eng_unmap_grants(handle, token):
         log.exception("%s: unmapping grants", engine.label)
 
 
+def _strerror(errnum):
+    return os.strerror(errnum) if errnum else "none"
+
+
 PORT_KINDS = {"evtchn": lib.ENG_PORT_XEN, "socket": lib.ENG_PORT_SOCKET}
 
 
@@ -74,12 +79,16 @@ class RingEngine:
     :meth:`close`); ``port`` the bound event channel; ``store`` the open
     backing store.  ``io`` is "io_uring" or "threads"; io_uring falls back to
     threads where the kernel refuses it (the reason is in :attr:`io_note`).
+    ``journal`` is the ring's region of a :class:`~blkif.backend.journal.Journal`
+    (kept mapped until :meth:`close`), ``resume`` to carry on from what a
+    killed predecessor left in it.
     """
 
     def __init__(self, platform, domid, ring_buffer, port, abi, limits, store,
                  persistent=False, label="", io="io_uring",
                  max_grants=MAX_PERSISTENT_GRANTS,
-                 grant_unused_seconds=PERSISTENT_GRANT_UNUSED_SECONDS):
+                 grant_unused_seconds=PERSISTENT_GRANT_UNUSED_SECONDS,
+                 journal=None, resume=False):
         self.platform, self.domid, self.port, self.label = platform, domid, port, label
         self.mappings = {}
         self.tokens = itertools.count(1)
@@ -94,6 +103,7 @@ class RingEngine:
             "barrier": limits.barrier, "discard": limits.discard,
             "discard_secure": limits.discard_secure,
             "max_indirect_segments": limits.max_indirect_segments,
+            "sector_size": limits.sector_size,
         }
         cfg.store_fd = store.fd
         cfg.store_is_device = store.is_device
@@ -106,6 +116,11 @@ class RingEngine:
         cfg.grant_unused_seconds = grant_unused_seconds
         cfg.io_mode = IO_MODES[io]
         cfg.io_threads = IO_THREADS
+        device = platform.grant_device()
+        cfg.gntdev_fd = -1 if device is None else device
+        cfg.domid = domid
+        cfg.journal = ffi.NULL if journal is None else journal
+        cfg.resume = resume
         cfg.handle = self._handle
         err = ffi.new("char[]", 256)
         self._eng = lib.eng_new(cfg, err, 256)
@@ -139,9 +154,10 @@ class RingEngine:
         """Log the engine's error count when it grew, with the last I/O errno
         (the C side answers the guest; the cause is said here)."""
         stats = lib.eng_stats(self._eng)
-        if stats.errors != seen and stats.last_io_errno:
-            log.error("%s: %d requests answered with an error so far; last I/O error: %s",
-                      self.label, stats.errors, os.strerror(stats.last_io_errno))
+        if stats.errors != seen and (stats.last_io_errno or stats.last_map_errno):
+            log.error("%s: %d requests answered with an error so far; last I/O error: %s;"
+                      " last grant mapping error: %s", self.label, stats.errors,
+                      _strerror(stats.last_io_errno), _strerror(stats.last_map_errno))
         return stats.errors
 
     def stop(self):
@@ -159,6 +175,10 @@ class RingEngine:
         if rc < 0:
             log.warning("%s: while draining: %s", self.label,
                         ffi.string(lib.eng_error(self._eng)).decode())
+
+    def set_sectors(self, sectors):
+        """The store grew: accept requests up to ``sectors`` from now on."""
+        lib.eng_set_sectors(self._eng, sectors)
 
     def counters(self):
         """This ring's counters (``blkif stats``)."""

@@ -58,12 +58,12 @@ DRAIN_TIMEOUT = 30.0
 
 
 class _Op:
-    """A request on its way: the NBD steps left, and its read buffer."""
+    """A request on its way: the NBD steps left, its read buffer, when it was taken."""
 
-    __slots__ = ("req", "steps", "buf")
+    __slots__ = ("req", "steps", "buf", "taken")
 
-    def __init__(self, req, steps):
-        self.req, self.steps, self.buf = req, steps, None
+    def __init__(self, req, steps, taken):
+        self.req, self.steps, self.buf, self.taken = req, steps, None, taken
 
 
 class NbdRingServer(RingServer):
@@ -194,6 +194,7 @@ class NbdRingServer(RingServer):
 
     def _take_one(self):
         stats = self.stats
+        taken = time.monotonic_ns()
         stats.requests += 1
         stats.in_flight += 1
         try:
@@ -204,11 +205,11 @@ class NbdRingServer(RingServer):
             if req.kind != BLKIF_OP_DISCARD and req.grefs is None:
                 self._read_indirect(req)
         except RequestError as err:
-            self._fail(err)
+            self._fail(err, taken)
             return
         except PlatformError as exc:
             log.warning("%s: request id %d: %s", self.label, req.id, exc)
-            self._answer_one(req, BLKIF_RSP_ERROR)
+            self._answer_one(req, BLKIF_RSP_ERROR, taken)
             return
         kind = req.kind
         steps = []
@@ -220,7 +221,7 @@ class NbdRingServer(RingServer):
             steps.append(self._read if kind == BLKIF_OP_READ else self._write)
         if kind == BLKIF_OP_WRITE_BARRIER and req.grefs:
             steps.append(self._flush)
-        op = _Op(req, steps)
+        op = _Op(req, steps, taken)
         if kind == BLKIF_OP_WRITE_BARRIER and self._submitted:
             self._held = op  # nothing more is taken until the ring is idle
         else:
@@ -278,7 +279,7 @@ class NbdRingServer(RingServer):
                 self.stats.write_bytes += req.nr_sectors * SECTOR_SIZE
             status = (BLKIF_RSP_OKAY if not err else
                       BLKIF_RSP_EOPNOTSUPP if err == errno.EOPNOTSUPP else BLKIF_RSP_ERROR)
-            self._answer_one(req, status, count_error=False)
+            self._answer_one(req, status, op.taken, count_error=False)
 
     def _copy_out(self, op):
         """A completed read's data into the granted pages; 0 or an errno."""
@@ -300,8 +301,9 @@ class NbdRingServer(RingServer):
                       OP_NAMES[req.kind], req.nr_sectors, req.sector_number,
                       errno.errorcode.get(err, err))
 
-    def _answer_one(self, req, status, count_error=True):
+    def _answer_one(self, req, status, taken, count_error=True):
         if count_error and status != BLKIF_RSP_OKAY:
             self.stats.errors += 1
         self.responses.put(self.ring, req.id, req.kind, status)
         self.stats.in_flight -= 1
+        self.stats.observe(time.monotonic_ns() - taken)

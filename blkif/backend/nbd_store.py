@@ -69,12 +69,19 @@ class NbdStore:
         self.discard_supported = self.writable and h.can_trim()
         minimum = h.get_block_size(nbd.SIZE_MINIMUM) or 1
         self.discard_granularity = max(DISCARD_GRANULARITY, minimum)
+        self.discard_alignment = 0
+        self.discard_secure = False  # NBD has no secure erase
         self.logical_block_size = SECTOR_SIZE
         self.physical_block_size = SECTOR_SIZE
 
     @property
     def sectors(self):
         return self.size // SECTOR_SIZE
+
+    def current_size(self):
+        """The export's size: fixed for a connection (NBD tells no growth;
+        a server that comes back bigger is refused), so never an online resize."""
+        return self.size
 
     def _connect(self):
         h = nbd.NBD()  # freed (connection closed) when the last reference goes

@@ -24,6 +24,7 @@ import logging
 import os
 import select
 import threading
+import time
 
 from blkif.abi.constants import (
     BLKIF_OP_DISCARD,
@@ -150,6 +151,10 @@ class RingServer:
             except (RemoteProtocolError, PlatformError) as exc:
                 log.warning("%s: while draining: %s", self.label, exc)
 
+    def set_sectors(self, sectors):
+        """The store grew: accept requests up to ``sectors`` from now on."""
+        self.decoder.limits.sectors = sectors
+
     def counters(self):
         stats = self.stats
         if self.grants is not None:
@@ -162,12 +167,13 @@ class RingServer:
 
     def _handle_one(self):
         stats = self.stats
+        taken = time.monotonic_ns()
         stats.requests += 1
         stats.in_flight += 1
         try:
             req = self.decoder.take(self.ring)
         except RequestError as err:
-            self._fail(err)
+            self._fail(err, taken)
             return
         stats.ops[OP_NAMES[req.kind]] += 1  # an indirect read counts as a read
         if req.kind != req.operation:
@@ -175,18 +181,20 @@ class RingServer:
         try:
             status = self._execute(req)
         except RequestError as err:
-            self._fail(err)
+            self._fail(err, taken)
             return
         # Answer with what was done (an indirect request's indirect_op), as
         # blkback's make_response does: blkfront checks it against that.
         self.responses.put(self.ring, req.id, req.kind, status)
         stats.in_flight -= 1
+        stats.observe(time.monotonic_ns() - taken)
 
-    def _fail(self, err):
+    def _fail(self, err, taken):
         log.warning("%s: %s", self.label, err)
         self.stats.errors += 1
         self.stats.in_flight -= 1
         self.responses.put(self.ring, err.id, err.operation, err.status)
+        self.stats.observe(time.monotonic_ns() - taken)
 
     def _execute(self, req):
         kind = req.kind

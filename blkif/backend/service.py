@@ -9,6 +9,8 @@ within ``CRASH_WINDOW`` seconds (or exit status 3, "cannot be served as
 configured") marks the VBD failed instead of feeding a crash loop.  A
 worker rewrites its status file every second; one silent for
 ``--hung-timeout`` seconds is killed as hung and restarted like a crash.
+A worker SIGKILLed by someone else did not crash: it is restarted at once,
+and its successor carries on its connection (live restart, docs/reliability.md).
 
 One spare worker is kept started ahead of need: its interpreter is up and its
 modules imported, and it waits on stdin for a VBD path.  A new VBD goes to
@@ -19,8 +21,17 @@ on a loaded dom0 (the lab's emulated one).
 Signal handlers only record what happened and wake the loop (SIGCHLD
 included); the loop reaps, rescans and acts.  SIGTERM/SIGINT stop every
 worker in order: SIGTERM, their ``--grace`` to let frontends close, then
-SIGKILL for any still running.  ``service.json`` in the state directory
-holds the workers and the last exits (``blkif stats``).
+SIGKILL for any still running.  SIGUSR1 stops for an upgrade instead: each
+worker detaches (answers what is in flight, keeps its journal), every VBD
+stays Connected, and the next ``blkif serve`` carries the connections on.
+SIGHUP is passed on to every running worker, which re-checks the size of its
+backing store at once (online resize).
+``service.json`` in the state directory holds the workers and the last exits
+(``blkif stats``); ``--metrics ADDRESS`` serves them to Prometheus.
+
+Under systemd (``Type=notify``) the service says READY=1 once it watches
+xenstore, STOPPING=1 when it starts to stop (each with a STATUS line), and
+WATCHDOG=1 from its loop when the unit asks for a watchdog.
 """
 import collections
 import logging
@@ -31,7 +42,9 @@ import subprocess
 import sys
 import time
 
+from blkif import systemd
 from blkif.backend import status, worker
+from blkif.errors import UsageError
 from blkif.wakeup import Wakeup
 from xenstore import NoEntry, Xenstore
 
@@ -55,6 +68,7 @@ class WorkerHandle:
         self.crashes = collections.deque()
         self.next_start = 0.0
         self.started = 0.0
+        self.killed_as_hung = False
         self.last_exit = None
 
     @property
@@ -84,7 +98,10 @@ class Service:
         self.spare = None  # a worker waiting on stdin for its VBD path
         self.finished = collections.deque(maxlen=32)  # final status of exited workers
         self.stopping = False
-        self.wakeup = Wakeup()  # the xenstore watch, SIGCHLD and stop signals
+        self.detaching = False  # SIGUSR1: leave every connection to the next service
+        self.recheck = False  # SIGHUP: workers re-check their store's size
+        self.watchdog = systemd.Watchdog()
+        self.wakeup = Wakeup()  # the xenstore watch, SIGCHLD and signals
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wakeup.fileno(), selectors.EVENT_READ)
 
@@ -92,25 +109,53 @@ class Service:
         self.stopping = True
         self.wakeup.wake()
 
+    def _on_detach(self, signum, _frame):
+        self.stopping = self.detaching = True
+        self.wakeup.wake()
+
+    def _on_hangup(self, signum, _frame):
+        self.recheck = True
+        self.wakeup.wake()
+
     def run(self):
         os.makedirs(self.state_dir, exist_ok=True)
         worker.open_backend_platform(self.args).close()  # fail here, not in every worker
+        metrics = self._serve_metrics()
         handlers = {s: signal.signal(s, self._on_stop) for s in worker.STOP_SIGNALS}
+        handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
+        handlers[worker.DETACH_SIGNAL] = signal.signal(worker.DETACH_SIGNAL, self._on_detach)
         handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self.wakeup.wake)
         try:
             with Xenstore.open(self.args.xenstore) as xs:
                 log.info("serving VBDs under %s (state in %s)", self.root, self.state_dir)
                 self._start_spare()
                 with xs.watch(self.root, "blkif-serve", callback=self.wakeup.wake):
+                    systemd.notify("READY=1", "STATUS=serving VBDs under %s" % self.root)
                     while not self.stopping:
                         self._round(xs)
                         self._write_status("running")
+                        self.watchdog.kick()
             return 0
         finally:
+            systemd.notify("STOPPING=1", "STATUS=stopping %d worker(s)" % len(self.workers))
             self._stop_all()
             self._write_status("stopped")
+            if metrics is not None:
+                metrics.shutdown()
+                metrics.server_close()
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
+
+    def _serve_metrics(self):
+        if not self.args.metrics:
+            return None
+        from blkif.backend import metrics  # prometheus_client: only when asked for
+        try:
+            server = metrics.serve(self.args.metrics, self.state_dir)
+        except OSError as exc:
+            raise UsageError("--metrics %s: %s" % (self.args.metrics, exc.strerror)) from None
+        log.info("metrics on http://%s:%d/metrics", *server.server_address[:2])
+        return server
 
     def _round(self, xs):
         """Wait for a change (or the next restart), then reap, rescan, act."""
@@ -123,6 +168,23 @@ class Service:
         if not self.stopping:
             self._scan(xs)
             self._check_hung()
+        if self.recheck:
+            self.recheck = False
+            self._hang_up_workers()
+
+    def _hang_up_workers(self):
+        """SIGHUP to each worker that runs its VBD (its status file names it:
+        its handler is installed; a worker still starting would die of it)."""
+        log.info("SIGHUP: workers re-check the size of their backing stores")
+        for handle in self.workers.values():
+            if handle.status != "running":
+                continue
+            try:
+                pid = status.read_vbd(self.state_dir, handle.domid, handle.devid).get("pid")
+            except (OSError, ValueError):
+                continue
+            if pid == handle.proc.pid:
+                handle.proc.send_signal(signal.SIGHUP)
 
     def _present(self, xs):
         found = set()
@@ -181,6 +243,7 @@ class Service:
         self._start_spare()
         handle.status = "running"
         handle.started = time.time()
+        handle.killed_as_hung = False
         log.info("%s: worker %d started", handle.label, handle.proc.pid)
 
     def _check_hung(self):
@@ -197,6 +260,7 @@ class Service:
             if now - max(beat, handle.started) > limit:
                 log.error("%s: worker %d has not reported for %.0f s; killing it as hung",
                           handle.label, handle.proc.pid, now - max(beat, handle.started))
+                handle.killed_as_hung = True
                 handle.proc.kill()
 
     def _reap(self):
@@ -216,6 +280,12 @@ class Service:
                 log.info("%s: worker %d stopped (%s)", handle.label, handle.proc.pid,
                          handle.last_exit)
                 self._forget(handle)
+            elif code == -signal.SIGKILL and not handle.killed_as_hung:
+                log.warning("%s: worker %d %s; restarting it at once", handle.label,
+                            handle.proc.pid, handle.last_exit)
+                handle.status = "restarting"
+                handle.restarts += 1
+                handle.next_start = time.monotonic()
             elif code == worker.EXIT_UNSERVABLE:
                 log.error("%s: cannot be served (see its error node); not restarting",
                           handle.label)
@@ -263,7 +333,8 @@ class Service:
         self.workers.pop((handle.domid, handle.devid), None)
 
     def _stop_all(self):
-        """SIGTERM every worker, wait out the grace, SIGKILL stragglers."""
+        """SIGTERM every worker (SIGUSR1 to detach), wait out the grace, SIGKILL
+        stragglers."""
         live = [h for h in self.workers.values() if h.proc and h.proc.poll() is None]
         if self.spare is not None:
             self.spare.stdin.close()  # it reads EOF and exits once its imports are done
@@ -273,22 +344,26 @@ class Service:
                 self.spare.kill()
                 self.spare.wait()
             self.spare = None
+        how = worker.DETACH_SIGNAL if self.detaching else signal.SIGTERM
         for handle in live:
             handle.status = "stopping"
-            handle.proc.terminate()
+            handle.proc.send_signal(how)
         deadline = time.monotonic() + self.args.grace + KILL_MARGIN
         for handle in live:
             try:
                 handle.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error("%s: worker %d ignored SIGTERM; killing it", handle.label,
-                          handle.proc.pid)
+                log.error("%s: worker %d ignored %s; killing it", handle.label,
+                          handle.proc.pid, how.name)
                 handle.proc.kill()
                 handle.proc.wait()
         for handle in live:
             handle.last_exit = describe_exit(handle.proc.returncode)
             self._record_final(handle)
-        if live:
+        if live and self.detaching:
+            log.info("detached %d worker(s): their VBDs stay connected for the next "
+                     "blkif serve", len(live))
+        elif live:
             log.info("stopped %d worker(s)", len(live))
 
     def _write_status(self, state):
@@ -307,6 +382,8 @@ def add_arguments(parser):
     worker.add_options(parser)
     parser.add_argument("--hung-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="kill and restart a worker silent for this long (default 30)")
+    parser.add_argument("--metrics", metavar="ADDRESS",
+                        help="serve Prometheus metrics on HOST:PORT (or PORT: every address)")
 
 
 def run(args):

@@ -1,13 +1,14 @@
 """Status files of a running service, and ``blkif stats`` that reads them.
 
 Each worker rewrites ``vbd-<domid>-<devid>.json`` in the state directory
-about once a second and when it exits; the supervisor keeps ``service.json``
-(its workers, restarts and failures).  Files are replaced atomically, so a
-reader never sees half of one.
+about once a second and when it exits (its counters summed and per queue);
+the supervisor keeps ``service.json`` (its workers, restarts and failures).
+Files are replaced atomically, so a reader never sees half of one.
 """
 import glob
 import json
 import os
+import sys
 
 from blkif.errors import UsageError
 
@@ -22,6 +23,12 @@ def default_state_dir():
 
 def vbd_file(state_dir, domid, devid):
     return os.path.join(state_dir, "vbd-%d-%d.json" % (domid, devid))
+
+
+def read_vbd(state_dir, domid, devid):
+    """One worker's status file, as a dict (OSError, ValueError if unreadable)."""
+    with open(vbd_file(state_dir, domid, devid)) as f:
+        return json.load(f)
 
 
 def write_status(path, status):
@@ -56,7 +63,10 @@ def read_status(state_dir):
 def add_arguments(parser):
     parser.add_argument("--state-dir", metavar="DIR", default=None,
                         help="the service's state directory (default: %s)" % default_state_dir())
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--format", choices=("table", "json", "prometheus"), default="table",
+                        help="a table (default), one JSON object, or Prometheus's text format")
+    parser.add_argument("--json", action="store_const", dest="format", const="json",
+                        help="the same as --format json")
 
 
 def _row(vbd, worker):
@@ -73,8 +83,14 @@ def _row(vbd, worker):
 
 
 def run(args):
-    state = read_status(args.state_dir or default_state_dir())
-    if args.json:
+    state_dir = args.state_dir or default_state_dir()
+    if args.format == "prometheus":
+        from blkif.backend import metrics
+        read_status(state_dir)  # the same error as the other formats when there is none
+        sys.stdout.write(metrics.exposition(state_dir))
+        return 0
+    state = read_status(state_dir)
+    if args.format == "json":
         print(json.dumps(state, indent=2, sort_keys=True))
         return 0
     workers = {}

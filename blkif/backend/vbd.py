@@ -19,9 +19,20 @@ Its life follows Linux blkback:
   and does what :func:`blkif.negotiate.backend_action` says.  Connecting
   reads the frontend's nodes with :meth:`Connection.read` (every value capped
   at the offer), maps the rings, binds the channels and publishes the disk.
+- :meth:`Vbd.check_size` (the worker calls it every second and on SIGHUP)
+  finds a store that grew: the rings accept the new size first, then
+  ``sectors`` and Connected are written again in one transaction, as
+  blkback's ``xen_vbd_resize`` does; blkfront reads the new size when it
+  sees Connected again.  A store that shrank is not published (logged).
 - A frontend that breaks the protocol gets Linux's ``xenbus_dev_fatal``: an
   error node under ``/local/domain/<backend>/error/<backend path>``, the rings
   released and Closing.  Only this VBD stops.
+- Live restart: with a journal directory (``BackendOptions.journal_dir``) and
+  the C engine, a connection is journaled (:mod:`blkif.backend.journal`).  A
+  worker that finds the VBD Connected and its predecessor's journal matching
+  the frontend's nodes resumes instead of closing: the same rings and
+  channels, the requests in flight answered once, no renegotiation.
+  :meth:`Vbd.detach` ends a worker that way on purpose (an upgrade).
 
 Nothing here waits: the worker (``blkif.backend.worker``) feeds it xenstore
 changes; a ring whose frontend breaks it reports from its thread
@@ -29,18 +40,21 @@ changes; a ring whose frontend breaks it reports from its thread
 :meth:`Vbd.changed` shuts the VBD down.
 """
 import collections
+import dataclasses
 import errno
 import logging
 import os
 import time
 from dataclasses import dataclass
 
-from blkif.abi.constants import VDISK_READONLY
+from blkif.abi import ffi
+from blkif.abi.constants import PAGE_SIZE, SECTOR_SIZE, VDISK_READONLY
 from blkif.backend.counters import RingCounters
 from blkif.backend.engine import MAX_PERSISTENT_GRANTS, RingEngine
 from blkif.backend.nbd_ring import NbdRingServer
 from blkif.backend.ring_service import RingServer
 from blkif.backend.backing import StoreError
+from blkif.backend.journal import Journal, JournalError, journal_path
 from blkif.backend.params import parse_params
 from blkif.backend.storage import Storage
 from blkif.errors import RemoteProtocolError
@@ -68,6 +82,7 @@ class BackendOptions:
     max_persistent_grants: int = MAX_PERSISTENT_GRANTS  # per ring
     engine: str = "c"  # "c" (blkif.backend.engine) or "python" (ring_service)
     io: str = "io_uring"  # the C engine's I/O: "io_uring" or "threads"
+    journal_dir: str = None  # where connections are journaled (live restart); None: not
     run_dir: str = None  # where image VBDs put their storage daemon's socket
 
 
@@ -83,7 +98,7 @@ class Vbd:
         self.backend_domid = int(parts[3])
         self.domid, self.devid = int(parts[-2]), int(parts[-1])
         self.label = "vbd %d/%d" % (self.domid, self.devid)
-        self.closed_counters = RingCounters()  # what rings closed so far had done
+        self.closed_counters = {}  # queue index -> what its closed rings had done
         self.params = None
         self.target = None  # ``params`` parsed
         self.store = None
@@ -100,7 +115,10 @@ class Vbd:
         self.wake = lambda: None  # the worker's wake-up, called from ring threads
         self.negotiated = {}
         self.connections = 0
+        self.journal = None  # while connected with a journal
+        self.detached = False  # left to a successor: nothing more to shut down
         self.gone = False  # our directory was removed: the worker may exit
+        self._shrunk_to = None  # a shrunken size already logged
 
     # -- xenstore helpers -------------------------------------------------
 
@@ -154,6 +172,12 @@ class Vbd:
             return
         self._set_storage_error(None)
         self.store = self.storage.store
+        own = self.state = self.xs.read_state(self.path + "/state")
+        if own == S.Connected and self._resume():
+            return
+        path = self._journal_path()
+        if path and os.path.exists(path):
+            os.unlink(path)  # a connection nobody carries on
         self.offer = BackendOffer(
             max_ring_page_order=opts.max_ring_page_order,
             # One NBD connection per VBD, owned by one ring thread: one queue.
@@ -162,9 +186,9 @@ class Vbd:
             persistent=opts.persistent,
             discard=self.store.discard_supported and self._node("discard-enable", "1") != "0",
             discard_granularity=self.store.discard_granularity,
-            discard_secure=False,
+            discard_alignment=self.store.discard_alignment,
+            discard_secure=self.store.discard_secure,
         )
-        own = self.state = self.xs.read_state(self.path + "/state")
         if own in STALE:
             log.warning("%s: found state %s from a worker that died; closing that connection",
                         self.label, own.name)
@@ -180,6 +204,94 @@ class Vbd:
                  "read-write" if self.store.writable else "read-only", self.store.sectors,
                  ", O_DIRECT" if opts.direct else "")
         self.changed()
+
+    def _journal_path(self):
+        """The C engine journals its rings; an NBD VBD's ring server does not."""
+        if (self.options.journal_dir is None or self.options.engine != "c"
+                or self.storage.is_nbd):
+            return None
+        return journal_path(self.options.journal_dir, self.domid, self.devid)
+
+    def _resume(self):
+        """Carry on the connection a killed worker left; True if it worked.
+        Otherwise its journal is removed and the caller closes the connection."""
+        path = self._journal_path()
+        try:
+            journal = path and Journal.open(path)
+        except JournalError as exc:
+            log.warning("%s: %s", self.label, exc)
+            os.unlink(path)
+            return False
+        if not journal:
+            return False
+        try:
+            desc = journal.description
+            front = self.xs.read_state(self.frontend + "/state")
+            offer = BackendOffer(**desc["offer"])
+            conn = Connection.read(self._frontend_reader(), offer)
+            if front != S.Connected or conn.nodes() != desc["frontend"] or (
+                    desc["params"] != self.store.path):
+                raise JournalError("the frontend is %s, with other nodes than it had"
+                                   % front.name)
+            self.offer = offer
+            self._use_journal(journal)
+            self._attach(conn, resume=True)
+        except (JournalError, RemoteProtocolError, PlatformError, BadValue, KeyError,
+                TypeError) as exc:
+            log.warning("%s: cannot resume the connection a killed worker left (%s); "
+                        "closing it", self.label, exc)
+            self.disconnect()
+            self._end_journal()
+            journal.remove()
+            return False
+        self._connected(conn)
+        log.info("%s: resumed the connection (blkif stats counts the requests carried "
+                 "over as resumed)", self.label)
+        return True
+
+    def _use_journal(self, journal):
+        """Journal the connection; the store's flush-failed flag lives there too."""
+        self.journal = journal
+        self.store.flush_failed = journal.flush_failed
+
+    def _end_journal(self):
+        """Stop journaling: the flag back in the store, the journal unmapped."""
+        journal, self.journal = self.journal, None
+        if journal is not None:
+            self.store.flush_failed = ffi.new("int *", journal.flush_failed[0])
+            journal.close()
+        return journal
+
+    def check_size(self):
+        """Publish a store that grew (online resize); True if it did."""
+        if self.store is None:
+            return False
+        try:
+            now = self.store.current_size() // SECTOR_SIZE
+        except OSError as exc:
+            log.warning("%s: cannot read the size of %s: %s", self.label, self.store.path,
+                        exc.strerror)
+            return False
+        if now == self.store.sectors:
+            return False
+        if now < self.store.sectors:
+            if now != self._shrunk_to:
+                log.error("%s: %s shrank from %d to %d sectors; keeping %d (I/O beyond the "
+                          "end fails)", self.label, self.store.path, self.store.sectors, now,
+                          self.store.sectors)
+                self._shrunk_to = now
+            return False
+        log.info("%s: %s grew from %d to %d sectors", self.label, self.store.path,
+                 self.store.sectors, now)
+        self.store.sectors = now
+        for server in self.servers:  # before the frontend can learn of the new size
+            server.set_sectors(now)
+        if self.state == S.Connected:
+            for txn in self.xs.transactions():
+                with txn:
+                    txn.write(self.path + "/sectors", str(now))
+                    self._switch(S.Connected, txn)  # blkfront re-reads the size
+        return True
 
     def ring_failed(self, message):
         """From a ring's thread: its frontend broke the ring; shut down soon."""
@@ -271,8 +383,16 @@ class Vbd:
         """Read the frontend's rings, map them, bind the channels, Connected."""
         try:
             conn = Connection.read(self._frontend_reader(), self.offer)
+            path = self._journal_path()
+            if path:
+                flag = self.store.flush_failed[0]
+                self._use_journal(Journal.create(path, {
+                    "offer": dataclasses.asdict(self.offer), "frontend": conn.nodes(),
+                    "params": self.store.path,
+                    "ring_bytes": [len(q.ring_refs) * PAGE_SIZE for q in conn.queues]}))
+                self.journal.flush_failed[0] = flag
             self._attach(conn)
-        except (RemoteProtocolError, PlatformError) as exc:
+        except (RemoteProtocolError, PlatformError, JournalError, OSError) as exc:
             self.fatal("connecting rings: %s" % exc)
             return
         disk = DiskInfo(
@@ -286,6 +406,10 @@ class Vbd:
                 for key, value in disk.nodes().items():
                     txn.write("%s/%s" % (self.path, key), value)
                 self._switch(S.Connected, txn)
+        self._connected(conn)
+
+    def _connected(self, conn):
+        """Count the connection, say what it is, and serve its rings."""
         self.connections += 1
         self.negotiated = {
             "protocol": conn.abi.protocol, "ring_page_order": conn.ring_page_order,
@@ -302,12 +426,13 @@ class Vbd:
         for server in self.servers:
             server.start(self.ring_failed)
 
-    def _attach(self, conn):
+    def _attach(self, conn, resume=False):
         limits = Limits(
             sectors=self.store.sectors, readonly=not self.store.writable,
             flush=self.offer.flush, barrier=self.offer.barrier, discard=self.offer.discard,
             discard_secure=self.offer.discard_secure,
             max_indirect_segments=self.offer.max_indirect_segments,
+            sector_size=self.store.logical_block_size,
         )
         try:
             for i, queue in enumerate(conn.queues):
@@ -335,7 +460,9 @@ class Vbd:
                                         conn.abi, limits, self.store,
                                         persistent=conn.persistent, label=label,
                                         io=self.options.io,
-                                        max_grants=self.options.max_persistent_grants)
+                                        max_grants=self.options.max_persistent_grants,
+                                        journal=self.journal and self.journal.region(i),
+                                        resume=resume)
                 self.servers.append(server)
         except BaseException:
             self.disconnect()
@@ -345,10 +472,11 @@ class Vbd:
         """Finish what is on the rings, then unmap and unbind everything."""
         if not self.servers and not self._rings:
             return
-        for server in self.servers:
+        for queue, server in enumerate(self.servers):
             server.stop()
             server.drain()
-            self.closed_counters.add(server.counters(), gauges=False)
+            self.closed_counters.setdefault(queue, RingCounters()).add(
+                server.counters(), gauges=False)
             server.close()
         for mapping, port in self._rings:
             port.close()
@@ -357,7 +485,34 @@ class Vbd:
         self._rings.clear()
         if self.store is not None and self.store.writable:
             self._flush_store()
+        journal = self._end_journal()
+        if journal is not None:
+            journal.remove()
         log.info("%s: disconnected", self.label)
+
+    def detach(self):
+        """Leave the connection to a successor (an upgrade): answer everything
+        in flight, release the rings and channels, keep the journal, and stay
+        Connected.  Without a journal, this is :meth:`shutdown`."""
+        if self.journal is None or self.state != S.Connected or self.gone:
+            self.shutdown()
+            return
+        for server in self.servers:
+            server.stop()
+            server.drain()
+            server.close()
+        for mapping, port in self._rings:
+            port.close()
+            mapping.unmap()
+        self.servers.clear()
+        self._rings.clear()
+        if self.store.writable:
+            self._flush_store()
+        self._end_journal()
+        self.storage.close()
+        self.storage = self.store = None
+        self.detached = True
+        log.info("%s: detached; the connection stays up for the next worker", self.label)
 
     def _flush_store(self):
         try:
@@ -377,6 +532,8 @@ class Vbd:
 
     def shutdown(self):
         """The service stops: serve what is queued, release it all, Closed."""
+        if self.detached:
+            return
         if self.state in (S.Connected, S.Closing):
             self.disconnect()
             if not self.gone:
@@ -395,6 +552,8 @@ class Vbd:
             "negotiated": self.negotiated if self.servers else {},
             "rings_mapped": len(self._rings), "channels_bound": len(self._rings),
             "counters": self.counters().as_dict(),
+            "queues": [dict(counters.as_dict(), queue=queue)
+                       for queue, counters in sorted(self.queue_counters().items())],
         }
 
     def _storage_status(self):
@@ -404,9 +563,17 @@ class Vbd:
             return None
         return {"kind": self.target.kind, "target": str(self.target), "error": self.storage_error}
 
+    def queue_counters(self):
+        """{queue index: counters over every ring served as that queue}
+        (gauges: the live ring's)."""
+        out = {queue: RingCounters().add(done) for queue, done in self.closed_counters.items()}
+        for queue, server in enumerate(list(self.servers)):
+            out.setdefault(queue, RingCounters()).add(server.counters())
+        return out
+
     def counters(self):
         """Counters over every ring this VBD served (gauges: the live ones)."""
-        total = RingCounters().add(self.closed_counters)
-        for server in list(self.servers):
-            total.add(server.counters())
+        total = RingCounters()
+        for counters in self.queue_counters().values():
+            total.add(counters)
         return total

@@ -11,9 +11,14 @@ ring thread whose frontend broke its ring; each wake-up re-reads both states
 file, lets the VBD watch its storage (:meth:`Vbd.tick`: a storage daemon to
 restart, an NBD connection to reopen) and checks that its parent is alive.
 
-SIGTERM or SIGINT (or the parent dying): serve what is on the rings, switch
-Closing, keep serving until the frontend closes or ``--grace`` seconds pass,
-then unmap, unbind, flush the store, switch Closed and exit 0.
+Every second, and at once on SIGHUP, the worker checks whether the backing
+store grew and publishes the new size (:meth:`Vbd.check_size`).
+
+SIGTERM or SIGINT: serve what is on the rings, switch Closing, keep serving
+until the frontend closes or ``--grace`` seconds pass, then unmap, unbind,
+flush the store, switch Closed and exit 0.  SIGUSR1 (an upgrade), or the
+service dying: detach instead (:meth:`Vbd.detach`): answer what is in flight,
+keep the journal and leave the VBD Connected for the next worker.
 Exit status 3 means the VBD cannot be served as configured (e.g. its backing
 store cannot be opened); the error node says why and restarting won't help.
 """
@@ -25,6 +30,7 @@ import signal
 import sys
 import time
 
+from blkif import systemd
 from blkif.backend import status
 from blkif.backend.engine import MAX_PERSISTENT_GRANTS
 from blkif.backend.vbd import BackendOptions, Vbd
@@ -39,7 +45,9 @@ log = logging.getLogger(__name__)
 
 EXIT_UNSERVABLE = 3
 TICK = 1.0
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DETACH_SIGNAL = signal.SIGUSR1
+HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP, DETACH_SIGNAL)
 
 
 def _bounded(low, high):
@@ -87,6 +95,10 @@ OPTIONS = (
     ("--state-dir", dict(metavar="DIR", default=None,
                          help="status files for `blkif stats` (default: %s)"
                          % status.default_state_dir())),
+    ("--no-live-restart", dict(action="store_true",
+                               help="do not journal connections: a worker that dies closes "
+                                    "its VBD's connection instead of leaving it to its "
+                                    "successor (live restart needs the C engine)")),
     ("--grace", dict(type=float, default=5.0, metavar="SECONDS",
                      help="on stop, how long a connected frontend has to close (default 5)")),
 )
@@ -120,6 +132,8 @@ def backend_options(args):
         engine=args.engine,
         io=args.io,
         run_dir=args.state_dir or status.default_state_dir(),
+        journal_dir=None if args.no_live_restart else os.path.join(
+            args.state_dir or status.default_state_dir(), "journal"),
     )
 
 
@@ -140,15 +154,20 @@ class Worker:
         self.wakeup = Wakeup()  # xenstore watches, signals and failing rings
         vbd.wake = self.wakeup.wake
         self.stopping = False
+        self.detaching = False
         self.parent = os.getppid()
         self._next_tick = 0.0
 
     def _on_signal(self, signum, _frame):
-        self.stopping = True
+        if signum == signal.SIGHUP:
+            self._next_tick = 0.0  # check the store's size now
+        else:
+            self.stopping = True
+            self.detaching = self.detaching or signum == DETACH_SIGNAL
         self.wakeup.wake()
 
     def run(self):
-        for signum in STOP_SIGNALS:
+        for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._on_signal)
         xs = self.vbd.xs
         watches = [xs.watch(self.vbd.path, "backend", callback=self.wakeup.wake)]
@@ -158,13 +177,16 @@ class Worker:
                                     callback=self.wakeup.wake))
             while not self.stopping and not self.vbd.gone:
                 self._step(TICK)
-            self._stop()
+            if self.detaching:
+                self.vbd.detach()
+            else:
+                self._stop()
         finally:
             for watch in watches:
                 watch.close()
             self.vbd.shutdown()
             self._write_status()
-            for signum in STOP_SIGNALS:
+            for signum in HANDLED_SIGNALS:
                 # Done: a late SIGTERM must not turn exit 0 into "killed" (the
                 # interpreter's exit puts back the default handlers, not SIG_IGN).
                 signal.signal(signum, signal.SIG_IGN)
@@ -178,10 +200,13 @@ class Worker:
         if now >= self._next_tick:
             self._next_tick = now + TICK
             self._guarded(self.vbd.tick)
+            if not self.stopping:
+                self._guarded(self.vbd.check_size)
             self._write_status()
             if os.getppid() != self.parent:
-                log.warning("%s: the service is gone; stopping", self.vbd.label)
-                self.stopping = True
+                log.warning("%s: the service is gone; detaching for its successor",
+                            self.vbd.label)
+                self.stopping = self.detaching = True
 
     def _guarded(self, action):
         """Run ``action``; a broken frontend closes this VBD, never the worker."""
@@ -230,9 +255,8 @@ def main(argv=None):
         if not args.path:
             return 0  # the service stopped before it needed us
     label = args.path
-    logging.basicConfig(
-        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
-        format="%(asctime)s %(levelname)s blkif-worker[%(process)d]: %(message)s")
+    systemd.setup_logging((logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+                          "%(levelname)s blkif-worker[%(process)d]: %(message)s")
     try:
         with Xenstore.open(args.xenstore) as xs, open_backend_platform(args) as platform:
             vbd = Vbd(xs, platform, args.path, backend_options(args))

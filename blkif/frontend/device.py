@@ -19,8 +19,16 @@ How it works:
   once the backend is Closed (it has unmapped them), or at once if it died.
   With ``reconnect`` we start over (Initialising) once the backend is Closed
   or InitWait again; the backend then goes InitWait and setup runs again.
+- Online resize: the backend writes a new ``sectors`` and Connected again;
+  we read the new size (:attr:`BlockDevice.size`) as blkfront does.
 - :meth:`BlockDevice.detach`: Closing; when the backend is Closing, Closed;
   when it is Closed too, release the rings.
+
+Data never leaves from or lands in the caller's memory: it is copied through
+each queue's own pool of pages, zeroed when granted and used for nothing but
+this device's transfers, so a backend sees only what was sent to it.  That is
+Linux blkfront's bounce mode, which it turns on for ``trusted=0`` (XSA-403);
+ours is always on, and ``negotiated["trusted"]`` records the toolstack's node.
 
 Nothing runs in the background except the xenstore watch thread, which only
 writes a byte to a pipe: the caller's thread runs the state machine and the
@@ -289,6 +297,9 @@ class BlockDevice:
         if action is None and own == S.Closed and self._start_over and (
                 backend in START_OVER_FROM):
             action = "start_over"
+        if action is None and own == backend == S.Connected and self.disk is not None and (
+                self._backend_reader("sectors") != str(self.disk.sectors)):
+            action = "resize"  # the backend wrote a new size and Connected again
         return action
 
     def _do_start_over(self):
@@ -317,6 +328,7 @@ class BlockDevice:
             ring_page_order=order, protocol=self.options.abi.protocol, persistent=persistent)
         self._publish(conn.nodes())
         self.negotiated = {
+            "trusted": self.xs.read_str(self.path + "/trusted", "1") != "0", "bounce": True,
             "abi": self.options.abi.tag, "protocol": self.options.abi.protocol,
             "ring_page_order": order, "ring_pages": 1 << order, "queues": nqueues,
             "indirect_segments": indirect, "persistent": persistent,
@@ -378,6 +390,17 @@ class BlockDevice:
                       disk.sectors, disk.sector_size, " read-only" if disk.readonly else "",
                       "on" if offer.flush else "barrier" if offer.barrier else "off",
                       "on" if offer.discard else "off")
+
+    def _do_resize(self):
+        """Blkfront ``blkfront_connect`` when already connected: take the new size."""
+        try:
+            disk = DiskInfo.read(self._backend_reader)
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+            return
+        self.log.info("resized: %d -> %d sectors", self.disk.sectors, disk.sectors)
+        self.disk = disk
+        self.negotiated["sectors"] = disk.sectors
 
     def _do_close(self):
         """Blkfront ``blkfront_closing``: fail what is in flight, Closed.

@@ -30,16 +30,17 @@ MEMORY_TOLERANCE = (0.05, 4 << 20)  # 5% of the prediction plus 4 MiB
 OTHER_MAPPED = 2
 
 
-def host_for(params, memory_mib, vcpus, backend):
+def host_for(params, memory_mib, vcpus, backend, **backend_options):
     """The sizing.Host of a lab guest: blkfront ``params`` ("a=1,b=2") against
-    ``backend`` ("blkback" or "blkif") in a dom0 of ``vcpus`` vCPUs."""
+    ``backend`` ("blkback" or "blkif") in a dom0 of ``vcpus`` vCPUs;
+    ``backend_options`` are sizing.Backend fields the lab changes."""
     p = dict(item.split("=") for item in params.split(","))
     fe = sizing.Blkfront(max_indirect_segments=int(p.get("max_indirect_segments", 32)),
                          max_ring_page_order=int(p.get("max_ring_page_order", 0)),
                          max_queues=int(p.get("max_queues", 4)), vcpus=vcpus,
                          memory_mib=memory_mib)
-    be = (sizing.Backend(max_queues=vcpus) if backend == "blkback"
-          else sizing.Backend.ours(max_queues=vcpus))
+    be = (sizing.Backend(max_queues=vcpus, **backend_options) if backend == "blkback"
+          else sizing.Backend.ours(max_queues=vcpus, **backend_options))
     return sizing.Host(frontend=fe, backend=be)
 
 

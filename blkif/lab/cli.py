@@ -13,7 +13,7 @@ import sys
 import time
 
 from blkif.errors import BlkifError, UsageError
-from blkif.lab import perf, phases
+from blkif.lab import perf, phases, restart
 from blkif.lab.report import Report, format_failure, format_table
 
 # Debian package -> a file that proves it is installed (dom0 uses the host's).
@@ -95,8 +95,8 @@ def add_arguments(parser):
     parser.add_argument("--timeout", type=int, default=None,
                         help="seconds for the whole run (default 600; 3600 with --perf)")
     parser.add_argument("--only", metavar="PHASES",
-                        help="comma list of %s (default: all but %s, which takes 10-20 "
-                             "minutes)" % (",".join(phases.PHASES + phases.OPTIONAL_PHASES),
+                        help="comma list of %s (default: all but %s, which take "
+                             "minutes each)" % (",".join(phases.PHASES + phases.OPTIONAL_PHASES),
                                            ",".join(phases.OPTIONAL_PHASES)))
     parser.add_argument("--seed", type=int, default=None,
                         help="workload plan seed (default: from the clock; printed)")
@@ -156,20 +156,26 @@ def _run_locked(args, chosen, workdir):
         print("lab: %s: %s ..." % (phase, check), file=progress, flush=True)
         return lab.timed(phase, check, fn, *fn_args)
 
-    perf_run = None
+    perf_run = restart_run = None
     try:
         step("setup", "packages", ensure_packages,
-             dict(PACKAGES, **PERF_PACKAGES) if args.perf else PACKAGES)
+             dict(PACKAGES, **PERF_PACKAGES) if args.perf or "restart" in chosen
+             else PACKAGES)
         step("setup", "build", lab.build, seed)
         if args.perf:
             perf_run = perf.PerfRun(lab, args.perf_runtime)
             step("setup", "perf guest", perf_run.build)
             chosen = {"boot", "dom0", "perf"}
+        if "restart" in chosen:
+            restart_run = restart.RestartRun(lab)
+            step("setup", "restart guest", restart_run.build)
         step("boot", "xen+dom0 to agent", lab.boot)
         if "dom0" in chosen:
             step("dom0", "xen tools up", lab.setup_dom0)
         if "perf" in chosen:
             step("perf", "blkback, qdisk and blkif serve under fio", perf_run.run)
+        if "restart" in chosen:
+            step("restart", "blkif serve restarted under fio", restart_run.run)
         if "baseline" in chosen:
             step("baseline", "linux blkback vs linux blkfront", lab.baseline)
         for name, why in (("backend", phases.available_backend()),

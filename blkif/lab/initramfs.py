@@ -214,7 +214,15 @@ for a in $(cat /proc/cmdline); do
 done
 say() { echo "LAB $*"; }
 check() { say "CHECK $1 $2 $3"; [ "$2" = pass ] || FAILED=1; }
-idle() { while :; do sleep 3600; done; }
+# Idle until destroyed, saying each new size of /dev/xvda (dom0 checks online resize).
+idle() {
+  s=$(cat /sys/block/xvda/size 2>/dev/null)
+  while :; do
+    sleep 0.5
+    n=$(cat /sys/block/xvda/size 2>/dev/null)
+    [ "$n" = "$s" ] || { say "VALUE resized_sectors=$n"; s=$n; }
+  done
+}
 finish() { say "DONE rc=$FAILED"; idle; }
 now() { cut -d' ' -f1 /proc/uptime; }
 

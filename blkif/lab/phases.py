@@ -32,9 +32,11 @@ from blkif.errors import BlkifError
 from blkif.lab import capacity, control, initramfs, qemu, workload
 
 PHASES = ("boot", "dom0", "baseline", "backend", "frontend")
-OPTIONAL_PHASES = ("conformance",)  # only with --only: it outlasts make lab's budget
+# Only with --only: each outlasts make lab's budget.
+OPTIONAL_PHASES = ("conformance", "restart")
 XEN_BIN = "/usr/lib/xen-4.17/bin"
 DISK_BYTES = 64 << 20
+RESIZE_GROWTH = 4 << 20  # the backend phase grows its image by this under the guest
 GUEST_MEMORY_MB = 256
 GUEST_VCPUS = 2
 # xen-blkfront parameters for the guest (its init passes them to insmod).
@@ -44,6 +46,10 @@ BLKFRONT_PARAMS = "max_queues=2,max_ring_page_order=2,max_indirect_segments=32"
 # (257 MiB for two), so that guest gets more memory.
 BACKEND_BLKFRONT_PARAMS = "max_queues=2,max_ring_page_order=2,max_indirect_segments=256"
 BACKEND_GUEST_MEMORY_MB = 512
+# Below the ~390 grants the workload's requests touch, so both of the engine's
+# ways of mapping meet the real gntdev: grants kept in its LRU, and the rest
+# mapped and unmapped with their request.
+BACKEND_MAX_PERSISTENT_GRANTS = 128
 # Our backend's image and state live in dom0's tmpfs (9p cannot punch holes,
 # so an image in the share could not be discarded); the image is copied into
 # the share afterwards for the host to check.
@@ -106,10 +112,11 @@ FRONTEND_BACKEND = "/local/domain/0/backend/vbd/0/%d" % DEVID
 FRONTEND_FRONTEND = "/local/domain/0/device/vbd/%d" % DEVID
 
 
-def serve_argv(python, state_dir=STATE_DIR):
+def serve_argv(python, state_dir=STATE_DIR, options=""):
     """How dom0 starts our backend: the project's venv Python, xen platform,
     info logging (every state switch and connection goes to serve.log)."""
-    return "%s -m blkif -v serve --platform xen --state-dir %s" % (python, state_dir)
+    return ("%s -m blkif -v serve --platform xen --state-dir %s %s"
+            % (python, state_dir, options)).rstrip()
 
 
 def stats_argv(python, state_dir=STATE_DIR):
@@ -145,6 +152,16 @@ def image_matches(path, md5s, zeroed=None):
         len(md5s), path, ", discarded MiB zeros" if zeroed is not None else "")
 
 
+def resize_seen(console, sectors):
+    """(status, detail): did the guest's console (its init reports each new
+    size of /dev/xvda) show blkfront taking ``sectors``?"""
+    seen = workload.parse_console(console).values.get("resized_sectors")
+    if seen == str(sectors):
+        return "pass", "/sys/block/xvda/size in the guest is %d after the resize" % sectors
+    return "fail", "the guest's /sys/block/xvda/size %s, want %d" % (
+        "never changed" if seen is None else "became " + seen, sectors)
+
+
 def stats_vbds(stats, domid):
     """(status entries, finished entries) of ``domid`` in ``blkif stats --json``."""
     service = stats.get("service") or {}
@@ -155,21 +172,24 @@ def stats_vbds(stats, domid):
 def backend_in_use(stats, domid, queues):
     """(status, detail): the service's view of a connected guest that ran the
     workload: Connected, one mapped ring and bound channel per queue, and
-    counters showing indirect requests, persistent grants, flushes, discards."""
+    counters showing indirect requests, persistent grants, grants mapped with
+    their request (the cache being smaller than the workload), flushes and
+    discards."""
     vbds, _ = stats_vbds(stats, domid)
     if len(vbds) != 1:
         return "fail", "blkif stats lists %d VBDs of domain %d" % (len(vbds), domid)
     vbd = vbds[0]
     c, neg = vbd["counters"], vbd.get("negotiated", {})
     ops = c.get("ops", {})
-    detail = ("rings %d, channels %d, persistent grants %d; %d requests: %d indirect, "
-              "%d flush, %d discard, %d errors" % (
+    detail = ("rings %d, channels %d, persistent grants %d, %d mapped per request; "
+              "%d requests: %d indirect, %d flush, %d discard, %d errors" % (
                   vbd["rings_mapped"], vbd["channels_bound"], c.get("persistent_grants", 0),
-                  c.get("requests", 0), c.get("indirect", 0), ops.get("flush_diskcache", 0),
+                  c.get("mapped_grants", 0), c.get("requests", 0), c.get("indirect", 0), ops.get("flush_diskcache", 0),
                   ops.get("discard", 0), c.get("errors", 0)))
     ok = (vbd["state"] == "Connected" and vbd["rings_mapped"] == queues
           and vbd["channels_bound"] == queues and neg.get("queues") == queues
           and neg.get("persistent") and c.get("persistent_grants", 0) > 0
+          and c.get("mapped_grants", 0) > 0
           and c.get("indirect", 0) > 0 and ops.get("flush_diskcache", 0) > 0
           and ops.get("discard", 0) > 0 and not c.get("errors"))
     return ("pass" if ok else "fail"), detail
@@ -500,7 +520,8 @@ class Lab:
         only reports connected; our backend takes the VBD from Initialising.
         While guest 1 is up, ``blkif stats`` must show its rings, channels and
         counters of indirect requests, persistent grants, flushes and
-        discards; after each xl destroy, nothing held.  Finally the image is
+        discards; then ``blkif vbd resize`` grows the image and the guest's
+        blkfront must see the new size; after each xl destroy, nothing held.  Finally the image is
         copied into the share and the host checks its bytes.
         """
         phase = "backend"
@@ -517,18 +538,21 @@ class Lab:
         pidfile = os.path.join(self.workdir, "ctl", "serve.pid")
         start = time.monotonic()
         self.sh("%s: start blkif serve" % phase, SERVE_START.format(
-            argv=serve_argv(self.python), log=serve_log, pidfile=pidfile,
+            argv=serve_argv(self.python, options="--max-persistent-grants %d"
+                            % BACKEND_MAX_PERSISTENT_GRANTS),
+            log=serve_log, pidfile=pidfile,
             image=BACKEND_IMAGE, size=DISK_BYTES))
         self.report.add(phase, "blkif serve", "pass", "%s (%d MiB, dom0 tmpfs); log %s" % (
             BACKEND_IMAGE, DISK_BYTES >> 20, serve_log), time.monotonic() - start)
         queues = int(dict(p.split("=") for p in BACKEND_BLKFRONT_PARAMS.split(","))["max_queues"])
         host = capacity.host_for(BACKEND_BLKFRONT_PARAMS, BACKEND_GUEST_MEMORY_MB,
-                                 GUEST_VCPUS, "blkif")
+                                 GUEST_VCPUS, "blkif",
+                                 max_persistent_grants=BACKEND_MAX_PERSISTENT_GRANTS)
         try:
             first = self.guest_cycle(
                 phase, backend_disk_spec(BACKEND_IMAGE, script), BACKEND_BLKFRONT_PARAMS,
                 BACKEND_GUEST_MEMORY_MB,
-                connected=lambda domid: self.backend_stats_row(phase, domid, queues, host),
+                connected=lambda domid: self.backend_connected(phase, domid, queues, host),
                 destroyed=lambda domid: self.backend_released_row(phase, domid))
             self.report.add(phase, "calc: blkfront memory",
                             *capacity.memory_check(first.values, host))
@@ -565,6 +589,27 @@ class Lab:
         self.report.add(phase, "blkif stats: in use", status, detail, time.monotonic() - start)
         self.report.add(phase, "calc: grants our backend maps",
                         *capacity.backend_maps_check(summary, host))
+
+    def backend_connected(self, phase, domid, queues, host):
+        self.backend_stats_row(phase, domid, queues, host)
+        self.resize_row(phase, domid)
+
+    def resize_row(self, phase, domid):
+        """Online resize: ``blkif vbd resize`` grows the image under the
+        running guest; Linux blkfront must take the new size."""
+        start = time.monotonic()
+        size = DISK_BYTES + RESIZE_GROWTH
+        self.sh("%s: blkif vbd resize" % phase, "%s -m blkif vbd resize --domid %d --vdev %s "
+                "--size %d" % (self.python, domid, VDEV, size))
+        log = self.console_log("lab-%s-1" % phase)
+        deadline = time.monotonic() + 20
+        while True:
+            with open(log, errors="replace") as f:
+                status, detail = resize_seen(f.read(), size // 512)
+            if status == "pass" or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        self.report.add(phase, "online resize", status, detail, time.monotonic() - start)
 
     def backend_released_row(self, phase, domid):
         start = time.monotonic()

@@ -205,6 +205,11 @@ class Platform(_Closing, abc.ABC):
         """Map ``refs`` of ``remote_domid`` contiguously.  Raises GrantError
         (``.status`` GNTST_*) if any ref cannot be mapped; nothing stays mapped."""
 
+    def grant_device(self):
+        """A descriptor native code may map grants through itself (Xen's
+        gntdev), or None: then grants are mapped only by :meth:`map_grants`."""
+        return None
+
     @abc.abstractmethod
     def grant_copy(self, ops):
         """Perform CopyOps in order; returns one GNTST_* status per op."""

@@ -41,7 +41,8 @@ class EventChannelError(PlatformError):
 
 
 class EventChannelClosed(EventChannelError):
-    """The other end of the channel closed (or its process died)."""
+    """The channel is gone for good (the sim hypervisor went away; a peer that
+    closes its port, or dies, leaves ours unbound instead, as on Xen)."""
 
     def __init__(self, what="peer closed the event channel"):
         super().__init__(_errno.EPIPE, what)

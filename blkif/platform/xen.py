@@ -134,6 +134,9 @@ class XenPlatform(Platform):
         self._objects.add(mapping)
         return mapping
 
+    def grant_device(self):
+        return self._device("gntdev")
+
     def grant_copy(self, ops):
         fd = self._device("gntdev")
         ops = list(ops)

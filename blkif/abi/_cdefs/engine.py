@@ -3,7 +3,8 @@
 Python reaches it through ``blkif.backend.engine``; the structs here are the
 engine's own (configuration, a decoded request, counters), not Xen's.
 ``eng_map_grants``/``eng_unmap_grants`` are implemented in Python
-(``extern "Python"``): the engine calls them, with the GIL, to map grants.
+(``extern "Python"``): the engine calls them, with the GIL, to map grants
+where it has no gntdev descriptor of its own (the sim platform).
 """
 import os
 
@@ -12,6 +13,7 @@ TYPES = """
 struct eng_limits {
     uint64_t sectors;
     uint32_t max_indirect_segments;
+    uint32_t sector_size;             /* the device's logical sector, bytes (512 if 0) */
     uint8_t readonly, flush, barrier, discard, discard_secure;
 };
 
@@ -28,8 +30,27 @@ struct eng_stats {
     uint64_t op_read, op_write, op_barrier, op_flush, op_discard;
     uint64_t events, spurious_events;
     uint64_t grant_hits, grant_misses, grant_evictions, grant_purged, mapped_grants;
-    uint64_t in_flight, persistent_grants;
-    int64_t last_io_errno;
+    uint64_t in_flight, persistent_grants, resumed;
+    uint64_t latency[17], latency_ns; /* counters.py: bucket i under 32 us << i */
+    int64_t last_io_errno, last_map_errno;
+};
+
+/* A ring's journal (live restart): kept in a shared mapping by the engine,
+ * read back by its successor (engine.c, "the journal"). */
+struct eng_journal_entry {
+    uint32_t state;                   /* JOURNAL_FREE, _TAKEN or _ANSWERED */
+    uint32_t ring_index;              /* where on the ring the request was */
+    uint32_t answer;                  /* ANSWERED: the response's index */
+    uint32_t pad;
+    uint8_t request[112];             /* the slot as copied (x86_64's size, the larger) */
+};
+
+struct eng_journal {
+    uint64_t magic;
+    uint32_t size, abi;               /* the ring's slots; ENG_ABI_* */
+    uint32_t req_cons, rsp_prod_pvt;
+    uint32_t pad[10];
+    struct eng_journal_entry entries[];  /* one per slot, by pending index */
 };
 
 struct eng_config {
@@ -45,6 +66,10 @@ struct eng_config {
     uint32_t max_grants, grant_unused_seconds;
     int io_mode;
     uint32_t io_threads;
+    int gntdev_fd;                    /* maps grants itself through it; -1: eng_map_grants */
+    uint16_t domid;                   /* the frontend's, for gntdev */
+    struct eng_journal *journal;      /* NULL: none; else room for the ring's size */
+    int resume;                       /* carry on from what the journal holds */
     void *handle;
 };
 """
@@ -61,6 +86,7 @@ CDEF = """
 #define ENG_RING_ERROR ...
 #define ENG_CHANNEL_CLOSED ...
 #define ENG_FAILED ...
+#define ENG_JOURNAL_MAGIC ...
 """ + TYPES + """
 struct engine;
 struct engine *eng_new(const struct eng_config *cfg, char *err, size_t errlen);
@@ -72,6 +98,7 @@ const struct eng_stats *eng_stats(struct engine *e);
 const char *eng_error(struct engine *e);
 const char *eng_io_note(struct engine *e);
 int eng_io_mode(struct engine *e);
+void eng_set_sectors(struct engine *e, uint64_t sectors);
 int eng_decode(int abi, const struct eng_limits *lim, const void *raw,
                struct eng_request *out, uint32_t *grefs, uint32_t *bounds);
 int eng_decode_indirect(const struct eng_limits *lim, struct eng_request *req,

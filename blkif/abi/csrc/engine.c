@@ -9,9 +9,10 @@
  *   consume   read req_prod once, reject an overrun (RING_REQUEST_PROD_OVERFLOW),
  *             copy each request out of its slot once (RING_COPY_REQUEST) and
  *             validate only the copy, with exactly request.py's rules;
- *   map       persistent grants come from an LRU keyed by gref; a miss, or a
- *             request without persistent grants, calls back into Python
- *             (eng_map_grants), which owns the platform;
+ *   map       persistent grants come from an LRU keyed by gref; the rest of a
+ *             request's pages are mapped together, on Xen straight through
+ *             /dev/xen/gntdev (one ioctl and one mmap), on the sim by a call
+ *             back into Python (eng_map_grants), which owns the platform;
  *   submit    every read and write of the batch in flight at once: io_uring
  *             (one io_uring_submit per round) or, where io_uring is refused,
  *             a small pool of threads doing preadv/pwritev;
@@ -24,6 +25,10 @@
  * Nothing is allocated per request: pending requests live in an array of one
  * entry per ring slot, each with segment arrays grown once to the largest
  * request seen.
+ *
+ * With a journal (cfg.journal), every request taken is also kept in shared
+ * memory until it is answered, so that a successor can carry on after this
+ * process is killed (see "the journal" below).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -54,6 +59,10 @@
 #define ENG_RING_ERROR (-1)
 #define ENG_CHANNEL_CLOSED (-2)
 #define ENG_FAILED (-3)
+#define ENG_JOURNAL_MAGIC 0x314C4E524A464B42ull /* "BKFJRNL1" */
+#define JOURNAL_FREE 0
+#define JOURNAL_TAKEN 1
+#define JOURNAL_ANSWERED 2
 
 #define OP_READ 0
 #define OP_WRITE 1
@@ -94,9 +103,13 @@ static int fail(struct eng_request *out, int16_t status)
     return -1;
 }
 
+/* Inside the device and, on a device of larger logical sectors, whole ones
+ * (blkback's dispatch_rw_block_io check); request.py's _check_range. */
 static int in_device(const struct eng_limits *lim, uint64_t first, uint64_t count)
 {
-    return !count || (count <= lim->sectors && first <= lim->sectors - count);
+    uint64_t mask = lim->sector_size > SECTOR ? lim->sector_size / SECTOR - 1 : 0;
+    return !count || (count <= lim->sectors && first <= lim->sectors - count &&
+                      !((first | count) & mask));
 }
 
 static int writes(uint8_t kind)
@@ -346,6 +359,7 @@ struct pending {
     uint32_t nparts, outstanding;
     int16_t status;
     int32_t next_free;
+    int64_t taken_ns;        /* when it came off the ring: its latency starts */
 };
 
 struct done { uint64_t user_data; int64_t res; };
@@ -383,6 +397,8 @@ struct engine {
     int64_t next_clean;      /* ms: cache_clean at most every CLEAN_INTERVAL_MS */
     uint64_t full_misses;    /* grants a full cache could not keep since then */
     uint32_t *scratch;       /* the grefs a full cache could not keep, of one request */
+    struct ioctl_gntdev_map_grant_ref *map_op; /* room for the most grants of a request */
+    int recover;             /* journal entries to take again in the first round */
     struct eng_stats stats;
     char error[256];
     char io_note[160];
@@ -564,11 +580,24 @@ static void io_stop(struct engine *e)
         close(e->done_fd);
 }
 
-static int64_t now_ms(void)
+static int64_t now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static int64_t now_ms(void) { return now_ns() / 1000000; }
+
+#define LATENCY_UNIT_NS 32000 /* counters.py latency_bucket: bucket i under 32 us << i */
+#define LATENCY_LAST 16
+
+static void observe_latency(struct engine *e, int64_t ns)
+{
+    uint64_t units = ns > 0 ? (uint64_t)ns / LATENCY_UNIT_NS : 0;
+    uint32_t bucket = units ? 64 - __builtin_clzll(units) : 0; /* Python's bit_length */
+    e->stats.latency[bucket < LATENCY_LAST ? bucket : LATENCY_LAST]++;
+    e->stats.latency_ns += ns > 0 ? ns : 0;
 }
 
 /* -- the ring: responses, push, notify -------------------------------------- */
@@ -622,14 +651,156 @@ static int push(struct engine *e)
     return 0;
 }
 
+/* -- the journal (live restart) --------------------------------------------
+ *
+ * Requests copied off the ring live only in this process, and responses
+ * overwrite request slots, so a worker killed at any moment would lose what
+ * it had taken but not answered.  The journal, a shared mapping of a file
+ * (blkif/backend/journal.py), keeps each request from its taking to its
+ * answer, with plain stores: no system call on the hot path.  Each store is
+ * a release store, in an order that leaves every prefix consistent:
+ *
+ *   take:    entry.request, entry.ring_index, entry.state = TAKEN; req_cons
+ *   answer:  the response in its slot; entry.answer, entry.state = ANSWERED;
+ *            rsp_prod_pvt; entry.state = FREE
+ *
+ * A successor (cfg.resume) takes every TAKEN entry again and answers it
+ * once: a TAKEN entry at req_cons was never taken (its slot still holds
+ * it), an ANSWERED one at rsp_prod_pvt has its response in place already.
+ * (A request answered late may have been taken any number of slots before
+ * req_cons: answers come out of order.)
+ * Reads and writes done twice are harmless: the frontend waits for the
+ * answer before it touches those sectors or pages again. */
+
+static void journal_take(struct engine *e, int32_t index)
+{
+    struct eng_journal *j = e->cfg.journal;
+    if (!j)
+        return;
+    struct eng_journal_entry *en = &j->entries[index];
+    memcpy(en->request, e->request, e->request_size);
+    en->ring_index = e->req_cons;
+    __atomic_store_n(&en->state, JOURNAL_TAKEN, __ATOMIC_RELEASE);
+    __atomic_store_n(&j->req_cons, e->req_cons + 1, __ATOMIC_RELEASE);
+}
+
+static void journal_answered(struct engine *e, int32_t index, uint32_t at)
+{
+    struct eng_journal *j = e->cfg.journal;
+    if (!j)
+        return;
+    struct eng_journal_entry *en = &j->entries[index];
+    en->answer = at;
+    __atomic_store_n(&en->state, JOURNAL_ANSWERED, __ATOMIC_RELEASE);
+    __atomic_store_n(&j->rsp_prod_pvt, at + 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&en->state, JOURNAL_FREE, __ATOMIC_RELEASE);
+}
+
+/* A new journal, or (cfg.resume) the ring positions and requests of the one
+ * a predecessor left; -1 with ``err`` set if it does not fit this ring. */
+static int journal_open(struct engine *e, char *err, size_t errlen)
+{
+    struct eng_journal *j = e->cfg.journal;
+    uint32_t live = 0;
+    if (!e->cfg.resume) {
+        memset(j, 0, sizeof *j + e->size * sizeof j->entries[0]);
+        j->size = e->size, j->abi = (uint32_t)e->cfg.abi;
+        j->req_cons = j->rsp_prod_pvt = e->req_cons;
+        __atomic_store_n(&j->magic, ENG_JOURNAL_MAGIC, __ATOMIC_RELEASE);
+        return 0;
+    }
+    if (j->magic != ENG_JOURNAL_MAGIC || j->size != e->size || j->abi != (uint32_t)e->cfg.abi) {
+        snprintf(err, errlen, "the journal is not of this ring (size %u, abi %u)",
+                 j->size, j->abi);
+        return -1;
+    }
+    uint32_t cons = j->req_cons, rsp = j->rsp_prod_pvt;
+    for (uint32_t i = 0; i < e->size; i++)
+        if (j->entries[i].state == JOURNAL_ANSWERED && j->entries[i].answer == rsp)
+            rsp++; /* killed between its answer and rsp_prod_pvt */
+    for (uint32_t i = 0; i < e->size; i++) {
+        struct eng_journal_entry *en = &j->entries[i];
+        if (en->state == JOURNAL_TAKEN && en->ring_index != cons)
+            live++;
+        else
+            en->state = JOURNAL_FREE;
+    }
+    if ((uint32_t)(cons - rsp) != live || (uint32_t)(rsp - *e->rsp_prod) > e->size) {
+        snprintf(err, errlen, "the journal is inconsistent (req_cons %u, rsp_prod_pvt %u, "
+                 "%u requests, rsp_prod %u)", cons, rsp, live, *e->rsp_prod);
+        return -1;
+    }
+    j->rsp_prod_pvt = rsp;
+    e->req_cons = cons;
+    e->rsp_prod_pvt = rsp;
+    e->rsp_pushed = *e->rsp_prod; /* the first push publishes what was answered */
+    e->free_head = -1;            /* the free list, without the requests to take again */
+    for (uint32_t i = e->size; i-- > 0;)
+        if (j->entries[i].state == JOURNAL_FREE) {
+            e->pending[i].next_free = e->free_head;
+            e->free_head = (int32_t)i;
+        }
+    e->recover = live > 0;
+    return 0;
+}
+
 /* -- grants ----------------------------------------------------------------- */
+
+/* A gntdev mapping's token: its mmap offset in pages and its page count
+ * (1..4096, so never 0, which means "no mapping"). */
+#define TOKEN_COUNT_BITS 13
+
+/* Map ``n`` grants of the frontend contiguously at *base; *token is what
+ * unmap_grants needs.  -1 (the errno in stats.last_map_errno) if any fails. */
+static int map_grants(struct engine *e, const uint32_t *grefs, uint32_t n, int writable,
+                      uintptr_t *base, uint64_t *token)
+{
+    int fd = e->cfg.gntdev_fd;
+    if (fd < 0)
+        return eng_map_grants(e->cfg.handle, grefs, n, writable, base, token);
+    struct ioctl_gntdev_map_grant_ref *op = e->map_op;
+    op->count = n;
+    for (uint32_t i = 0; i < n; i++) {
+        op->refs[i].domid = e->cfg.domid;
+        op->refs[i].ref = grefs[i];
+    }
+    if (ioctl(fd, IOCTL_GNTDEV_MAP_GRANT_REF, op) < 0) {
+        e->stats.last_map_errno = errno;
+        return -1;
+    }
+    /* The hypervisor maps the grants here, read-only unless PROT_WRITE. */
+    void *addr = mmap(NULL, (size_t)n * PAGE, PROT_READ | (writable ? PROT_WRITE : 0),
+                      MAP_SHARED, fd, (off_t)op->index);
+    if (addr == MAP_FAILED) {
+        e->stats.last_map_errno = errno;
+        struct ioctl_gntdev_unmap_grant_ref undo = {.index = op->index, .count = n};
+        ioctl(fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, &undo);
+        return -1;
+    }
+    *base = (uintptr_t)addr;
+    *token = op->index / PAGE << TOKEN_COUNT_BITS | n;
+    return 0;
+}
+
+static void unmap_grants(struct engine *e, uintptr_t base, uint64_t token)
+{
+    if (e->cfg.gntdev_fd < 0) {
+        eng_unmap_grants(e->cfg.handle, token);
+        return;
+    }
+    uint32_t n = token & ((1u << TOKEN_COUNT_BITS) - 1);
+    struct ioctl_gntdev_unmap_grant_ref op = {
+        .index = token >> TOKEN_COUNT_BITS << 12, .count = n};
+    munmap((void *)base, (size_t)n * PAGE);
+    ioctl(e->cfg.gntdev_fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, &op);
+}
 
 static void cache_evict(struct engine *e, int32_t i)
 {
     struct grant_cache *c = &e->cache;
     lru_unlink(c, i);
     table_remove(c, i);
-    eng_unmap_grants(e->cfg.handle, c->entries[i].token);
+    unmap_grants(e, c->entries[i].addr, c->entries[i].token);
     c->entries[i].next = c->free_head;
     c->free_head = i;
     c->count--;
@@ -653,7 +824,7 @@ static int32_t cache_get(struct engine *e, uint32_t gref, int *failed)
         return -1; /* full: the caller maps it with its request (cache_clean makes room) */
     uintptr_t addr;
     uint64_t token;
-    if (eng_map_grants(e->cfg.handle, &gref, 1, 1, &addr, &token) < 0) {
+    if (map_grants(e, &gref, 1, 1, &addr, &token) < 0) {
         *failed = 1;
         return -1;
     }
@@ -736,7 +907,7 @@ static int map_pages(struct engine *e, struct pending *p, const uint32_t *grefs,
         e->full_misses += missing;
         map = e->scratch;
     }
-    if (eng_map_grants(e->cfg.handle, map, missing, writable, &p->base, &p->token) < 0) {
+    if (map_grants(e, map, missing, writable, &p->base, &p->token) < 0) {
         p->token = 0;
         if (e->cfg.persistent)
             for (uint32_t k = 0; k < n; k++)
@@ -760,7 +931,7 @@ static void unmap_pages(struct engine *e, struct pending *p)
             cache_put(e, p->entries[i]);
     p->mapped = 0;
     if (p->token) {
-        eng_unmap_grants(e->cfg.handle, p->token);
+        unmap_grants(e, p->base, p->token);
         p->token = 0;
     }
 }
@@ -796,7 +967,10 @@ static void finish(struct engine *e, int32_t index)
         e->stats.read_bytes += r->nr_sectors * SECTOR;
     else if (p->status == RSP_OKAY && r->kind != OP_DISCARD)
         e->stats.write_bytes += r->nr_sectors * SECTOR;
+    uint32_t at = e->rsp_prod_pvt;
     respond(e, r->id, r->kind, p->status);
+    journal_answered(e, index, at);
+    observe_latency(e, now_ns() - p->taken_ns);
     p->next_free = e->free_head;
     e->free_head = index;
 }
@@ -958,12 +1132,14 @@ static int read_indirect(struct engine *e, struct pending *p)
     int32_t entries[MAX_INDIRECT_PAGES];
     uintptr_t pages[MAX_INDIRECT_PAGES];
     uint64_t token = 0;
+    uintptr_t base;
     int rc;
     if (grow(p, r->nr_segments) < 0)
         return fail(r, RSP_ERROR);
     if (map_pages(e, p, r->indirect_grefs, r->nr_indirect, 0, entries, pages) < 0)
         return fail(r, RSP_ERROR);
     token = p->token;
+    base = p->base;
     p->token = 0;
     rc = eng_decode_indirect(&e->cfg.limits, r, (const char *const *)pages, p->grefs,
                              p->bounds);
@@ -971,19 +1147,19 @@ static int read_indirect(struct engine *e, struct pending *p)
         if (entries[i] >= 0)
             cache_put(e, entries[i]);
     if (token)
-        eng_unmap_grants(e->cfg.handle, token);
+        unmap_grants(e, base, token);
     return rc;
 }
 
-/* One request copied off the ring: decode, map, start its I/O (or answer it). */
-static void take(struct engine *e)
+/* The request copied into e->request, as pending[index]: decode, map, start
+ * its I/O (or answer it). */
+static void take(struct engine *e, int32_t index)
 {
-    int32_t index = e->free_head;
     struct pending *p = &e->pending[index];
     struct eng_request *r = &p->req;
-    e->free_head = p->next_free;
     e->stats.requests++;
     e->stats.in_flight++;
+    p->taken_ns = now_ns();
     p->status = RSP_OKAY;
     p->token = 0;
     p->mapped = p->nparts = 0;
@@ -1040,6 +1216,22 @@ static void take(struct engine *e)
     submit_transfer(e, index, r->kind == OP_READ ? OP_READ : OP_WRITE);
 }
 
+/* Take again what a predecessor left in the journal (its first round). */
+static int recover(struct engine *e)
+{
+    struct eng_journal *j = e->cfg.journal;
+    int n = 0;
+    e->recover = 0;
+    for (uint32_t i = 0; i < e->size; i++)
+        if (j->entries[i].state == JOURNAL_TAKEN) {
+            memcpy(e->request, j->entries[i].request, e->request_size);
+            e->stats.resumed++;
+            take(e, (int32_t)i);
+            n++;
+        }
+    return n;
+}
+
 /* Consume what the ring holds (at most a ring's worth); -1 on an overrun. */
 static int consume(struct engine *e)
 {
@@ -1053,10 +1245,13 @@ static int consume(struct engine *e)
     int n = 0;
     while (e->barrier_waiting < 0 && e->req_cons != prod &&
            (uint32_t)(e->req_cons - e->rsp_prod_pvt) < e->size) {
+        int32_t index = e->free_head;
+        e->free_head = e->pending[index].next_free;
         memcpy(e->request, e->slots + (e->req_cons & (e->size - 1)) * e->slot_size,
                e->request_size);
+        journal_take(e, index);
         e->req_cons++;
-        take(e);
+        take(e, index);
         n++;
     }
     return n;
@@ -1124,7 +1319,8 @@ static void tick(struct engine *e)
 static int round_(struct engine *e)
 {
     tick(e);
-    int taken = consume(e);
+    int taken = e->recover ? recover(e) : 0;
+    taken += consume(e);
     if (taken < 0)
         return ENG_RING_ERROR;
     io_submit(e);
@@ -1232,7 +1428,8 @@ static void eng_free(struct engine *e)
     if (e->cache.table)
         for (uint32_t h = 0; h <= e->cache.mask; h++)
             if (e->cache.table[h] >= 0)
-                eng_unmap_grants(e->cfg.handle, e->cache.entries[e->cache.table[h]].token);
+                unmap_grants(e, e->cache.entries[e->cache.table[h]].addr,
+                             e->cache.entries[e->cache.table[h]].token);
     e->stats.persistent_grants = 0;
     for (uint32_t i = 0; e->pending && i < e->size; i++) {
         free(e->pending[i].grefs);
@@ -1243,6 +1440,7 @@ static void eng_free(struct engine *e)
     }
     free(e->pending);
     free(e->scratch);
+    free(e->map_op);
     free(e->cache.entries);
     free(e->cache.table);
     if (e->stop_fd >= 0)
@@ -1296,13 +1494,18 @@ static struct engine *eng_new(const struct eng_config *cfg, char *err, size_t er
     uint32_t most = cfg->limits.max_indirect_segments > MAX_DIRECT
                         ? cfg->limits.max_indirect_segments : MAX_DIRECT;
     e->scratch = malloc(most * sizeof *e->scratch);
-    if (!e->scratch || (cfg->persistent && cache_init(&e->cache, cfg->max_grants) < 0))
+    e->map_op = malloc(sizeof *e->map_op + most * sizeof e->map_op->refs[0]);
+    if (!e->scratch || !e->map_op || (cfg->persistent && cache_init(&e->cache, cfg->max_grants) < 0))
         goto nomem;
     e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     int rc = e->stop_fd < 0 ? -errno : io_start(e);
     if (rc < 0) {
         snprintf(err, errlen, "cannot start I/O: %s", strerror(-rc));
         goto out;
+    }
+    if (cfg->journal && journal_open(e, err, errlen) < 0) {
+        eng_free(e);
+        return NULL;
     }
     tick(e);
     e->next_purge = e->now + 1;
@@ -1318,3 +1521,10 @@ static const struct eng_stats *eng_stats(struct engine *e) { return &e->stats; }
 static const char *eng_error(struct engine *e) { return e->error; }
 static const char *eng_io_note(struct engine *e) { return e->io_note; }
 static int eng_io_mode(struct engine *e) { return e->io_mode; }
+
+/* Online resize, from another thread: requests are checked against the new
+ * size from the next one decoded (an aligned 64-bit store: no torn value). */
+static void eng_set_sectors(struct engine *e, uint64_t sectors)
+{
+    __atomic_store_n(&e->cfg.limits.sectors, sectors, __ATOMIC_RELEASE);
+}

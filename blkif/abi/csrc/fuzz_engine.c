@@ -36,6 +36,8 @@ static void check_request(const struct eng_limits *lim, const struct eng_request
     uint64_t sectors = 0;
     if (!in_device(lim, r->sector_number, r->nr_sectors))
         abort();
+    if (r->nr_sectors && ((r->sector_number | r->nr_sectors) % (lim->sector_size / SECTOR)))
+        abort(); /* not whole logical sectors */
     if (r->kind == OP_DISCARD)
         return;
     if (r->operation == OP_INDIRECT ? r->nr_segments > lim->max_indirect_segments
@@ -59,6 +61,7 @@ static void exercise_cache(const uint8_t *ops, size_t n)
     unsigned nheld = 0;
     if (!e || cache_init(&e->cache, 8) < 0)
         abort();
+    e->cfg.gntdev_fd = -1; /* grants through eng_map_grants above */
     for (size_t i = 0; i < n; i++) {
         int failed = 0;
         if (ops[i] & 0x80 && nheld) {
@@ -108,6 +111,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         .max_indirect_segments = INDIRECT[data[0] >> 3 & 7],
         .readonly = data[1] & 1, .flush = data[1] >> 1 & 1, .barrier = data[1] >> 2 & 1,
         .discard = data[1] >> 3 & 1, .discard_secure = data[1] >> 4 & 1,
+        .sector_size = data[0] & 0x40 ? 4096 : SECTOR,
     };
     struct eng_request r;
     memcpy(request, data + 2, request_size);

@@ -39,14 +39,21 @@ class Refused(Exception):
 
 
 class PortRecord:
-    """A port: the hypervisor's copy of its socket end, and its binding."""
+    """A port: the hypervisor's copy of its socket end, and its binding.
 
-    def __init__(self, conn, port, remote_domid, sock, spare=None):
+    Unbound, ``spare`` is the other end of the pair, kept for whoever binds;
+    bound, ``remote_port`` is the peer's port.  As in Xen, closing a bound
+    port leaves its peer unbound again, offered to the closer's domain (a
+    restarted backend binds it anew), and events sent to it are dropped.
+    """
+
+    def __init__(self, conn, port, remote_domid, sock, spare=None, remote_port=None):
         self.conn = conn
         self.port = port
         self.remote_domid = remote_domid
         self.sock = sock  # our copy of the owner's end
-        self.spare = spare  # the other end, until someone binds (unbound state)
+        self.spare = spare
+        self.remote_port = remote_port
 
     def send_event(self):
         try:
@@ -447,7 +454,8 @@ class Hypervisor:
         sock.setblocking(True)
         domain = conn.domain
         port = domain.new_port_number()
-        domain.ports[port] = PortRecord(conn, port, remote, sock)
+        domain.ports[port] = PortRecord(conn, port, remote, sock, remote_port=remote_port)
+        record.remote_port = port
         conn.ports.add(port)
         return {"port": port}, [os.dup(sock.fileno())]
 
@@ -461,4 +469,12 @@ class Hypervisor:
     def _close_port(self, conn, port):
         conn.ports.discard(port)
         record = conn.domain.ports.pop(port)
+        domain = self.domains.get(record.remote_domid)
+        peer = None
+        if domain is not None and record.remote_port is not None:
+            peer = domain.ports.get(record.remote_port)
+        if peer is not None:  # the peer's port is unbound again: our end is its spare
+            peer.spare, record.sock = record.sock, None
+            peer.spare.setblocking(False)
+            peer.remote_domid, peer.remote_port = conn.domain.domid, None
         record.close()

@@ -1,0 +1,127 @@
+"""A VBD's journal of requests in flight: what a restarted worker carries on from.
+
+One file per connected VBD, ``<state dir>/journal/<domid>-<devid>``, mapped
+shared by its worker.  The first page holds a magic, the store's flush-failed
+flag (shared with the engines, so a failed fdatasync stays failed across a
+restart) and, as JSON, what the connection was: the offer the frontend
+negotiated against and the frontend's nodes.  Then one region per ring, kept
+by the C engine with plain stores (``struct eng_journal``: the ring's
+positions and every request taken but not answered; engine.c, "the
+journal").
+
+A worker killed at any moment leaves the file behind.  Its successor finds
+the frontend still Connected with the same nodes, maps the rings, binds the
+channels again and hands each engine its region to resume: the requests the
+dead worker had taken are answered, once, and serving goes on.  Nothing is
+renegotiated; the guest sees a pause.  A clean disconnect removes the file.
+"""
+import json
+import mmap
+import os
+
+from blkif.abi import ffi
+from blkif.errors import BlkifError
+
+MAGIC = b"BLKIFJ01"
+HEADER_BYTES = 4096
+FLUSH_FAILED_AT = 8
+LENGTH_AT = 12
+DESCRIPTION_AT = 16
+PAGE = 4096
+
+
+class JournalError(BlkifError):
+    """A journal that cannot be used (the VBD then starts over, as without one)."""
+
+
+def journal_path(directory, domid, devid):
+    return os.path.join(directory, "%d-%d" % (domid, devid))
+
+
+def _region_bytes(ring_bytes):
+    """Room for the most requests a ring of ``ring_bytes`` holds (a slot is at
+    least 64 bytes), page-aligned."""
+    entries = ring_bytes // 64
+    size = ffi.sizeof("struct eng_journal") + entries * ffi.sizeof("struct eng_journal_entry")
+    return -(-size // PAGE) * PAGE
+
+
+class Journal:
+    """An open journal; ``description`` is the JSON-able dict it was created with."""
+
+    def __init__(self, path, fd, description):
+        self.path, self.description = path, description
+        self._map = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED)
+        self._base = ffi.from_buffer(self._map)
+        self.flush_failed = ffi.cast("int *", self._base + FLUSH_FAILED_AT)
+        self._offsets = []
+        at = HEADER_BYTES
+        for ring_bytes in description["ring_bytes"]:
+            self._offsets.append(at)
+            at += _region_bytes(ring_bytes)
+        if at > len(self._map):
+            self.close()
+            raise JournalError("%s: %d bytes, its rings need %d" % (path, len(self._map), at))
+
+    @classmethod
+    def create(cls, path, description):
+        """A new journal at ``path`` (replacing any), for rings of
+        ``description["ring_bytes"]`` bytes each."""
+        text = json.dumps(description, sort_keys=True).encode()
+        if DESCRIPTION_AT + len(text) > HEADER_BYTES:
+            raise JournalError("%s: the connection's description is too long" % path)
+        size = HEADER_BYTES + sum(_region_bytes(n) for n in description["ring_bytes"])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".new"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            head = bytearray(HEADER_BYTES)
+            head[LENGTH_AT:LENGTH_AT + 4] = len(text).to_bytes(4, "little")
+            head[DESCRIPTION_AT:DESCRIPTION_AT + len(text)] = text
+            head[:len(MAGIC)] = MAGIC
+            os.pwrite(fd, bytes(head), 0)
+            os.rename(tmp, path)
+            return cls(path, fd, description)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def open(cls, path):
+        """The journal a predecessor left at ``path``; None if there is none."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            head = os.pread(fd, HEADER_BYTES, 0)
+            length = int.from_bytes(head[LENGTH_AT:LENGTH_AT + 4], "little")
+            if head[:len(MAGIC)] != MAGIC or DESCRIPTION_AT + length > HEADER_BYTES:
+                raise JournalError("%s: not a journal" % path)
+            try:
+                description = json.loads(head[DESCRIPTION_AT:DESCRIPTION_AT + length])
+            except ValueError as exc:
+                raise JournalError("%s: unreadable description: %s" % (path, exc)) from None
+            return cls(path, fd, description)
+        finally:
+            os.close(fd)
+
+    def region(self, ring):
+        """Ring ``ring``'s ``struct eng_journal *``, for its engine."""
+        return ffi.cast("struct eng_journal *", self._base + self._offsets[ring])
+
+    def close(self):
+        """Unmap; the file stays for a successor."""
+        if self._map is None:
+            return
+        ffi.release(self._base)
+        self._map.close()
+        self._map = None
+
+    def remove(self):
+        """Unmap and delete: the connection ended cleanly."""
+        self.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,234 @@
+"""``blkif lab --only restart``: our backend restarted under a running Linux guest.
+
+A PV guest (blkfront's defaults, 1 vCPU) runs rounds of a crc32c-verified fio
+job on /dev/xvda, served by ``blkif serve`` from an image in dom0's tmpfs:
+random writes of 4 KiB to 1 MiB with an fdatasync (a blkif flush) every
+eight, each round read back and checked.  Meanwhile the host SIGKILLs the
+VBD's worker :data:`KILLS` times and, half way, stops the whole service for
+an upgrade (SIGUSR1) and starts it again, while dom0 samples both ends'
+xenbus states every 0.2 s.  It passes when every round's verify passes, the
+guest's kernel log has no I/O error, neither state ever left Connected, and
+the service logged a resumed connection for each worker that took over.
+
+Only :class:`RestartRun` talks to the lab; the rest is pure.
+"""
+import json
+import os
+import time
+
+from blkif.lab import initramfs, phases, workload
+
+KILLS = 5
+GAP = 4.0  # seconds of serving between a successor's resume and the next restart
+ROUNDS = 16  # fio rounds the guest runs (~10 s each under TCG); the restarts land inside
+RESUME_TIMEOUT = 90  # a cold worker start in the emulated dom0 takes up to ~15 s
+IMAGE = "/run/lab/restart.img"
+IMAGE_BYTES = 64 << 20
+RAMDISK = "/run/lab/guest-restart.cpio.gz"
+STATES_LOG = "/run/lab/restart-states.log"
+FIO_ROUND = ("--name=restart --filename=/dev/xvda --direct=1 --ioengine=libaio "
+             "--rw=randwrite --bssplit=4k/40:64k/30:1m/30 --iodepth=8 --size=24m "
+             "--fdatasync=8 --verify=crc32c --do_verify=1 --verify_fatal=1 "
+             "--output-format=terse")
+
+RESTART_INIT = r"""#!/bin/sh
+# blkif lab --only restart: guest init (generated).  Loads xen-blkfront, runs
+# {rounds} rounds of a crc32c-verified fio job on /dev/xvda, then checks the
+# kernel log and idles.
+export PATH=/sbin:/bin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+say() {{ echo "LAB $*"; }}
+for m in $(cat /etc/lab/modules); do insmod "$m" || say "WARN insmod $m failed"; done
+i=0
+while [ ! -b /dev/xvda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+if [ ! -b /dev/xvda ]; then say "CHECK attach fail no /dev/xvda"; say "DONE rc=1"; exec sleep 100000; fi
+say "RESTART BEGIN"
+FAILED=0
+for r in $(seq {rounds}); do
+  /usr/bin/fio $(cat /etc/lab/fio-round) > /tmp/fio.out 2>&1; rc=$?
+  say "RESTART ROUND $r rc=$rc"
+  if [ $rc != 0 ]; then tail -3 /tmp/fio.out | while read -r l; do say "WARN fio: $l"; done; FAILED=1; fi
+done
+if [ $FAILED = 0 ]; then say "CHECK fio-crc32c pass {rounds} rounds verified"
+else say "CHECK fio-crc32c fail a round did not verify"; fi
+if dmesg | grep -qiE 'I/O error|blk_update_request|Oops|BUG:'; then
+  say "CHECK kernel-log fail $(dmesg | grep -iE 'I/O error|Oops|BUG:' | head -1)"; FAILED=1
+else
+  say "CHECK kernel-log pass no I/O error or oops"
+fi
+say "RESTART END"
+say "DONE rc=$FAILED"
+exec sleep 100000
+""".format(rounds=ROUNDS)
+
+# dom0: both ends' states every 0.2 s, "<time> <backend> <frontend>" a line.
+STATES_WATCH = """setsid sh -c 'while :; do
+  echo "$(date +%s.%N) $(xenstore-read {back}/state 2>/dev/null || echo -) \
+$(xenstore-read {front}/state 2>/dev/null || echo -)"; sleep 0.2; done' > {log} 2>&1 < /dev/null &
+echo $! > {pidfile}
+"""
+
+
+def states_verdict(text):
+    """(status, detail) of the states log: after both ends first read 4
+    (Connected), every sample until the last must be 4 4 too."""
+    samples = [line.split() for line in text.splitlines() if len(line.split()) == 3]
+    connected = [i for i, (_, back, front) in enumerate(samples) if back == front == "4"]
+    if not connected:
+        return "fail", "the VBD never reached Connected (%d samples)" % len(samples)
+    during = samples[connected[0]:]
+    bad = [(t, back, front) for t, back, front in during if back != "4" or front != "4"]
+    if bad:
+        return "fail", "left Connected: %s" % ", ".join(
+            "backend %s frontend %s at %s" % (b, f, t) for t, b, f in bad[:3])
+    return "pass", "%d samples over %.0f s, all Connected" % (
+        len(during), float(during[-1][0]) - float(during[0][0]))
+
+
+def rounds_done(text):
+    """Fio rounds the guest has finished so far (its console text)."""
+    return text.count("LAB RESTART ROUND ")
+
+
+class RestartRun:
+    """The restart phase on a booted lab (``phases.Lab``)."""
+
+    def __init__(self, lab):
+        self.lab = lab
+        self.ramdisk = os.path.join(lab.workdir, "guest-restart.cpio.gz")
+        self.pidfile = os.path.join(lab.workdir, "ctl", "serve.pid")
+        self.log = os.path.join(lab.logs, "serve-restart.log")
+
+    def build(self):
+        version = initramfs.find_kernel()[0]
+        size = initramfs.build_perf_guest(self.ramdisk, version, RESTART_INIT,
+                                          {"/etc/lab/fio-round": FIO_ROUND})
+        return "restart guest initramfs %d MiB (fio and its libraries)" % (size >> 20)
+
+    def _start_serve(self, step):
+        self.lab.sh(step, SERVE_START.format(argv=phases.serve_argv(self.lab.python),
+                                             log=self.log, pidfile=self.pidfile))
+
+    def _worker_pid(self, domid):
+        out = self.lab.sh("restart: service.json", "cat %s/service.json"
+                          % phases.STATE_DIR).out
+        for worker in json.loads(out[out.index("{"):])["workers"]:
+            if worker["domid"] == domid and worker["status"] == "running":
+                return worker["pid"]
+        return None
+
+    def run(self):
+        lab = self.lab
+        name = "restart"
+        lab.sh("restart: image", "mkdir -p /run/lab && cp %s %s && rm -f %s && truncate -s %d %s"
+               " && : > %s" % (self.ramdisk, RAMDISK, IMAGE, IMAGE_BYTES, IMAGE, self.log),
+               timeout=300)
+        script = os.path.join(lab.workdir, "hotplug-connected.sh")
+        with open(script, "w") as f:
+            f.write(phases.HOTPLUG_SCRIPT)
+        os.chmod(script, 0o755)
+        watcher = os.path.join(lab.workdir, "ctl", "states.pid")
+        self._start_serve("restart: start blkif serve")
+        try:
+            cfg = os.path.join(lab.workdir, "guests", name + ".cfg")
+            with open(cfg, "w") as f:
+                f.write(phases.xl_config(name, lab.kernel, RAMDISK,
+                                         phases.backend_disk_spec(IMAGE, script),
+                                         "console=hvc0 quiet", memory=512, vcpus=1))
+            lab.sh("restart: xl create", "xl create %s" % cfg, phases.TIMEOUTS["create"])
+            domid = int(lab.sh("restart: xl domid", "xl domid %s" % name).out.strip())
+            lab.sh("restart: state watcher", STATES_WATCH.format(
+                back="/local/domain/0/backend/vbd/%d/%d" % (domid, phases.DEVID),
+                front="/local/domain/%d/device/vbd/%d" % (domid, phases.DEVID),
+                log=STATES_LOG, pidfile=watcher))
+            console = lab.console_log(name)
+            self._wait(console, lambda text: "LAB RESTART BEGIN" in text, 300, "fio to start")
+            done = self._restarts(domid, console)
+            guest = self._wait(console, lambda text: "LAB DONE" in text, 900, "fio to finish")
+            report = workload.parse_console(guest)
+            for check, passed, detail in report.checks:
+                lab.report.add("restart", "guest %s" % check, "pass" if passed else "fail",
+                               detail)
+            lab.report.add("restart", "restarts inside fio",
+                           "fail" if done is None else "pass",
+                           "fio finished before the restarts did" if done is None else
+                           "%d worker kills and 1 service restart, all while fio ran (%d of %d "
+                           "rounds done by then)" % (KILLS, done, ROUNDS))
+            lab.sh("restart: stop watcher", "kill $(cat %s)" % watcher)
+            states = lab.sh("restart: states", "cat %s" % STATES_LOG).out
+            lab.report.add("restart", "never left Connected", *states_verdict(states))
+            resumed = self._resumed()
+            lab.report.add("restart", "successors resumed", "pass" if resumed == KILLS + 1
+                           else "fail", "%d of %d successors resumed the connection"
+                           % (resumed, KILLS + 1))
+            lab.destroy("restart", name, domid)
+        finally:
+            lab.cleanup_sh("kill $(cat %s) 2>/dev/null" % watcher)
+            lab.cleanup_sh(phases.SERVE_STOP.format(pidfile=self.pidfile))
+            lab.cleanup_sh("rm -f %s %s" % (IMAGE, RAMDISK))
+        return "%d kills and a service restart under fio" % KILLS
+
+    def _restarts(self, domid, console):
+        """The kills, and the upgrade restart half way; the fio rounds
+        finished by the last one, or None if the guest was done before it."""
+        lab = self.lab
+        for i in range(KILLS + 1):
+            time.sleep(GAP)
+            resumed = self._resumed()
+            if i == KILLS // 2:
+                lab.sh("restart: upgrade stop", "pid=$(cat {p}); kill -USR1 $pid; "
+                       "for i in $(seq 100); do kill -0 $pid 2>/dev/null || exit 0; sleep 0.2; "
+                       "done; exit 1".format(p=self.pidfile))
+                self._start_serve("restart: start blkif serve again")
+            else:
+                self._kill_worker(domid)
+            self._wait_resumed(resumed)
+        with open(console, errors="replace") as f:
+            text = f.read()
+        return None if "LAB RESTART END" in text else rounds_done(text)
+
+    def _kill_worker(self, domid):
+        pid = None
+        deadline = time.monotonic() + 30
+        while pid is None and time.monotonic() < deadline:
+            pid = self._worker_pid(domid)
+        if pid is None:
+            raise phases.StepFailed("restart: kill", "no running worker for d%d" % domid)
+        self.lab.sh("restart: kill worker %d" % pid, "kill -KILL %d" % pid)
+
+    def _resumed(self):
+        """Connections the service's workers have resumed so far (its log)."""
+        out = self.lab.sh("restart: serve log", "grep -c 'resumed the connection' %s || true"
+                          % self.log).out
+        return int(out.strip().splitlines()[-1])
+
+    def _wait_resumed(self, before):
+        """Until a successor has resumed the connection (the next restart
+        must not land on a worker still starting)."""
+        deadline = time.monotonic() + RESUME_TIMEOUT
+        while self._resumed() <= before:
+            if time.monotonic() > deadline:
+                raise phases.StepFailed("restart: successor",
+                                        "no worker resumed within %d s" % RESUME_TIMEOUT)
+            time.sleep(1)
+
+    def _wait(self, console, ready, timeout, what):
+        deadline = time.monotonic() + self.lab.budget(timeout, "restart: " + what)
+        while time.monotonic() < deadline:
+            if os.path.exists(console):
+                with open(console, errors="replace") as f:
+                    text = f.read()
+                if ready(text):
+                    return text
+            time.sleep(0.5)
+        raise phases.StepFailed("restart: " + what, "not within %d s" % timeout)
+
+
+SERVE_START = """rmmod xen-blkback 2>/dev/null || true
+PYTHONFAULTHANDLER=1 setsid {argv} >> {log} 2>&1 < /dev/null &
+echo $! > {pidfile}
+sleep 3
+kill -0 $(cat {pidfile}) || {{ echo "blkif serve exited:"; tail -5 {log}; exit 1; }}
+"""

@@ -1,0 +1,158 @@
+"""Live restart at the engine: a backend process killed at random points
+while a frontend keeps its ring full of verified writes, reads and flushes.
+
+Each backend is ``journal_backend.py``, the C engine with a journal; each
+successor resumes from what its predecessor left.  The frontend checks the
+blkif contract throughout: every request is answered exactly once and OKAY,
+a read returns the last write answered to its block, and at the end the
+image holds exactly the writes answered.  ``BLKIF_KILLS`` sets the number
+of kills (default 20; docs/reliability.md records a long run).  A failure
+names its seed.
+"""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from blkif.abi import X86_64, constants as c, ffi
+from blkif.backend.journal import Journal
+from blkif.platform import open_platform
+from blkif.platform.sim import SimHypervisor
+from blkif.request import RequestEncoder
+from blkif.ring import FrontRing
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BLOCKS = 64  # 4 KiB blocks of the image in play
+KILLS = int(os.environ.get("BLKIF_KILLS", "20"))
+
+
+class Backend:
+    def __init__(self, hv, fe, image, journal, mode):
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "journal_backend.py"), hv.path,
+             ",".join(map(str, fe.ring_pages.refs)), str(fe.port.port), str(image),
+             str(journal), mode], stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        assert line == "ready\n", "the backend did not start (%r)" % line
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
+
+
+class Frontend:
+    """Domain 1's ring and pages, with a model of what the disk must hold."""
+
+    def __init__(self, hv, seed):
+        self.platform = open_platform("sim", domid=1, path=hv.path)
+        self.ring_pages = self.platform.grant_pages(0, 1)
+        self.ring = FrontRing(self.ring_pages.buffer, X86_64)
+        self.enc = RequestEncoder(X86_64)
+        self.data = self.platform.grant_pages(0, 32)  # a page per ring slot
+        self.port = self.platform.evtchn_alloc_unbound(0)
+        self.rng = random.Random(seed)
+        self.model = {}  # block -> bytes of the last write answered
+        self.inflight = {}  # id -> (op, block, bytes written or None)
+        self.free_ids = list(range(32))
+        self.answered = 0
+
+    def submit(self):
+        """Fill the ring with requests on blocks nobody else has in flight."""
+        busy = {block for _, block, _ in self.inflight.values()}
+        while self.free_ids and not self.ring.full():
+            rid = self.free_ids.pop()
+            choice = self.rng.random()
+            if choice < 0.1:
+                self.enc.rw(self.ring, c.BLKIF_OP_FLUSH_DISKCACHE, rid, 0, [])
+                self.inflight[rid] = (c.BLKIF_OP_FLUSH_DISKCACHE, None, None)
+                continue
+            block = self.rng.choice([b for b in range(BLOCKS) if b not in busy])
+            busy.add(block)
+            page = (rid * 4096, rid * 4096 + 4096)
+            segs = [(self.data.refs[rid], 0, 7)]
+            if choice < 0.6:
+                payload = self.rng.randbytes(4096)
+                self.data.buffer[page[0]:page[1]] = payload
+                self.enc.rw(self.ring, c.BLKIF_OP_WRITE, rid, block * 8, segs)
+                self.inflight[rid] = (c.BLKIF_OP_WRITE, block, payload)
+            else:
+                self.enc.rw(self.ring, c.BLKIF_OP_READ, rid, block * 8, segs)
+                self.inflight[rid] = (c.BLKIF_OP_READ, block, None)
+        if self.ring.push_requests():
+            self.port.notify()
+
+    def collect(self):
+        """Check every response: an id in flight, OKAY, reads as the model says."""
+        while True:
+            while self.ring.pending_responses():
+                rid, op, status = self.enc.take_response(self.ring)
+                assert rid in self.inflight, "response for id %d not in flight" % rid
+                want_op, block, payload = self.inflight.pop(rid)
+                assert (op, status) == (want_op, c.BLKIF_RSP_OKAY), (rid, op, status)
+                if op == c.BLKIF_OP_WRITE:
+                    self.model[block] = payload
+                elif op == c.BLKIF_OP_READ:
+                    got = bytes(self.data.buffer[rid * 4096:rid * 4096 + 4096])
+                    assert got == self.model.get(block, bytes(4096)), "stale read of %d" % block
+                self.free_ids.append(rid)
+                self.answered += 1
+            if not self.ring.final_check_for_responses():
+                return
+
+    def close(self):
+        self.ring.release()
+        for thing in (self.port, self.data, self.ring_pages, self.platform):
+            thing.close()
+
+
+def _left_in(journal_path):
+    """Requests a killed backend had taken and not answered."""
+    journal = Journal.open(journal_path)
+    region = journal.region(0)
+    cons = region.req_cons
+    left = sum(1 for i in range(region.size) if region.entries[i].state == 1
+               and region.entries[i].ring_index != cons)
+    journal.close()
+    return left
+
+
+@pytest.mark.parametrize("seed", [int.from_bytes(os.urandom(4), "little")])
+def test_a_backend_killed_at_random_points_loses_and_repeats_nothing(tmp_path, seed):
+    image, journal = tmp_path / "disk.img", tmp_path / "journal"
+    image.write_bytes(bytes(4096 * BLOCKS))
+    rng = random.Random(seed)
+    carried = 0
+    with SimHypervisor() as hv:
+        fe = Frontend(hv, seed)
+        backend = Backend(hv, fe, image, journal, "new")
+        try:
+            for kill in range(KILLS + 1):
+                deadline = time.monotonic() + (rng.uniform(0.0, 0.05) if kill < KILLS else 30)
+                while time.monotonic() < deadline:
+                    fe.submit()
+                    fe.port.wait(0.002)
+                    fe.collect()
+                    if kill == KILLS and not fe.inflight:
+                        break  # the last backend answered everything
+                if kill < KILLS:
+                    backend.kill()
+                    carried += _left_in(journal)
+                    backend = Backend(hv, fe, image, journal, "resume")
+            assert not fe.inflight, "never answered: %s" % sorted(fe.inflight)
+        except AssertionError as exc:
+            raise AssertionError("seed %d: %s" % (seed, exc)) from None
+        finally:
+            backend.kill()
+        fe.close()
+    disk = image.read_bytes()
+    for block, payload in fe.model.items():
+        assert disk[block * 4096:(block + 1) * 4096] == payload, "seed %d: block %d" % (
+            seed, block)
+    print("seed %d: %d kills, %d requests answered, %d carried over by a successor"
+          % (seed, KILLS, fe.answered, carried))
+    assert fe.answered > KILLS and carried > 0, "seed %d: the kills hit nothing" % seed

@@ -1,0 +1,146 @@
+"""Online resize across processes: ``blkif vbd resize`` (and a plain truncate
+plus SIGHUP) grows the image under a running ``blkif serve``; our frontend,
+connected in its own domain, sees the new size and uses the new sectors."""
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from backend_fixtures import Service
+from blkif import toolstack
+from blkif.errors import LocalProtocolError, UsageError
+from blkif.frontend import BlockDevice, FrontendOptions
+from blkif.platform import open_platform
+from blkif.platform.sim import SimHypervisor
+from xenstore import Xenstore, domain_socket_path
+from xenstore_fixtures import ROOT
+
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    with SimHypervisor() as hv:
+        svc = Service(hv, tmp_path_factory.mktemp("resize"))
+        yield svc
+        assert svc.close() == 0, svc.output()
+        assert "Traceback" not in svc.output()
+
+
+@contextlib.contextmanager
+def _device(service, domid):
+    with Xenstore.open(domain_socket_path(service.sock, domid)) as xs, \
+            open_platform("sim", domid=domid, path=service.hv.path) as platform:
+        dev = BlockDevice.attach(xs, platform, domid, "xvda", FrontendOptions(timeout=10))
+        try:
+            yield dev
+        finally:
+            dev.detach()
+
+
+def _blkif(service, *argv):
+    return subprocess.run([sys.executable, "-m", "blkif", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, XENSTORED_PATH=service.sock))
+
+
+def _wait_size(dev, size, timeout=5):
+    deadline = time.monotonic() + timeout
+    while dev.size != size and time.monotonic() < deadline:
+        dev.poll(0.1)
+    return dev.size
+
+
+def test_vbd_resize_reaches_a_connected_frontend(service, tmp_path):
+    image = tmp_path / "disk.img"
+    domid, devid = service.new_vbd(image, size=8 * MIB)
+    with _device(service, domid) as dev:
+        assert dev.size == 8 * MIB
+        with pytest.raises(LocalProtocolError, match="past the end"):
+            dev.write(8 * MIB, b"x" * 4096)  # beyond the end, for now
+        run = _blkif(service, "vbd", "resize", "--domid", str(domid), "--vdev", "xvda",
+                     "--size", "12M")
+        assert run.returncode == 0, run.stderr
+        assert "%d sectors, published to its frontend" % (12 * MIB // 512) in run.stdout
+        assert os.path.getsize(image) == 12 * MIB
+        assert _wait_size(dev, 12 * MIB) == 12 * MIB
+        dev.write(12 * MIB - 4096, b"e" * 4096)  # the last page, new
+        assert dev.read(12 * MIB - 4096, 4096) == b"e" * 4096
+    with open(image, "rb") as f:
+        f.seek(12 * MIB - 4096)
+        assert f.read() == b"e" * 4096
+    assert "grew from %d to %d sectors" % (8 * MIB // 512, 12 * MIB // 512) in service.output()
+
+
+def test_sighup_rechecks_at_once_and_stops_nothing(service, tmp_path):
+    image = tmp_path / "disk.img"
+    domid, devid = service.new_vbd(image, size=8 * MIB)
+    with _device(service, domid) as dev:
+        worker = service.worker_pid(domid, devid)
+        os.truncate(image, 10 * MIB)
+        service.proc.send_signal(signal.SIGHUP)
+        assert _wait_size(dev, 10 * MIB, timeout=0.9) == 10 * MIB  # before the 1 s tick
+        assert service.proc.poll() is None
+        assert service.worker_pid(domid, devid) == worker
+        assert dev.read(10 * MIB - 512, 512) == bytes(512)
+
+
+def test_a_store_that_shrank_is_not_published(service, tmp_path):
+    image = tmp_path / "disk.img"
+    domid, devid = service.new_vbd(image, size=8 * MIB)
+    back = toolstack.backend_path(0, domid, devid)
+    with _device(service, domid) as dev:
+        os.truncate(image, 4 * MIB)
+        deadline = time.monotonic() + 5
+        while "shrank from" not in service.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "shrank from %d to %d sectors" % (8 * MIB // 512, 4 * MIB // 512) \
+            in service.output()
+        assert service.dom0.read_str(back + "/sectors") == str(8 * MIB // 512)
+        assert dev.size == 8 * MIB
+
+
+@pytest.mark.parametrize("argv,text", [
+    (["--size", "4M"], "shrinking it"),
+    (["--size", "12345"], "not a positive multiple of 512"),
+    (["--size", "lots"], "expected a number of bytes"),
+    (["--size", "12M", "--vdev", "xvdz"], "no VBD xvdz"),
+])
+def test_resize_errors_are_one_line(service, tmp_path, argv, text):
+    domid, _ = service.new_vbd(tmp_path / "disk.img", size=8 * MIB)
+    args = dict(zip(argv[::2], argv[1::2]))
+    run = _blkif(service, "vbd", "resize", "--domid", str(domid),
+                 "--vdev", args.get("--vdev", "xvda"), "--size", args["--size"])
+    assert run.returncode == 2
+    assert len(run.stderr.strip().splitlines()) == 1 and text in run.stderr, run.stderr
+
+
+def test_resize_refuses_devices_and_other_formats(tmp_path):
+    class Xs:
+        def __init__(self, params):
+            self.params = params
+
+        def read_str(self, path, default=None):
+            return self.params
+
+    with pytest.raises(UsageError, match="grow a block device"):
+        toolstack.resize(Xs("/dev/null"), 1, "xvda", 1 << 30)
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    toolstack.resize(Xs("aio:%s" % image), 1, "xvda", 8192)
+    assert image.stat().st_size == 8192
+    for params in ("qcow2:%s" % image, "nbd://storage1/vm7"):  # docs/storage.md
+        with pytest.raises(UsageError, match="online resize is for raw files and block devices"):
+            toolstack.resize(Xs(params), 1, "xvda", 1 << 20)
+    with pytest.raises(UsageError, match="unknown disk format 'vdi'"):
+        toolstack.resize(Xs("vdi:%s" % image), 1, "xvda", 1 << 20)
+
+
+@pytest.mark.parametrize("text,size", [("512", 512), ("20G", 20 << 30), ("4k", 4096),
+                                       ("1MiB", 1 << 20)])
+def test_parse_size(text, size):
+    assert toolstack.parse_size(text) == size
