@@ -503,6 +503,50 @@ def test_a_killed_storage_daemon_fails_io_then_comes_back(service, tmp_path, oth
     qemu_img("check", "-q", "-f", "qcow2", image)
 
 
+def _dead(pid):
+    """Gone, or a zombie left for init to reap."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_killed_worker_takes_its_daemon_and_the_next_one_serves_the_image(service,
+                                                                             tmp_path):
+    """No journal for an image VBD: the worker SIGKILLed, its daemon dies with
+    it (--pdeathsig), the successor closes the connection and starts its own
+    daemon (retrying while the dying one still locks the image); the frontend
+    connects again and finds what was flushed."""
+    image = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, SIZE)
+    fe, domid, devid = new_vbd(service, "qcow2:%s" % image)
+    try:
+        fe.connect(wants=ONE_QUEUE)
+        q = fe.queues[0]
+        data = os.urandom(65536)
+        assert all(comp.ok for comp in io(fe, q, lambda q: q.submit_write(0, data),
+                                          lambda q: q.submit_flush()))
+        wait_for(lambda: vbd_status(service, domid, devid)["storage"].get("daemon_pid"),
+                 "the daemon's pid in the status file")
+        daemon = vbd_status(service, domid, devid)["storage"]["daemon_pid"]
+        os.kill(service.worker_pid(domid, devid), signal.SIGKILL)
+        assert fe.backend_state([S.Closed]) == S.Closed
+        wait_for(lambda: _dead(daemon), "the old daemon to go")
+        fe.release()
+        fe.xs.switch_state(fe.front + "/state", S.Closed)
+        fe.xs.switch_state(fe.front + "/state", S.Initialising)
+        fe.connect(wants=ONE_QUEUE)
+        (read,) = io(fe, fe.queues[0], lambda q: q.submit_read(0, 65536))
+        assert read.ok and read.data == data
+        assert vbd_status(service, domid, devid)["storage"]["daemon_pid"] not in (None, daemon)
+        fe.close()
+    finally:
+        fe.shutdown()
+        remove_vbd(service, domid, devid, image)
+    qemu_img("check", "-q", "-f", "qcow2", image)
+
+
 def test_an_nbd_server_that_goes_away_and_comes_back(service, tmp_path, nbdkit_servers, other):
     base, _ = make_base(tmp_path)
     server = Nbdkit(base)
