@@ -6,7 +6,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_TEST := libxen-dev gcc-multilib xenstore-utils liburing-dev fio clang libclang-rt-14-dev systemd
+APT_TEST := libxen-dev gcc-multilib xenstore-utils liburing-dev fio clang libclang-rt-14-dev systemd \
+            qemu-utils qemu-system-common nbdkit python3-libnbd
 APT_LAB := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils \
            linux-image-amd64 busybox-static cpio e2fsprogs
 BUILD_INPUTS := setup.cfg setup.py pyproject.toml blkif/abi/_cffi_build.py $(wildcard blkif/abi/_cdefs/*.py) \
@@ -14,7 +15,7 @@ BUILD_INPUTS := setup.cfg setup.py pyproject.toml blkif/abi/_cffi_build.py $(wil
 
 .PHONY: test demo lab bench fuzz apt-test apt-lab clean
 
-test: apt-test $(VENV)/.installed
+test: apt-test $(VENV)/.installed $(VENV)/.libnbd
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # xenstored, the sim hypervisor, blkif serve and a guest, each a process; verified I/O.
@@ -22,7 +23,7 @@ demo: $(VENV)/.installed
 	$(PY) -m blkif demo $(DEMO_ARGS)
 
 # blkif against direct preadv/pwritev on its backing file, pattern by pattern (docs/bench.md).
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed $(VENV)/.libnbd
 	$(PY) -m blkif bench $(BENCH_ARGS)
 
 # The C engine's libFuzzer target under ASan+UBSan, ten minutes on tests/fuzz-corpus.
@@ -55,6 +56,20 @@ $(VENV)/.installed: $(BUILD_INPUTS) | apt-test
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
+
+# Debian's python3-libnbd (nbd.py and its extension, nothing else of
+# dist-packages) made importable in the venv through a .pth file.
+DEBIAN_PY := /usr/lib/python3/dist-packages
+$(VENV)/.libnbd: $(VENV)/.installed
+	@so=$(DEBIAN_PY)/libnbdmod$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))'); \
+	if [ ! -f $(DEBIAN_PY)/nbd.py ] || [ ! -f $$so ]; then \
+	  echo "warning: no python3-libnbd for the venv's Python ($$so): NBD tests cannot run" >&2; \
+	else \
+	  mkdir -p $(VENV)/libnbd && ln -sf $(DEBIAN_PY)/nbd.py $$so $(VENV)/libnbd/ && \
+	  $(PY) -c 'import site, sys; open(site.getsitepackages()[0] + "/debian-libnbd.pth", "w").write(sys.argv[1] + "\n")' \
+	    $(abspath $(VENV)/libnbd) && \
+	  $(PY) -c 'import nbd' && touch $@; \
+	fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info blkif/abi/_ffi*.so blkif/abi/_ffi.c .pytest_cache .hypothesis

@@ -13,6 +13,14 @@ on a filesystem of your choice).  For each pattern of :data:`PATTERNS`:
   queue depth, random or sequential, same time) on the image file the
   backend serves: what the storage gives without blkif.
 
+``--format`` chooses the storage behind the VBD, filled with the same data:
+``raw`` (the image file, the C engine; fio with io_uring on the file),
+``qcow2`` (``qemu-img convert`` of it, served through the VBD's own
+qemu-storage-daemon; fio's nbd engine on that daemon's socket) or ``nbd``
+(the raw file exported by ``nbdkit file`` on a Unix socket and given to the
+VBD as an NBD URI; fio's nbd engine on the same URI).  The fio side is what
+the storage gives without blkif, so ``ratio`` is blkif's cost on each route.
+
 ``--direct`` serves the image with O_DIRECT and runs fio with ``--direct=1``:
 the page cache out of both sides, as on a real disk.  Each side first runs
 the pattern unmeasured for a warm-up (caches, the backend's persistent
@@ -24,19 +32,22 @@ IOPS over fio's: the fraction of the storage's speed that reaches the guest.
 Patterns needing other negotiation (indirect descriptors off) re-attach the
 guest.  Figures are for comparing runs on one machine, never assertions.
 """
+import contextlib
 import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass
 
-from blkif import sandbox
+from blkif import sandbox, toolstack
 from blkif.errors import BlkifError, UsageError
 from blkif.sandbox import percentile
 
 DOMID, VDEV = 1, "xvda"
+FORMATS = ("raw", "qcow2", "nbd")
 WARMUP = 0.3  # seconds, each side, unmeasured
 POOL_PAGES = 1024  # per queue: four 1 MiB transfers in flight on one queue
 
@@ -89,6 +100,10 @@ def add_arguments(parser):
     parser.add_argument("--image", metavar="PATH",
                         help="create the image here (a new file, removed afterwards) "
                              "instead of in the sandbox's directory")
+    parser.add_argument("--format", choices=FORMATS, default="raw",
+                        help="the VBD's storage: raw (the image file, default), qcow2 (a "
+                             "qcow2 copy through qemu-storage-daemon) or nbd (the file "
+                             "exported by nbdkit, an NBD URI)")
     parser.add_argument("--list", action="store_true", help="list the patterns and exit")
     sandbox.add_arguments(parser)
 
@@ -148,6 +163,13 @@ def run(args):
     fio = shutil.which("fio")
     if fio is None:
         raise BlkifError("fio is not installed (Debian: apt-get install fio)")
+    if args.format == "nbd" and args.direct:
+        raise UsageError("--direct needs --format raw or qcow2 (nbdkit opens the file itself)")
+    for tool in {"qcow2": ["qemu-img", "qemu-storage-daemon"], "nbd": ["nbdkit"]}.get(
+            args.format, []):
+        if shutil.which(tool) is None:
+            raise BlkifError("%s is not installed (Debian: qemu-utils, qemu-system-common, "
+                             "nbdkit)" % tool)
     if args.image and os.path.lexists(args.image):
         raise UsageError("--image %s exists: give a new path (the bench creates and "
                          "removes it)" % args.image)
@@ -162,12 +184,14 @@ def run(args):
         image = box.make_image(os.path.abspath(args.image) if args.image else "disk.img",
                                args.size, lambda offset, n: chunk[:n])
         try:
-            results = _run_patterns(args, names, box, image, front, fio, progress)
+            with storage_for(args.format, box, image) as (params, uri):
+                results = _run_patterns(args, names, box, params, uri or image, front, fio,
+                                        progress)
         finally:
             if args.image:
                 os.unlink(image)
     report = {"size": args.size, "duration": args.duration, "direct": args.direct,
-              "engine": args.engine or "c", "patterns": results}
+              "format": args.format, "engine": args.engine or "c", "patterns": results}
     if args.json:
         print(json.dumps(report, indent=1, sort_keys=True))
     else:
@@ -175,10 +199,49 @@ def run(args):
     return 0
 
 
-def _run_patterns(args, names, box, image, front, fio, progress):
-    """Each pattern through the guest, then through fio; the report's rows."""
+@contextlib.contextmanager
+def storage_for(fmt, box, image):
+    """(``params`` for the VBD, the NBD URI fio uses or None) for ``--format``."""
+    if fmt == "raw":
+        yield image, None
+        return
+    if fmt == "qcow2":
+        qcow2 = box.path("disk.qcow2")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", image, qcow2],
+                       check=True, capture_output=True)
+        try:  # fio connects to the VBD's own daemon (storage_daemon's socket)
+            yield "qcow2:" + qcow2, "nbd+unix:///disk?socket=%s" % os.path.join(
+                box.state_dir, "vbd-%d-%d.nbd" % (DOMID, toolstack.vdev_to_devid(VDEV)))
+        finally:
+            os.unlink(qcow2)
+        return
+    sock = box.path("nbdkit.sock")
+    with open(box.path("nbdkit.log"), "ab") as log:
+        proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U", sock,
+                                 "file", image], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 10
+        while not _listening(sock):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BlkifError("nbdkit did not start (see %s)" % box.path("nbdkit.log"))
+            time.sleep(0.02)
+        uri = "nbd+unix:///?socket=" + sock
+        yield uri, uri
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def _listening(path):
+    with socket.socket(socket.AF_UNIX) as sock:
+        return sock.connect_ex(path) == 0
+
+
+def _run_patterns(args, names, box, params, target, front, fio, progress):
+    """Each pattern through the guest, then through fio on ``target`` (a file or
+    NBD URI); the report's rows."""
     results = []
-    box.add_vbd(DOMID, VDEV, image)
+    box.add_vbd(DOMID, VDEV, params)
     guest = box.start_guest(DOMID)
     attached = None
     for name in names:
@@ -203,7 +266,7 @@ def _run_patterns(args, names, box, image, front, fio, progress):
         blkif["cpu_us_per_io"]["backend"] = round(
             (process_cpu(worker) - start_cpu[0]) / max(blkif["ios"], 1) * 1e6, 1)
         progress.update(name + " fio", 0.0)
-        baseline = run_fio(fio, image, pattern, args.duration, args.direct)
+        baseline = run_fio(fio, target, pattern, args.duration, args.direct)
         results.append(dict(
             name=name, **asdict(pattern), negotiated=negotiated, blkif=blkif, fio=baseline,
             ratio=round(blkif["iops"] / baseline["iops"], 4) if baseline["iops"] else None))
@@ -213,26 +276,29 @@ def _run_patterns(args, names, box, image, front, fio, progress):
     return results
 
 
-def fio_argv(fio, image, pattern, duration, direct):
-    """fio doing ``pattern`` on ``image`` for ``duration`` s after a warm-up."""
+def fio_argv(fio, target, pattern, duration, direct):
+    """fio doing ``pattern`` on ``target`` (a file, or an NBD URI: fio's nbd
+    engine) for ``duration`` s after a warm-up."""
     rw = {("read", "random"): "randread", ("write", "random"): "randwrite",
           ("read", "sequential"): "read", ("write", "sequential"): "write"}
-    return [fio, "--name=baseline", "--filename=" + image, "--ioengine=io_uring",
+    where = (["--ioengine=nbd", "--uri=" + target] if "://" in target else
+             ["--filename=" + target, "--ioengine=io_uring", "--direct=%d" % direct])
+    return [fio, "--name=baseline", *where,
             "--rw=" + rw[pattern.op, pattern.access], "--bs=%d" % pattern.block_size,
-            "--iodepth=%d" % pattern.queue_depth, "--direct=%d" % direct,
+            "--iodepth=%d" % pattern.queue_depth,
             "--time_based", "--runtime=%dms" % (duration * 1000),
             "--ramp_time=%dms" % (WARMUP * 1000),
             "--norandommap", "--randrepeat=0", "--lat_percentiles=1",
             "--output-format=json"]
 
 
-def run_fio(fio, image, pattern, duration, direct):
+def run_fio(fio, target, pattern, duration, direct):
     """fio's figures for ``pattern``, in :func:`summary`'s shape plus CPU per I/O."""
-    run = subprocess.run(fio_argv(fio, image, pattern, duration, direct),
+    run = subprocess.run(fio_argv(fio, target, pattern, duration, direct),
                          capture_output=True, text=True, timeout=duration + 60)
     if run.returncode != 0:
-        raise BlkifError("fio failed on %s: %s" % (image, (run.stderr or run.stdout).strip()
-                                                   .splitlines()[-1:]))
+        raise BlkifError("fio failed on %s: %s" % (target, (run.stderr or run.stdout).strip()
+                                                    .splitlines()[-1:]))
     job = json.loads(run.stdout[run.stdout.index("{"):])["jobs"][0]
     side = job[pattern.op]
     seconds = side["runtime"] / 1e3
@@ -267,8 +333,12 @@ def print_report(report):
                   n["abi"], n["queues"], n["ring_pages"], "on" if n["persistent"] else "off",
                   max(r["negotiated"]["indirect_segments"] for r in report["patterns"]),
                   report["size"] >> 20, report["duration"]))
-        print("engine %s%s; fio: ioengine io_uring on the same image; CPU us/IO: fio's "
-              "process" % (report["engine"], ", O_DIRECT" if report["direct"] else ""))
+        fio = ("ioengine io_uring on the same image" if report["format"] == "raw"
+               else "ioengine nbd on the same NBD export")
+        engine = (report["engine"] if report["format"] == "raw"
+                  else "nbd, format %s" % report["format"])
+        print("engine %s%s; fio: %s; CPU us/IO: fio's process" % (
+            engine, ", O_DIRECT" if report["direct"] else "", fio))
 
 
 # -- the guest --------------------------------------------------------------

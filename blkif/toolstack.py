@@ -16,6 +16,7 @@ import re
 import stat
 import time
 
+from blkif.backend.params import ParamsError, parse_params
 from blkif.errors import BlkifError, UsageError
 from xenstore import XenbusState
 
@@ -85,8 +86,24 @@ def frontend_path(domid, devid):
     return "/local/domain/%d/device/vbd/%d" % (domid, devid)
 
 
+def params_node(target):
+    """``params`` for ``target``: a path made absolute (after its ``format:``
+    prefix, if any), an NBD URI as it is.  UsageError if it names nothing we serve."""
+    try:
+        parsed = parse_params(target)
+    except ParamsError as exc:
+        raise UsageError(str(exc)) from None
+    if parsed.kind == "nbd":
+        return target
+    path = os.path.abspath(parsed.path)
+    return "%s:%s" % (parsed.format, path) if parsed.format else path
+
+
 def create(xs, domid, vdev, target, mode="w", backend_domid=0):
-    """Write both directories of a new VBD; returns its devid."""
+    """Write both directories of a new VBD; returns its devid.
+
+    ``target`` is what ``params`` names: a file or device, ``<format>:<image>``
+    or an NBD URI (docs/storage.md)."""
     if mode not in ("r", "w"):
         raise UsageError("mode must be r or w, not %r" % mode)
     devid = vdev_to_devid(vdev)
@@ -96,7 +113,7 @@ def create(xs, domid, vdev, target, mode="w", backend_domid=0):
         raise UsageError("VBD %s (devid %d) of domain %d already exists" % (vdev, devid, domid))
     init = str(int(XenbusState.Initialising))
     backend_nodes = {
-        "frontend": front, "frontend-id": str(domid), "params": os.path.abspath(target),
+        "frontend": front, "frontend-id": str(domid), "params": params_node(target),
         "mode": mode, "online": "1", "removable": "0", "bootable": "1", "state": init,
         "dev": vdev, "type": "file", "device-type": "disk", "discard-enable": "1",
     }
@@ -131,7 +148,6 @@ def destroy(xs, domid, vdev, backend_domid=0):
 
 
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-RAW_PREFIXES = ("aio:", "raw:")  # libxl's params for a raw image served by a userspace backend
 
 
 def parse_size(text):
@@ -158,10 +174,14 @@ def resize(xs, domid, vdev, size, backend_domid=0):
     params = xs.read_str(back + "/params", None)
     if params is None:
         raise UsageError("no VBD %s (devid %d) for domain %d" % (vdev, devid, domid))
-    path = params
-    for prefix in RAW_PREFIXES:
-        if path.startswith(prefix):
-            path = path[len(prefix):]
+    try:
+        target = parse_params(params)
+    except ParamsError as exc:
+        raise UsageError("VBD %s of domain %d: %s" % (vdev, domid, exc)) from None
+    if target.kind != "file":
+        raise UsageError("VBD %s of domain %d is %s: online resize is for raw files and block "
+                         "devices (docs/storage.md)" % (vdev, domid, target))
+    path = target.path
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -228,7 +248,9 @@ def add_arguments(parser):
     create_p = sub.add_parser("create", help="write a new VBD's nodes (both in Initialising)")
     create_p.add_argument("--domid", type=int, required=True, help="the guest")
     create_p.add_argument("--vdev", required=True, help="xvda, sdb, hdc, d0p1 or a number")
-    create_p.add_argument("--target", required=True, help="image file or block device")
+    create_p.add_argument("--target", required=True,
+                          help="raw file or block device, FORMAT:IMAGE (qcow2:, vhd:, vmdk:, "
+                               "qed:, qcow:) or an NBD URI (docs/storage.md)")
     create_p.add_argument("--mode", default="w", choices=["r", "w"])
     destroy_p = sub.add_parser("destroy", help="remove a VBD's nodes")
     destroy_p.add_argument("--domid", type=int, required=True)

@@ -75,3 +75,19 @@ def compile_and_run(tmp_path, name, source, bits=64):
         key, value = rest.rsplit(" ", 1)
         result[(kind, key)] = value
     return result
+
+
+def start_nbdkit(sock, *args):
+    """``nbdkit -U sock args...``, returned once the socket accepts connections
+    (it exists a moment before it listens)."""
+    import socket
+    import subprocess
+    import time
+    proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), *args])
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.socket(socket.AF_UNIX) as s:
+            if s.connect_ex(str(sock)) == 0:
+                return proc
+        assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
+        time.sleep(0.02)

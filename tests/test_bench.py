@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from blkif import bench
+from helpers import require_tool
 from xenstore_fixtures import ROOT
 
 CHOSEN = ["randread-4k-qd1", "randwrite-4k-qd32", "seqread-1m-direct"]
@@ -115,3 +116,26 @@ def test_parse_patterns_keeps_order_without_repeats():
     assert bench.parse_patterns(None) == list(bench.PATTERNS)
     assert bench.parse_patterns(["seqread-1m-direct,randread-4k-qd1", "randread-4k-qd1"]) == [
         "seqread-1m-direct", "randread-4k-qd1"]
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "nbd"])
+def test_formats_beside_fio_on_the_same_nbd_export(fmt):
+    """--format qcow2|nbd: the guest through the VBD's NBD route, fio's nbd
+    engine on the same export."""
+    for tool in ("qemu-img", "qemu-storage-daemon", "nbdkit"):
+        require_tool(tool)
+    run = blkif("bench", "--duration", "0.3", "--size", "16M", "--json", "--format", fmt,
+                "--pattern", "randread-4k-qd32,seqwrite-1m-indirect")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["format"] == fmt
+    for r in report["patterns"]:
+        check_side(r["blkif"], r["block_size"])
+        check_side(r["fio"], r["block_size"])
+        assert r["negotiated"]["queues"] == 1  # one NBD connection per VBD
+
+
+def test_direct_is_refused_for_nbd():
+    run = blkif("bench", "--format", "nbd", "--direct")
+    assert run.returncode == 2 and "--direct needs --format raw or qcow2" in run.stderr
+    assert run.stderr.count("\n") == 1

@@ -133,8 +133,11 @@ def test_resize_refuses_devices_and_other_formats(tmp_path):
     image.write_bytes(bytes(4096))
     toolstack.resize(Xs("aio:%s" % image), 1, "xvda", 8192)
     assert image.stat().st_size == 8192
-    with pytest.raises(UsageError, match="No such file"):
-        toolstack.resize(Xs("qcow2:%s" % image), 1, "xvda", 1 << 20)
+    for params in ("qcow2:%s" % image, "nbd://storage1/vm7"):  # docs/storage.md
+        with pytest.raises(UsageError, match="online resize is for raw files and block devices"):
+            toolstack.resize(Xs(params), 1, "xvda", 1 << 20)
+    with pytest.raises(UsageError, match="unknown disk format 'vdi'"):
+        toolstack.resize(Xs("vdi:%s" % image), 1, "xvda", 1 << 20)
 
 
 @pytest.mark.parametrize("text,size", [("512", 512), ("20G", 20 << 30), ("4k", 4096),

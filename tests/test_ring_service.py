@@ -1,8 +1,10 @@
-"""A ring's service over the sim platform, for both servers: the C engine
-(io_uring and its thread-pool fallback, each on its own thread) and the
-Python reference.  A frontend domain grants a ring and data pages, the
+"""A ring's service over the sim platform, for every server: the C engine
+(io_uring and its thread-pool fallback, each on its own thread), the
+Python reference, and the NBD ring server (on its thread, the image served
+by nbdkit).  A frontend domain grants a ring and data pages, the
 server maps them and does the I/O against a real image file; every byte is
 checked against the file on disk, every answer against what blkif.h asks."""
+import importlib.util
 import os
 import time
 
@@ -12,15 +14,17 @@ from blkif.abi import X86_32, X86_64, constants as c
 from blkif.backend.engine import RingEngine
 from blkif.backend.ring_service import RingServer
 from blkif.backend.backing import Store
+from blkif.backend.nbd_ring import NbdRingServer
 from blkif.errors import RemoteProtocolError
 from blkif.platform import open_platform
 from blkif.platform.sim import SimHypervisor
 from blkif.request import Limits, RequestEncoder
 from blkif.ring import FrontRing
+from helpers import require, require_tool, start_nbdkit
 
 SECTORS = 4096  # 2 MiB image
 OKAY, ERROR, NOTSUP = c.BLKIF_RSP_OKAY, c.BLKIF_RSP_ERROR, c.BLKIF_RSP_EOPNOTSUPP
-SERVERS = ["c-io_uring", "c-threads", "python"]
+SERVERS = ["c-io_uring", "c-threads", "python", "nbd"]
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +48,21 @@ class Rig:
         self.fport = self.front.evtchn_alloc_unbound(0)
         self.bport = self.back.evtchn_bind_interdomain(1, self.fport.port)
         self.mapping = self.back.map_grants(1, self.ring_pages.refs)
-        self.store = Store(str(image), writable=not readonly)
+        self.nbdkit = None
+        if server == "nbd":
+            self.store = self._nbd_store(image, readonly)
+        else:
+            self.store = Store(str(image), writable=not readonly)
         self.limits = limits or Limits(sectors=SECTORS, discard=True, readonly=readonly,
                                        max_indirect_segments=256)
         self.threaded = server != "python"
-        if self.threaded:
+        if server == "nbd":
+            self.server = NbdRingServer(self.back, 1, self.mapping.buffer, self.bport, abi,
+                                        self.limits, self.store, persistent=persistent,
+                                        label="t", **options)
+            self.failures = []
+            self.server.start(self.failures.append)
+        elif self.threaded:
             self.server = RingEngine(self.back, 1, self.mapping.buffer, self.bport, abi,
                                      self.limits, self.store, persistent=persistent,
                                      label="t", io=server[2:], **options)
@@ -58,6 +72,15 @@ class Rig:
             self.server = RingServer(self.back, 1, self.mapping.buffer, self.bport, abi,
                                      self.limits, self.store, persistent=persistent,
                                      label="t", **options)
+
+    def _nbd_store(self, image, readonly):
+        """``image`` served by nbdkit on a Unix socket, and an NbdStore on it."""
+        require_tool("nbdkit")
+        require(importlib.util.find_spec("nbd") is not None, "python module nbd")
+        from blkif.backend.nbd_store import NbdStore
+        sock = image.parent / "nbd.sock"
+        self.nbdkit = start_nbdkit(sock, "file", str(image))
+        return NbdStore("nbd+unix:///?socket=%s" % sock, writable=not readonly)
 
     @property
     def counters(self):
@@ -93,6 +116,9 @@ class Rig:
         for thing in (self.bport, self.fport, self.data, self.ring_pages, self.back,
                       self.front):
             thing.close()
+        if self.nbdkit is not None:
+            self.nbdkit.terminate()
+            self.nbdkit.wait()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ a frontend that overruns the ring raises out of :meth:`service`
 Grants are mapped per request, all of its segments in one call; with
 persistent grants they come from a :class:`GrantCache`.
 """
+import contextlib
 import errno
 import logging
 import os
@@ -234,16 +235,28 @@ class RingServer:
             self.decoder.read_indirect(req, mapping.buffer)
 
     def _transfer(self, req, is_read):
-        """preadv/pwritev straight between the store and the granted pages.
+        """preadv/pwritev straight between the store and the granted pages."""
+        with self._segments(req, writable=is_read) as iov:
+            if is_read:
+                self.store.readv(iov, req.offset)
+                self.stats.read_bytes += req.nr_sectors * SECTOR_SIZE
+            else:
+                self.store.writev(iov, req.offset)
+                self.stats.write_bytes += req.nr_sectors * SECTOR_SIZE
+
+    @contextlib.contextmanager
+    def _segments(self, req, writable):
+        """The request's segments as buffers over the granted pages.
 
         Whole pages (the common case) go as they are: the cached page views
         with persistent grants, else the one buffer of this request's mapping.
+        No view outlives the ``with``; a per-request mapping is unmapped then.
         """
         grefs, bounds = req.grefs, req.bounds
         pages = self.grants.pages(grefs) if self.grants is not None else None
         mapping = None
         if pages is None:
-            mapping = self.platform.map_grants(self.domid, grefs, writable=is_read)
+            mapping = self.platform.map_grants(self.domid, grefs, writable=writable)
             self.stats.mapped_grants += len(grefs)
             pages = [mapping.buffer]
             if bounds is not None:
@@ -253,12 +266,7 @@ class RingServer:
         if bounds is not None:
             iov = [page[offset:offset + length] for page, (offset, length) in zip(pages, bounds)]
         try:
-            if is_read:
-                self.store.readv(iov, req.offset)
-                self.stats.read_bytes += req.nr_sectors * SECTOR_SIZE
-            else:
-                self.store.writev(iov, req.offset)
-                self.stats.write_bytes += req.nr_sectors * SECTOR_SIZE
+            yield iov
         finally:  # no view of ours may outlive a mapping
             if iov is not pages:
                 for view in iov:

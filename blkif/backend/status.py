@@ -104,4 +104,7 @@ def run(args):
         "disc", "read_B", "write_B", "errors", "flight", "pgrants", "engine/io"))
     for vbd in state["vbds"]:
         print(_row(vbd, workers.get((vbd["domid"], vbd["devid"]), {})))
+        error = (vbd.get("storage") or {}).get("error")
+        if error:  # the line under its VBD's row
+            print("       storage error: %s" % error)
     return 0

@@ -1,10 +1,13 @@
 """A VBD's control path (Linux: xen-blkback/xenbus.c).
 
-:class:`Vbd` owns one backend directory, the backing store named by its
-``params`` and ``mode`` nodes and, while connected, one mapped ring, bound
-event channel and ring server per queue: a :class:`RingEngine` (C, the
-default) or a :class:`RingServer` (the Python reference), each serving its
-ring on a thread of its own.
+:class:`Vbd` owns one backend directory, the storage named by its
+``params`` and ``mode`` nodes (``blkif.backend.storage``) and, while
+connected, one mapped ring, bound event channel and ring server per queue: a
+:class:`RingEngine` (C, the default) or a :class:`RingServer` (the Python
+reference) for a file or device, an :class:`NbdRingServer` for an image or
+NBD export, each serving its ring on a thread of its own.  Storage that
+fails or comes back is shown in the error node (:meth:`Vbd.tick`,
+:meth:`Vbd.storage_changed`).
 
 Its life follows Linux blkback:
 
@@ -36,19 +39,24 @@ changes; a ring whose frontend breaks it reports from its thread
 (:meth:`Vbd.ring_failed`, which wakes the worker) and the next
 :meth:`Vbd.changed` shuts the VBD down.
 """
+import collections
 import dataclasses
 import errno
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from blkif.abi import ffi
 from blkif.abi.constants import PAGE_SIZE, SECTOR_SIZE, VDISK_READONLY
 from blkif.backend.counters import RingCounters
 from blkif.backend.engine import MAX_PERSISTENT_GRANTS, RingEngine
+from blkif.backend.nbd_ring import NbdRingServer
 from blkif.backend.ring_service import RingServer
-from blkif.backend.backing import Store
+from blkif.backend.backing import StoreError
 from blkif.backend.journal import Journal, JournalError, journal_path
+from blkif.backend.params import parse_params
+from blkif.backend.storage import Storage
 from blkif.errors import RemoteProtocolError
 from blkif.negotiate import MAX_QUEUES, BackendOffer, Connection, DiskInfo, backend_action
 from blkif.platform import PlatformError
@@ -59,6 +67,7 @@ log = logging.getLogger(__name__)
 
 S = XenbusState
 STALE = (S.Initialised, S.Connected, S.Closing)  # a dead worker's connection
+FIRST_OPEN_DELAY, MAX_OPEN_DELAY = 1.0, 30.0  # retrying storage that would not open
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,7 @@ class BackendOptions:
     engine: str = "c"  # "c" (blkif.backend.engine) or "python" (ring_service)
     io: str = "io_uring"  # the C engine's I/O: "io_uring" or "threads"
     journal_dir: str = None  # where connections are journaled (live restart); None: not
+    run_dir: str = None  # where image VBDs put their storage daemon's socket
 
 
 class Vbd:
@@ -89,7 +99,13 @@ class Vbd:
         self.domid, self.devid = int(parts[-2]), int(parts[-1])
         self.label = "vbd %d/%d" % (self.domid, self.devid)
         self.closed_counters = {}  # queue index -> what its closed rings had done
+        self.params = None
+        self.target = None  # ``params`` parsed
         self.store = None
+        self.storage = None  # the Storage behind ``store``, once it opened
+        self.storage_error = None  # why the storage fails, or None
+        self._open_delay, self._open_at = FIRST_OPEN_DELAY / 2, 0.0
+        self._storage_reports = collections.deque()  # from ring threads: a failure, or None
         self.offer = None
         self.frontend = None
         self.state = S.Unknown
@@ -122,24 +138,50 @@ class Vbd:
     # -- life cycle -------------------------------------------------------
 
     def start(self):
-        """Open the store, publish the offer and go to InitWait."""
+        """Open the store, publish the offer and go to InitWait.
+
+        Raises BlkifError if the VBD cannot be served as configured (bad
+        ``params``, a file that cannot be opened).  An image or NBD export
+        that cannot be opened yet is reported (error node, ``blkif stats``)
+        and tried again from :meth:`tick` until it opens.
+        """
         params = self._node("params", "")
-        mode = self._node("mode", "w")
         self.frontend = self._node("frontend", "")
         if not params or not self.frontend:
             raise RemoteProtocolError("%s: backend node %s missing" % (
                 self.label, "params" if not params else "frontend"))
-        self.store = Store(params, writable="w" in mode, direct=self.options.direct)
+        self.params = params
+        self.target = parse_params(params)
+        self._open()
+
+    def _open(self):
+        opts = self.options
+        try:
+            self.storage = Storage(self.target, writable="w" in self._node("mode", "w"),
+                                   direct=opts.direct, run_dir=opts.run_dir, label=self.label,
+                                   name="vbd-%d-%d" % (self.domid, self.devid))
+        except StoreError as exc:
+            if self.target.kind == "file":
+                raise
+            self._open_delay = min(self._open_delay * 2, MAX_OPEN_DELAY)
+            self._open_at = time.monotonic() + self._open_delay
+            if str(exc) != self.storage_error:
+                log.error("%s: %s; trying again every %.0f s at most", self.label, exc,
+                          MAX_OPEN_DELAY)
+                self._set_storage_error(str(exc))
+            return
+        self._set_storage_error(None)
+        self.store = self.storage.store
         own = self.state = self.xs.read_state(self.path + "/state")
         if own == S.Connected and self._resume():
             return
         path = self._journal_path()
         if path and os.path.exists(path):
             os.unlink(path)  # a connection nobody carries on
-        opts = self.options
         self.offer = BackendOffer(
             max_ring_page_order=opts.max_ring_page_order,
-            max_queues=opts.max_queues,
+            # One NBD connection per VBD, owned by one ring thread: one queue.
+            max_queues=1 if self.storage.is_nbd else opts.max_queues,
             max_indirect_segments=opts.max_indirect_segments,
             persistent=opts.persistent,
             discard=self.store.discard_supported and self._node("discard-enable", "1") != "0",
@@ -158,13 +200,15 @@ class Vbd:
                     self._switch(S.Closed, txn)
                 else:
                     self._switch(S.InitWait, txn)
-        log.info("%s: serving %s (%s, %d sectors%s)", self.label, params,
+        log.info("%s: serving %s (%s, %d sectors%s)", self.label, self.target,
                  "read-write" if self.store.writable else "read-only", self.store.sectors,
                  ", O_DIRECT" if opts.direct else "")
         self.changed()
 
     def _journal_path(self):
-        if self.options.journal_dir is None or self.options.engine != "c":
+        """The C engine journals its rings; an NBD VBD's ring server does not."""
+        if (self.options.journal_dir is None or self.options.engine != "c"
+                or self.storage.is_nbd):
             return None
         return journal_path(self.options.journal_dir, self.domid, self.devid)
 
@@ -254,8 +298,43 @@ class Vbd:
         self._failures.append(message)
         self.wake()
 
+    def storage_changed(self, message):
+        """From a ring's thread: the storage failed (``message``) or is back (None)."""
+        self._storage_reports.append(message)
+        self.wake()
+
+    def tick(self):
+        """About once a second from the worker: watch the storage, or open it."""
+        if self.storage is None:
+            if self.target is not None and not self.gone and time.monotonic() >= self._open_at:
+                self._open()
+            return
+        self.storage.tick(idle=not self.servers)
+        self._set_storage_error(self.storage.error)
+
+    def _set_storage_error(self, error):
+        """The storage's failure in the error node (removed once it is back)."""
+        if error == self.storage_error:
+            return
+        self.storage_error = error
+        if self.storage is not None:
+            self.storage.error = error
+        try:
+            if error is not None:
+                self.xs.write(self._error_node(), "%d %s" % (errno.EIO, error))
+            elif self.xs.exists(self._error_node()):
+                self.xs.rm(self._error_node())
+        except XenstoreError as exc:
+            log.warning("%s: cannot write error node: %s", self.label, exc)
+
+    def _error_node(self):
+        return "/local/domain/%d/error%s/error" % (
+            self.backend_domid, self.path[len("/local/domain/%d" % self.backend_domid):])
+
     def changed(self):
         """Act on the current states of both ends (after any watch event)."""
+        while self._storage_reports:  # the last report is the current state
+            self._set_storage_error(self._storage_reports.popleft())
         if self._failures:
             message = self._failures[0]
             self._failures.clear()
@@ -266,6 +345,8 @@ class Vbd:
             self.gone = True
             self.disconnect()
             return
+        if self.storage is None:
+            return  # nothing offered until the storage opens (tick)
         own = self.xs.read_state(self.path + "/state")
         if own != self.state and own in (S.Closing, S.Closed):
             # The toolstack (libxl on ``xl destroy``) asks us to close.
@@ -335,12 +416,13 @@ class Vbd:
             "queues": len(conn.queues), "persistent": conn.persistent,
             "max_indirect_segments": self.offer.max_indirect_segments,
             "discard": self.offer.discard,
-            "engine": self.options.engine, "io": self.servers[0].io_mode,
+            "engine": "python" if self.storage.is_nbd else self.options.engine,
+            "io": self.servers[0].io_mode,
         }
         log.info("%s: connected: %s, %d queue(s) of %d ring page(s), persistent grants %s, "
                  "%s engine (%s)", self.label, conn.abi.protocol, len(conn.queues),
                  1 << conn.ring_page_order, "on" if conn.persistent else "off",
-                 self.options.engine, self.servers[0].io_note)
+                 self.negotiated["engine"], self.servers[0].io_note)
         for server in self.servers:
             server.start(self.ring_failed)
 
@@ -362,7 +444,13 @@ class Vbd:
                     raise
                 self._rings.append((mapping, port))
                 label = "%s q%d" % (self.label, i)
-                if self.options.engine == "python":
+                if self.storage.is_nbd:
+                    server = NbdRingServer(self.platform, self.domid, mapping.buffer, port,
+                                           conn.abi, limits, self.store,
+                                           persistent=conn.persistent, label=label,
+                                           max_grants=self.options.max_persistent_grants,
+                                           on_storage=self.storage_changed)
+                elif self.options.engine == "python":
                     server = RingServer(self.platform, self.domid, mapping.buffer, port,
                                         conn.abi, limits, self.store,
                                         persistent=conn.persistent, label=label,
@@ -421,8 +509,8 @@ class Vbd:
         if self.store.writable:
             self._flush_store()
         self._end_journal()
-        self.store.close()
-        self.store = None
+        self.storage.close()
+        self.storage = self.store = None
         self.detached = True
         log.info("%s: detached; the connection stays up for the next worker", self.label)
 
@@ -435,10 +523,8 @@ class Vbd:
     def fatal(self, message):
         """Linux ``xenbus_dev_fatal``: error node, release the rings, Closing."""
         log.error("%s: %s; closing the device", self.label, message)
-        error_dir = "/local/domain/%d/error%s" % (
-            self.backend_domid, self.path[len("/local/domain/%d" % self.backend_domid):])
         try:
-            self.xs.write(error_dir + "/error", "%d %s" % (errno.EIO, message))
+            self.xs.write(self._error_node(), "%d %s" % (errno.EIO, message))
         except XenstoreError as exc:
             log.warning("%s: cannot write error node: %s", self.label, exc)
         self.disconnect()
@@ -452,15 +538,16 @@ class Vbd:
             self.disconnect()
             if not self.gone:
                 self._switch(S.Closed)
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        if self.storage is not None:
+            self.storage.close()
+            self.storage = self.store = None
 
     def status(self):
         """The VBD's state and counters, for ``blkif stats``."""
         return {
             "domid": self.domid, "devid": self.devid, "path": self.path,
-            "params": self.store.path if self.store else None,
+            "params": self.params,
+            "storage": self._storage_status(),
             "state": self.state.name, "connections": self.connections,
             "negotiated": self.negotiated if self.servers else {},
             "rings_mapped": len(self._rings), "channels_bound": len(self._rings),
@@ -468,6 +555,13 @@ class Vbd:
             "queues": [dict(counters.as_dict(), queue=queue)
                        for queue, counters in sorted(self.queue_counters().items())],
         }
+
+    def _storage_status(self):
+        if self.storage is not None:
+            return self.storage.status()
+        if self.target is None:
+            return None
+        return {"kind": self.target.kind, "target": str(self.target), "error": self.storage_error}
 
     def queue_counters(self):
         """{queue index: counters over every ring served as that queue}

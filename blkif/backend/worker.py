@@ -8,7 +8,8 @@ in C, or the Python reference with ``--engine python``).  The main thread
 waits on a wake-up pipe, written by xenstore watch callbacks, signals and a
 ring thread whose frontend broke its ring; each wake-up re-reads both states
 (:meth:`Vbd.changed`).  About once a second the worker rewrites its status
-file and checks that its parent is still alive.
+file, lets the VBD watch its storage (:meth:`Vbd.tick`: a storage daemon to
+restart, an NBD connection to reopen) and checks that its parent is alive.
 
 Every second, and at once on SIGHUP, the worker checks whether the backing
 store grew and publishes the new size (:meth:`Vbd.check_size`).
@@ -130,6 +131,7 @@ def backend_options(args):
         direct=args.direct,
         engine=args.engine,
         io=args.io,
+        run_dir=args.state_dir or status.default_state_dir(),
         journal_dir=None if args.no_live_restart else os.path.join(
             args.state_dir or status.default_state_dir(), "journal"),
     )
@@ -197,6 +199,7 @@ class Worker:
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + TICK
+            self._guarded(self.vbd.tick)
             if not self.stopping:
                 self._guarded(self.vbd.check_size)
             self._write_status()
