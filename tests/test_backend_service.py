@@ -347,7 +347,7 @@ def test_an_upgrade_restart_leaves_every_vbd_connected(hv, tmp_path):
         with svc.dom0.watch(fe.back + "/state") as watch:
             assert watch.get(timeout=5) is not None  # a new watch fires once
             svc.proc.send_signal(signal.SIGUSR1)
-            assert svc.proc.wait(15) == 0, svc.output()
+            assert svc.proc.wait(30) == 0, svc.output()
             assert "detached 1 worker(s)" in svc.output()
             more = os.urandom(1 << 20)
             tag = q.submit_write(1 << 20, more)
