@@ -170,6 +170,17 @@ class Sandbox:
         except (OSError, ValueError):
             return False
 
+    def workers(self):
+        """{(domid, devid): pid} of the service's running workers, from its
+        status file ({} while it is being rewritten)."""
+        try:
+            with open(os.path.join(self.state_dir, "service.json")) as f:
+                status = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return {(w["domid"], w["devid"]): w["pid"] for w in status.get("workers", ())
+                if w.get("status") == "running"}
+
     # -- the toolstack ------------------------------------------------------
 
     def make_image(self, name, size, fill):
