@@ -42,7 +42,7 @@ import traceback
 from blkif.errors import BlkifError, UsageError
 
 # what a guest may be asked to call
-GUEST_MODULES = ("blkif.demo", "blkif.bench", "blkif.conformance.frontend.guest")
+GUEST_MODULES = ("blkif.demo", "blkif.bench", "blkif.conformance.frontend.guest", "blkif.soak")
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0  # per process, before SIGKILL
 PR_SET_PDEATHSIG = 1
