@@ -19,11 +19,11 @@ read and compared.  Its latencies are reported as p99 per time window (calm
 and flood halves), to compare with the solo p99.
 
 Every ``--sample`` s the service's memory (RSS of the supervisor, its spare
-worker and workers) and open file descriptors are read from /proc; the
-sample after start-up and the last one, once the churn has stopped, are
-compared (flat: the same descriptors, RSS within 10%), the baseline taken a
-quarter into the run (at most 60 s), once every ring has mapped its
-frontend's pool of persistent grants.
+worker and workers), open file descriptors and CPU time are read from /proc.
+Flat means: from a quarter into the run (at most 60 s: every ring has mapped
+its frontend's pool of persistent grants by then) to the end of the run,
+the supervisor's and the steady workers' RSS within 10%; and their
+descriptors the same once the churn and the flood are over.
 """
 import argparse
 import json
@@ -135,14 +135,34 @@ def _rss_and_fds(pid):
         return None
 
 
+def _cpu_seconds(pids):
+    """User plus system CPU time of ``pids`` (those still alive)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError):
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def sample(sandbox, steady):
     """The service's memory and descriptors now: supervisor, the workers of
-    the ``steady`` VBDs (domids), everything of the service together."""
+    the ``steady`` VBDs (domids), everything of the service together; and
+    the CPU time used so far by the service's live processes and by every
+    process of the sandbox (guests included), and the load average."""
     serve = sandbox.procs["serve"].pid
     by_vbd = {pid: domid for (domid, _), pid in sandbox.workers().items()}
+    service = _proc_tree(serve)
+    with open("/proc/loadavg") as f:
+        load = float(f.read().split()[0])
     out = {"t": time.monotonic(), "rss_total": 0, "fds_total": 0, "processes": 0,
-           "rss_steady": 0, "fds_steady": 0, "steady_workers": 0}
-    for pid in _proc_tree(serve):
+           "rss_steady": 0, "fds_steady": 0, "steady_workers": 0, "loadavg": load,
+           "cpu_service": _cpu_seconds(service),
+           "cpu_sandbox": _cpu_seconds(_proc_tree(os.getpid())[1:])}
+    for pid in service:
         got = _rss_and_fds(pid)
         if got is None:
             continue
@@ -281,12 +301,12 @@ def run(vbds=64, duration=300.0, iops=10.0, solo_seconds=20.0, sample_every=5.0,
     report["churn_cycles"], churn_failures = churned.get("r", (0, ["churn never ran"]))
     report["failures"]["lost"] += churn_failures
     report["flood"] = flood_result.get("r")
-    report.update(_judge(report, results, samples, steady))
+    report.update(_judge(report, results, samples, steady, end))
     report["ok"] = not any(report["failures"].values())
     return report
 
 
-def _judge(report, results, samples, steady):
+def _judge(report, results, samples, steady, end):
     failures = report["failures"]
     solo = max(report["solo_p99_ms"], 1e-3)
     ratios = {}
@@ -303,19 +323,23 @@ def _judge(report, results, samples, steady):
             failures["latency"].append("%s: a VBD's p99 is %.1fx the solo figure (bound %.0fx)"
                             % (phase, ratio, MAX_P99_RATIO))
     # The baseline: once a quarter of the run (at most 60 s) is over, when
-    # every ring has mapped its frontend's pool of persistent grants.
+    # every ring has mapped its frontend's pool of persistent grants.  RSS is
+    # compared with the last sample of the run (the final read of every disk
+    # maps more grants), descriptors with the one after the churn and flood.
     warm = samples[0]["t"] + min(60.0, report["duration"] / 4)
     first, last = next(s for s in samples if s["t"] >= warm), samples[-1]
+    in_run = [s for s in samples if s["t"] <= end][-1]
     for key in ("fds_supervisor", "fds_steady"):
         if last[key] != first[key]:
             failures["fds"].append("%s went from %d to %d" % (key, first[key], last[key]))
     for key in ("rss_supervisor", "rss_steady"):
-        if last[key] > first[key] * (1 + RSS_GROWTH):
+        if in_run[key] > first[key] * (1 + RSS_GROWTH):
             failures["memory"].append("%s grew from %.1f to %.1f MiB" % (
-                key, first[key] / 2**20, last[key] / 2**20))
+                key, first[key] / 2**20, in_run[key] / 2**20))
     return {"p99_ratio_worst": worst, "p99_ratios": ratios,
             "transfers": sum(r.get("transfers", 0) for r in results.values()),
-            "first_sample": first, "last_sample": last, "samples": samples}
+            "first_sample": first, "last_in_run": in_run, "last_sample": last,
+            "samples": samples}
 
 
 def main(argv=None):
@@ -339,12 +363,14 @@ def main(argv=None):
     first, last = report["first_sample"], report["last_sample"]
     print("%d VBDs x %.0f s at %.0f IOPS each, %d transfers verified, %d churned VBDs; "
           "solo p99 %.2f ms, worst p99 ratio calm %s flood %s; service RSS %.0f -> %.0f MiB, "
-          "fds %d -> %d (steady workers' %d -> %d)" % (
+          "fds %d -> %d (steady workers' %d -> %d); CPU %.0f s service, %.0f s sandbox" % (
               report["vbds"], report["duration"], report["iops_per_vbd"], report["transfers"],
               report["churn_cycles"], report["solo_p99_ms"], report["p99_ratio_worst"]["calm"],
               report["p99_ratio_worst"]["flood"], first["rss_total"] / 2**20,
-              last["rss_total"] / 2**20, first["fds_total"], last["fds_total"],
-              first["fds_steady"], last["fds_steady"]))
+              report["last_in_run"]["rss_total"] / 2**20, first["fds_total"], last["fds_total"],
+              first["fds_steady"], last["fds_steady"],
+              report["last_in_run"]["cpu_service"] - first["cpu_service"],
+              report["last_in_run"]["cpu_sandbox"] - first["cpu_sandbox"]))
     for kind, texts in report["failures"].items():
         for text in texts:
             print("FAILED (%s): %s" % (kind, text))
