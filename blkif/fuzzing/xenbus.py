@@ -17,6 +17,7 @@ accepted reads back the same from the nodes its own side would write.
 """
 import atheris
 
+from blkif.abi import ABIS
 from blkif.abi.constants import XENBUS_MAX_RING_GRANT_ORDER
 from blkif.errors import RemoteProtocolError
 from blkif.fuzzing import BrokenRule
@@ -94,7 +95,8 @@ def backend_reads(fdp):
         raise BrokenRule("ring-page-order %d accepted" % conn.ring_page_order)
     if conn.persistent and not offer.persistent:
         raise BrokenRule("persistent grants accepted, not offered")
-    conn.abi  # a protocol we cannot serve must have been refused
+    if conn.protocol and conn.protocol not in ABIS:
+        raise BrokenRule("protocol %r accepted" % conn.protocol)
     for queue in conn.queues:
         if len(queue.ring_refs) != 1 << conn.ring_page_order:
             raise BrokenRule("%d ring-refs for order %d" % (len(queue.ring_refs),
