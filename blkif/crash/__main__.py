@@ -15,9 +15,10 @@ def main(argv=None):
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=300, help="kills (default 300)")
     parser.add_argument("--seed", type=int, help="default: random, printed")
-    parser.add_argument("--mode", choices=("reattach", "live"), default="reattach",
-                        help="recovery to expect: the frontend attaches again (today), or "
-                             "a successor worker takes over (live restart)")
+    parser.add_argument("--mode", choices=("live", "reattach"), default="live",
+                        help="live: a successor worker takes the connection over (the "
+                             "default service); reattach: blkif serve --no-live-restart, "
+                             "the frontend attaches again")
     parser.add_argument("--engine", choices=("c", "python"), default="c")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

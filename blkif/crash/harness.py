@@ -8,14 +8,14 @@ runs a few rounds of non-overlapping writes, reads (checked as they are
 answered) and flushes, then SIGKILLs the VBD's worker, at a random moment
 of a round in flight or between rounds, and recovers:
 
-- ``reattach`` (what the service does today): the supervisor restarts the
-  worker, which closes the old connection; the frontend fails what was in
-  flight (those writes become *unsure*) and attaches again.  The image file
-  is then checked and taken as the truth, and the whole disk read back
-  through the device must match it;
-- ``live`` (for live restart, not there yet): a successor takes over the
-  connection, so no request may fail and the device never disconnects; the
-  same checks run.
+- ``live`` (``blkif serve``'s default): a successor worker takes the
+  connection over from the dead one's journal, so no request may fail and
+  the device never disconnects; then the image file and the whole disk read
+  back through the device are checked;
+- ``reattach`` (``blkif serve --no-live-restart``): the restarted worker
+  closes the old connection; the frontend fails what was in flight (those
+  writes become *unsure*) and attaches again.  The image file is then
+  checked and taken as the truth, and the whole disk read back must match.
 
 A VBD gets at most :data:`KILLS_PER_VBD` kills (the supervisor gives up on
 one that crashes too often, by design); then it is destroyed and a new one,
@@ -189,12 +189,14 @@ class Workload:
         self.account(self.submit(self.plan()), may_fail=False)
 
 
-def run(seed, iterations, mode="reattach", serve_options=(), log=print, sectors=4096):
+def run(seed, iterations, mode="live", serve_options=(), log=print, sectors=4096):
     """``iterations`` kills under the workload; a summary dict.  A broken
     contract raises :class:`Violation` naming the seed and the iteration."""
     rng = random.Random(seed)
     model = DiskModel(sectors)
     started = time.monotonic()
+    if mode == "reattach":
+        serve_options = list(serve_options) + ["--no-live-restart"]
     with CrashRig(sectors, serve_options) as rig:
         work = Workload(rig, rng, model)
         for i in range(iterations):
@@ -217,7 +219,7 @@ def run(seed, iterations, mode="reattach", serve_options=(), log=print, sectors=
 
 
 def _iteration(rig, work, rng, mode):
-    if mode == "reattach" and rig.kills_here >= KILLS_PER_VBD:
+    if rig.kills_here >= KILLS_PER_VBD:
         rig.rotate()
     for _ in range(rng.randint(0, 3)):
         work.round()

@@ -3,8 +3,9 @@ takes them (``RequestDecoder.take`` off a ring, ``read_indirect``, the answer
 through ``ResponseWriter``), and the C engine's decoder on the same bytes.
 
 The input is laid out as ``csrc/fuzz_engine.c``'s, so one corpus seeds both:
-byte 0 picks the ABI (bit 0), the device size (bits 1-2) and the advertised
-indirect segments (bits 3-5); byte 1 the features (bits: read-only, flush,
+byte 0 picks the ABI (bit 0), the device size (bits 1-2), the advertised
+indirect segments (bits 3-5) and the logical sector (bit 6: 4096, else 512);
+byte 1 the features (bits: read-only, flush,
 barrier, discard, discard-secure); then one request slot; then up to eight
 indirect pages, zero-padded.
 
@@ -12,7 +13,7 @@ Rules checked on every input:
 
 - nothing escapes but :class:`RequestError`;
 - an accepted request does only what was advertised, inside the device,
-  with 1..11 segments (0..11 for a flush or barrier) or 1..max indirect
+  on whole logical sectors, with 1..11 segments (0..11 for a flush or barrier) or 1..max indirect
   ones in ceil(n / 512) pages, each segment inside its page on sector
   bounds, the segments adding up to ``nr_sectors``;
 - a refused one is answered ERROR or EOPNOTSUPP, and the response the
@@ -35,7 +36,8 @@ MAX_SEGS = c.BLKIF_MAX_INDIRECT_SEGMENTS
 def limits_from(b0, b1):
     return Limits(sectors=SECTORS[b0 >> 1 & 3], max_indirect_segments=INDIRECT[b0 >> 3 & 7],
                   readonly=bool(b1 & 1), flush=bool(b1 & 2), barrier=bool(b1 & 4),
-                  discard=bool(b1 & 8), discard_secure=bool(b1 & 16))
+                  discard=bool(b1 & 8), discard_secure=bool(b1 & 16),
+                  sector_size=4096 if b0 & 0x40 else 512)
 
 
 class _Ring:
@@ -70,7 +72,7 @@ DECODERS = {}
 
 def python_verdict(abi, b0, b1, slot, pages):
     """("error", status, operation, id) or ("ok", fields...), through a ring."""
-    key = (abi.tag, b0 & 0x3F, b1 & 0x1F)
+    key = (abi.tag, b0 & 0x7F, b1 & 0x1F)
     decoder = DECODERS.get(key)
     if decoder is None:
         decoder = DECODERS[key] = RequestDecoder(abi, limits_from(b0, b1))
@@ -127,6 +129,9 @@ def _check_accepted(limits, req):
         raise BrokenRule("%r accepted, not advertised" % req)
     if req.nr_sectors and req.sector_number + req.nr_sectors > limits.sectors:
         raise BrokenRule("%r ends past the device's %d sectors" % (req, limits.sectors))
+    per = limits.sector_size // 512
+    if req.nr_sectors and (req.sector_number % per or req.nr_sectors % per):
+        raise BrokenRule("%r is not whole %d-byte sectors" % (req, limits.sector_size))
     if req.secure and not limits.discard_secure:
         raise BrokenRule("secure discard accepted, not advertised")
     if kind == c.BLKIF_OP_DISCARD:
@@ -157,7 +162,7 @@ def c_verdict(abi, b0, b1, slot, pages):
     lim = ffi.new("struct eng_limits *", {
         "sectors": limits.sectors, "readonly": limits.readonly, "flush": limits.flush,
         "barrier": limits.barrier, "discard": limits.discard,
-        "discard_secure": limits.discard_secure,
+        "discard_secure": limits.discard_secure, "sector_size": limits.sector_size,
         "max_indirect_segments": limits.max_indirect_segments})
     out = ffi.new("struct eng_request *")
     grefs, bounds = ffi.new("uint32_t[]", MAX_SEGS), ffi.new("uint32_t[]", 2 * MAX_SEGS)
