@@ -21,11 +21,25 @@ from blkif.abi.constants import (
     XENBUS_MAX_RING_GRANT_ORDER,
 )
 from blkif.errors import LocalProtocolError, RemoteProtocolError
-from xenstore import XenbusState
+from xenstore import BadValue, XenbusState
 
 Reader = Callable[[str], Optional[str]]
 
 MAX_QUEUES = 16  # our cap on multi-queue-max-queues
+
+
+def node_reader(xs, directory):
+    """A :data:`Reader` of the nodes under ``directory`` through ``xs``.
+
+    A value that is not UTF-8 text is the peer's protocol error
+    (RemoteProtocolError naming the node), like any other bad value.
+    """
+    def read(key):
+        try:
+            return xs.read_str("%s/%s" % (directory, key), None)
+        except BadValue as exc:
+            raise RemoteProtocolError(str(exc)) from None
+    return read
 
 
 def read_uint(read, key, default=None, maximum=None):

@@ -42,7 +42,7 @@ import traceback
 from blkif.errors import BlkifError, UsageError
 
 # what a guest may be asked to call
-GUEST_MODULES = ("blkif.demo", "blkif.bench", "blkif.conformance.frontend.guest")
+GUEST_MODULES = ("blkif.demo", "blkif.bench", "blkif.conformance.frontend.guest", "blkif.soak")
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0  # per process, before SIGKILL
 PR_SET_PDEATHSIG = 1
@@ -169,6 +169,17 @@ class Sandbox:
                 return json.load(f).get("pid") == self.procs["serve"].pid
         except (OSError, ValueError):
             return False
+
+    def workers(self):
+        """{(domid, devid): pid} of the service's running workers, from its
+        status file ({} while it is being rewritten)."""
+        try:
+            with open(os.path.join(self.state_dir, "service.json")) as f:
+                status = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return {(w["domid"], w["devid"]): w["pid"] for w in status.get("workers", ())
+                if w.get("status") == "running"}
 
     # -- the toolstack ------------------------------------------------------
 

@@ -147,7 +147,8 @@ def test_reconnect_after_close(service, vbd):
     ({"event-channel": "junk"}, "event-channel"),
     ({"ring-ref": "999999"}, "ring"),
     ({"event-channel": "4000"}, "connecting rings"),
-], ids=["order", "queues", "protocol", "port-junk", "bad-gref", "bad-port"])
+    ({"ring-ref": b"\xff8"}, "UTF-8"),  # killed the worker (the xenbus fuzz target reproduces it)
+], ids=["order", "queues", "protocol", "port-junk", "bad-gref", "bad-port", "not-utf8"])
 def test_bad_frontend_nodes_get_an_error_node_and_closing(service, vbd, nodes, reason):
     fe, _, domid, devid = vbd
     fe.setup(wants=FrontendWants(0, 1, 0, False), extra=nodes)

@@ -58,7 +58,8 @@ from blkif.backend.journal import Journal, JournalError, journal_path
 from blkif.backend.params import parse_params
 from blkif.backend.storage import Storage
 from blkif.errors import RemoteProtocolError
-from blkif.negotiate import MAX_QUEUES, BackendOffer, Connection, DiskInfo, backend_action
+from blkif.negotiate import (MAX_QUEUES, BackendOffer, Connection, DiskInfo, backend_action,
+                             node_reader)
 from blkif.platform import PlatformError
 from blkif.request import Limits
 from xenstore import BadValue, XenbusState, XenstoreError
@@ -130,10 +131,6 @@ class Vbd:
         if state != self.state:
             log.info("%s: %s -> %s", self.label, self.state.name, state.name)
         self.state = state
-
-    def _frontend_reader(self):
-        front = self.frontend
-        return lambda key: self.xs.read_str("%s/%s" % (front, key), None)
 
     # -- life cycle -------------------------------------------------------
 
@@ -228,7 +225,7 @@ class Vbd:
             desc = journal.description
             front = self.xs.read_state(self.frontend + "/state")
             offer = BackendOffer(**desc["offer"])
-            conn = Connection.read(self._frontend_reader(), offer)
+            conn = Connection.read(node_reader(self.xs, self.frontend), offer)
             if front != S.Connected or conn.nodes() != desc["frontend"] or (
                     desc["params"] != self.store.path):
                 raise JournalError("the frontend is %s, with other nodes than it had"
@@ -382,7 +379,7 @@ class Vbd:
     def connect(self):
         """Read the frontend's rings, map them, bind the channels, Connected."""
         try:
-            conn = Connection.read(self._frontend_reader(), self.offer)
+            conn = Connection.read(node_reader(self.xs, self.frontend), self.offer)
             path = self._journal_path()
             if path:
                 flag = self.store.flush_failed[0]

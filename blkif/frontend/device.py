@@ -66,6 +66,7 @@ from blkif.negotiate import (
     FrontendWants,
     QueueRing,
     frontend_action,
+    node_reader,
 )
 from blkif.platform import EventChannelClosed, PlatformError
 from blkif.toolstack import frontend_path, vdev_to_devid
@@ -159,6 +160,7 @@ class BlockDevice:
             self.backend_id = xs.read_int(self.path + "/backend-id")
         except (NoEntry, PermissionDenied) as exc:  # EACCES: a missing node we may not see
             raise UsageError("domain %d has no VBD %d (%s)" % (domid, devid, exc)) from None
+        self._backend_reader = node_reader(xs, self.backend)  # the backend's nodes
         self.state = S.Unknown          # ours, as last written
         self.backend_state = S.Unknown  # theirs, as last read
         self.queues = []
@@ -336,9 +338,6 @@ class BlockDevice:
         self.log.info("setup: %d queue(s) of %d ring page(s), indirect %d, persistent %s, %s",
                       nqueues, 1 << order, indirect, "on" if persistent else "off",
                       self.options.abi.protocol)
-
-    def _backend_reader(self, key):
-        return self.xs.read_str("%s/%s" % (self.backend, key), None)
 
     def _grant_queues(self, count, order, indirect):
         try:
