@@ -469,6 +469,15 @@ class Vbd:
         """Finish what is on the rings, then unmap and unbind everything."""
         if not self.servers and not self._rings:
             return
+        self._release()
+        journal = self._end_journal()
+        if journal is not None:
+            journal.remove()
+        log.info("%s: disconnected", self.label)
+
+    def _release(self):
+        """Serve what is queued and wait for what is in flight, then unmap,
+        unbind and flush the store."""
         for queue, server in enumerate(self.servers):
             server.stop()
             server.drain()
@@ -482,10 +491,6 @@ class Vbd:
         self._rings.clear()
         if self.store is not None and self.store.writable:
             self._flush_store()
-        journal = self._end_journal()
-        if journal is not None:
-            journal.remove()
-        log.info("%s: disconnected", self.label)
 
     def detach(self):
         """Leave the connection to a successor (an upgrade): answer everything
@@ -494,17 +499,7 @@ class Vbd:
         if self.journal is None or self.state != S.Connected or self.gone:
             self.shutdown()
             return
-        for server in self.servers:
-            server.stop()
-            server.drain()
-            server.close()
-        for mapping, port in self._rings:
-            port.close()
-            mapping.unmap()
-        self.servers.clear()
-        self._rings.clear()
-        if self.store.writable:
-            self._flush_store()
+        self._release()
         self._end_journal()
         self.storage.close()
         self.storage = self.store = None
