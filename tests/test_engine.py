@@ -14,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blkif.abi import X86_32, X86_64, constants as c, ffi, lib
+from blkif.abi import X86_64, constants as c, ffi
 from blkif.backend.engine import RingEngine
+from blkif.fuzzing.request import c_verdict
 from blkif.request import Limits, RequestDecoder, RequestEncoder, RequestError
 from blkif.ring import FrontRing
 from helpers import require
@@ -26,35 +27,9 @@ OKAY, ERROR = c.BLKIF_RSP_OKAY, c.BLKIF_RSP_ERROR
 MAX_SEGS = c.BLKIF_MAX_INDIRECT_SEGMENTS
 
 
-def c_limits(limits):
-    return ffi.new("struct eng_limits *", {
-        "sectors": limits.sectors, "readonly": limits.readonly, "flush": limits.flush,
-        "barrier": limits.barrier, "discard": limits.discard,
-        "discard_secure": limits.discard_secure,
-        "max_indirect_segments": limits.max_indirect_segments,
-        "sector_size": limits.sector_size})
-
-
 def c_decode(abi, limits, raw, indirect_pages=b""):
-    """The C decoder's verdict: ("error", status, operation, id) or the
-    request's fields, in the same shape as :func:`py_decode`."""
-    lim = c_limits(limits)
-    out = ffi.new("struct eng_request *")
-    grefs, bounds = ffi.new("uint32_t[]", MAX_SEGS), ffi.new("uint32_t[]", 2 * MAX_SEGS)
-    abi_code = lib.ENG_ABI_X86_32 if abi is X86_32 else lib.ENG_ABI_X86_64
-    if lib.eng_decode(abi_code, lim, raw, out, grefs, bounds) < 0:
-        return ("error", out.status, out.kind, out.id)
-    if out.operation == c.BLKIF_OP_INDIRECT:
-        keep = [ffi.from_buffer(indirect_pages[at:at + 4096])
-                for at in range(0, len(indirect_pages), 4096)]
-        pages = ffi.new("char *[]", keep or [ffi.NULL])
-        if lib.eng_decode_indirect(lim, out, pages, grefs, bounds) < 0:
-            return ("error", out.status, out.kind, out.id)
-    n = out.nr_segments if out.kind != c.BLKIF_OP_DISCARD else 0
-    segs = None if out.whole_pages else [(bounds[2 * i], bounds[2 * i + 1]) for i in range(n)]
-    return ("ok", out.id, out.operation, out.kind, out.sector_number, out.nr_sectors,
-            out.nr_segments if n else 0, list(grefs[0:n]), segs if n else None,
-            bool(out.secure))
+    """The C decoder's verdict, in the same shape as :func:`py_decode`."""
+    return c_verdict(abi, limits, raw, indirect_pages)
 
 
 def py_decode(abi, limits, raw, indirect_pages=b""):

@@ -156,9 +156,9 @@ def _check_accepted(limits, req):
         raise BrokenRule("%r: segments add up to %d sectors" % (req, sectors))
 
 
-def c_verdict(abi, b0, b1, slot, pages):
-    """The C engine's decoder on the same bytes, in :func:`python_verdict`'s shape."""
-    limits = limits_from(b0, b1)
+def c_verdict(abi, limits, slot, pages):
+    """The C engine's decoder on the same bytes, in :func:`python_verdict`'s shape
+    (tests/test_engine.py's differential test uses it too)."""
     lim = ffi.new("struct eng_limits *", {
         "sectors": limits.sectors, "readonly": limits.readonly, "flush": limits.flush,
         "barrier": limits.barrier, "discard": limits.discard,
@@ -171,7 +171,8 @@ def c_verdict(abi, b0, b1, slot, pages):
         return ("error", out.status, out.kind, out.id)
     if out.operation == c.BLKIF_OP_INDIRECT:
         keep = [ffi.from_buffer(pages[at:at + PAGE]) for at in range(0, len(pages), PAGE)]
-        if lib.eng_decode_indirect(lim, out, ffi.new("char *[]", keep), grefs, bounds) < 0:
+        if lib.eng_decode_indirect(lim, out, ffi.new("char *[]", keep or [ffi.NULL]), grefs,
+                                   bounds) < 0:
             return ("error", out.status, out.kind, out.id)
     n = out.nr_segments if out.kind != c.BLKIF_OP_DISCARD else 0
     segs = None if out.whole_pages else [(bounds[2 * i], bounds[2 * i + 1]) for i in range(n)]
@@ -190,6 +191,6 @@ def test_one_input(data):
     slot = bytes(data[2:2 + size])
     pages = bytes(data[2 + size:2 + size + MAX_PAGES * PAGE]).ljust(MAX_PAGES * PAGE, b"\0")
     py = python_verdict(abi, data[0], data[1], slot, pages)
-    cv = c_verdict(abi, data[0], data[1], slot, pages)
+    cv = c_verdict(abi, limits_from(data[0], data[1]), slot, pages)
     if py != cv:
         raise BrokenRule("the decoders disagree:\n  python %r\n  c      %r" % (py, cv))
