@@ -2,8 +2,10 @@
 
 A VBD is two directories, both starting in Initialising:
 
-- backend ``/local/domain/<backend>/backend/vbd/<domid>/<devid>``: owned by
-  the backend domain, readable by the guest;
+- backend ``/local/domain/<backend>/backend/<type>/<domid>/<devid>``: owned
+  by the backend domain, readable by the guest; ``<type>`` is ``vbd`` (what
+  libxl writes for ``phy`` disks, kernel blkback's type) or ``qdisk`` (what it
+  writes for ``backendtype=qdisk``);
 - frontend ``/local/domain/<domid>/device/vbd/<devid>``: owned by the guest,
   readable by the backend.
 
@@ -78,8 +80,21 @@ def introduce(xs, domid):
                 txn.set_perms("%s/%s" % (home, sub), ["n%d" % domid])
 
 
-def backend_path(backend_domid, domid, devid):
-    return "/local/domain/%d/backend/vbd/%d/%d" % (backend_domid, domid, devid)
+BACKEND_TYPES = ("vbd", "qdisk")
+
+
+def backend_path(backend_domid, domid, devid, kind="vbd"):
+    return "/local/domain/%d/backend/%s/%d/%d" % (backend_domid, kind, domid, devid)
+
+
+def find_backend(xs, backend_domid, domid, devid):
+    """The backend directory of a VBD, whichever its type (the ``vbd`` path
+    if there is none)."""
+    for kind in BACKEND_TYPES:
+        path = backend_path(backend_domid, domid, devid, kind)
+        if xs.exists(path):
+            return path
+    return backend_path(backend_domid, domid, devid)
 
 
 def frontend_path(domid, devid):
@@ -99,23 +114,27 @@ def params_node(target):
     return "%s:%s" % (parsed.format, path) if parsed.format else path
 
 
-def create(xs, domid, vdev, target, mode="w", backend_domid=0):
+def create(xs, domid, vdev, target, mode="w", backend_domid=0, kind="vbd"):
     """Write both directories of a new VBD; returns its devid.
 
     ``target`` is what ``params`` names: a file or device, ``<format>:<image>``
-    or an NBD URI (docs/storage.md)."""
+    or an NBD URI (docs/storage.md); ``kind`` the backend type."""
     if mode not in ("r", "w"):
         raise UsageError("mode must be r or w, not %r" % mode)
+    if kind not in BACKEND_TYPES:
+        raise UsageError("backend type must be one of %s, not %r"
+                         % (", ".join(BACKEND_TYPES), kind))
     devid = vdev_to_devid(vdev)
-    back = backend_path(backend_domid, domid, devid)
+    back = backend_path(backend_domid, domid, devid, kind)
     front = frontend_path(domid, devid)
-    if xs.exists(back) or xs.exists(front):
+    if xs.exists(find_backend(xs, backend_domid, domid, devid)) or xs.exists(front):
         raise UsageError("VBD %s (devid %d) of domain %d already exists" % (vdev, devid, domid))
     init = str(int(XenbusState.Initialising))
     backend_nodes = {
         "frontend": front, "frontend-id": str(domid), "params": params_node(target),
         "mode": mode, "online": "1", "removable": "0", "bootable": "1", "state": init,
-        "dev": vdev, "type": "file", "device-type": "disk", "discard-enable": "1",
+        "dev": vdev, "type": "file" if kind == "vbd" else kind, "device-type": "disk",
+        "discard-enable": "1",
     }
     frontend_nodes = {
         "backend": back, "backend-id": str(backend_domid), "state": init,
@@ -135,7 +154,7 @@ def create(xs, domid, vdev, target, mode="w", backend_domid=0):
 def destroy(xs, domid, vdev, backend_domid=0):
     """Remove both directories (the backend sees them go and closes the device)."""
     devid = vdev_to_devid(vdev)
-    back = backend_path(backend_domid, domid, devid)
+    back = find_backend(xs, backend_domid, domid, devid)
     front = frontend_path(domid, devid)
     if not xs.exists(back) and not xs.exists(front):
         raise UsageError("no VBD %s (devid %d) for domain %d" % (vdev, devid, domid))
@@ -170,7 +189,7 @@ def resize(xs, domid, vdev, size, backend_domid=0):
     other image formats with ``qemu-img resize``; shrinking is refused.
     """
     devid = vdev_to_devid(vdev)
-    back = backend_path(backend_domid, domid, devid)
+    back = find_backend(xs, backend_domid, domid, devid)
     params = xs.read_str(back + "/params", None)
     if params is None:
         raise UsageError("no VBD %s (devid %d) for domain %d" % (vdev, devid, domid))
@@ -198,22 +217,26 @@ def resize(xs, domid, vdev, size, backend_domid=0):
 
 
 def list_vbds(xs, backend_domid=0):
-    """Every VBD under our backend directory: dicts with both ends' states."""
-    root = "/local/domain/%d/backend/vbd" % backend_domid
+    """Every VBD under our backend directories: dicts with both ends' states."""
     out = []
-    for domid in sorted(xs.list(root) if xs.exists(root) else [], key=int):
-        for devid in sorted(xs.list("%s/%s" % (root, domid)), key=int):
-            back = "%s/%s/%s" % (root, domid, devid)
-            front = xs.read_str(back + "/frontend", "")
-            out.append({
-                "domid": int(domid), "devid": int(devid),
-                "vdev": xs.read_str(back + "/dev", ""),
-                "params": xs.read_str(back + "/params", ""),
-                "mode": xs.read_str(back + "/mode", ""),
-                "backend_state": xs.read_state(back + "/state").name,
-                "frontend_state": xs.read_state(front + "/state").name if front else "Unknown",
-            })
+    for kind in BACKEND_TYPES:
+        root = "/local/domain/%d/backend/%s" % (backend_domid, kind)
+        for domid in sorted(xs.list(root) if xs.exists(root) else [], key=int):
+            for devid in sorted(xs.list("%s/%s" % (root, domid)), key=int):
+                out.append(_describe(xs, int(domid), int(devid), kind,
+                                     "%s/%s/%s" % (root, domid, devid)))
+    out.sort(key=lambda row: (row["domid"], row["devid"]))
     return out
+
+
+def _describe(xs, domid, devid, kind, back):
+    front = xs.read_str(back + "/frontend", "")
+    return {"domid": domid, "devid": devid, "type": kind,
+            "vdev": xs.read_str(back + "/dev", ""),
+            "params": xs.read_str(back + "/params", ""),
+            "mode": xs.read_str(back + "/mode", ""),
+            "backend_state": xs.read_state(back + "/state").name,
+            "frontend_state": xs.read_state(front + "/state").name if front else "Unknown"}
 
 
 def _size_arg(text):
@@ -225,7 +248,7 @@ def _size_arg(text):
 
 def _wait_published(xs, domid, vdev, size, timeout, backend_domid):
     """Wait for a connected VBD's backend to publish ``size``; the message to print."""
-    back = backend_path(backend_domid, domid, vdev_to_devid(vdev))
+    back = find_backend(xs, backend_domid, domid, vdev_to_devid(vdev))
     sectors = size // 512
     if xs.read_state(back + "/state") != XenbusState.Connected:
         return "%s of domain %d: %d sectors, published when its frontend connects" % (
@@ -252,6 +275,9 @@ def add_arguments(parser):
                           help="raw file or block device, FORMAT:IMAGE (qcow2:, vhd:, vmdk:, "
                                "qed:, qcow:) or an NBD URI (docs/storage.md)")
     create_p.add_argument("--mode", default="w", choices=["r", "w"])
+    create_p.add_argument("--type", dest="kind", default="vbd", choices=BACKEND_TYPES,
+                          help="backend type: vbd (as libxl's phy disks) or qdisk (as its "
+                               "backendtype=qdisk disks); default vbd")
     destroy_p = sub.add_parser("destroy", help="remove a VBD's nodes")
     destroy_p.add_argument("--domid", type=int, required=True)
     destroy_p.add_argument("--vdev", required=True)
@@ -278,8 +304,8 @@ def run(args):
             if not os.path.exists(args.target):
                 raise UsageError("target %s does not exist" % args.target)
             devid = create(xs, args.domid, args.vdev, args.target, args.mode,
-                           args.backend_domid)
-            print(backend_path(args.backend_domid, args.domid, devid))
+                           args.backend_domid, args.kind)
+            print(backend_path(args.backend_domid, args.domid, devid, args.kind))
         elif args.action == "destroy":
             destroy(xs, args.domid, args.vdev, args.backend_domid)
         elif args.action == "resize":
@@ -291,10 +317,10 @@ def run(args):
             if args.json:
                 print(json.dumps(rows, indent=2))
             else:
-                print("%-6s %-6s %-6s %-4s %-13s %-13s %s" % (
-                    "domid", "devid", "vdev", "mode", "backend", "frontend", "target"))
+                print("%-6s %-6s %-6s %-5s %-4s %-13s %-13s %s" % (
+                    "domid", "devid", "vdev", "type", "mode", "backend", "frontend", "target"))
                 for r in rows:
-                    print("%-6d %-6d %-6s %-4s %-13s %-13s %s" % (
-                        r["domid"], r["devid"], r["vdev"], r["mode"], r["backend_state"],
-                        r["frontend_state"], r["params"]))
+                    print("%-6d %-6d %-6s %-5s %-4s %-13s %-13s %s" % (
+                        r["domid"], r["devid"], r["vdev"], r["type"], r["mode"],
+                        r["backend_state"], r["frontend_state"], r["params"]))
     return 0

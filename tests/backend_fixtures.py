@@ -107,7 +107,7 @@ class RawFrontend:
         self.xs = Xenstore.open(domain_socket_path(service.sock, domid))
         self.platform = open_platform("sim", domid=domid, path=service.hv.path)
         self.front = toolstack.frontend_path(domid, devid)
-        self.back = toolstack.backend_path(0, domid, devid)
+        self.back = self.xs.read_str(self.front + "/backend")  # vbd or qdisk
         self.queues = []
 
     def read_back(self, key):

@@ -127,6 +127,9 @@ def test_resize_refuses_devices_and_other_formats(tmp_path):
         def read_str(self, path, default=None):
             return self.params
 
+        def exists(self, path):
+            return "/backend/vbd/" in path
+
     with pytest.raises(UsageError, match="grow a block device"):
         toolstack.resize(Xs("/dev/null"), 1, "xvda", 1 << 30)
     image = tmp_path / "disk.img"

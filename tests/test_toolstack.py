@@ -42,15 +42,33 @@ def test_create_list_destroy(xenstored, tmp_path):  # noqa: F811
         assert xs.get_perms(back) == [Perm("n", 0), Perm("r", 3)]
         assert xs.get_perms(front) == [Perm("n", 3), Perm("r", 0)]
         assert list_vbds(xs) == [{
-            "domid": 3, "devid": 51728, "vdev": "xvdb", "params": str(image), "mode": "r",
-            "backend_state": "Initialising", "frontend_state": "Initialising"}]
-        with pytest.raises(UsageError, match="already exists"):
-            create(xs, 3, "xvdb", str(image))
+            "domid": 3, "devid": 51728, "type": "vbd", "vdev": "xvdb", "params": str(image),
+            "mode": "r", "backend_state": "Initialising", "frontend_state": "Initialising"}]
+        for kind in ("vbd", "qdisk"):  # one devid per guest, whatever the type
+            with pytest.raises(UsageError, match="already exists"):
+                create(xs, 3, "xvdb", str(image), kind=kind)
         destroy(xs, 3, "xvdb")
         assert not xs.exists(back) and not xs.exists(front)
         assert list_vbds(xs) == []
         with pytest.raises(UsageError, match="no VBD"):
             destroy(xs, 3, "xvdb")
+
+
+def test_a_qdisk_vbd_is_written_as_libxl_does(xenstored, tmp_path):  # noqa: F811
+    image = tmp_path / "disk.qcow2"
+    image.write_bytes(b"")
+    with Xenstore.open(xenstored) as xs:
+        devid = create(xs, 4, "xvda", "qcow2:%s" % image, kind="qdisk")
+        back = "/local/domain/0/backend/qdisk/4/%d" % devid
+        assert xs.read_str("/local/domain/4/device/vbd/%d/backend" % devid) == back
+        assert xs.read_str(back + "/params") == "qcow2:%s" % image
+        assert xs.read_str(back + "/type") == "qdisk"
+        (row,) = list_vbds(xs)
+        assert (row["type"], row["devid"]) == ("qdisk", devid)
+        destroy(xs, 4, "xvda")
+        assert not xs.exists(back) and list_vbds(xs) == []
+        with pytest.raises(UsageError, match="backend type"):
+            create(xs, 4, "xvda", str(image), kind="tap")
 
 
 def _cli(sock, *args):

@@ -1,8 +1,13 @@
 """The backend service, ``blkif serve``: a supervisor of per-VBD workers.
 
-It watches ``/local/domain/<backend>/backend/vbd`` and keeps one worker
-process (``blkif.backend.worker``) per VBD directory found there: started
-when the directory appears, sent SIGTERM when it goes.  A worker that dies
+It watches ``/local/domain/<backend>/backend/<type>`` for each type it
+serves (``--types``: ``vbd``, the xenbus type of kernel blkback and libxl's
+``phy`` disks; ``qdisk``, QEMU's, which libxl gives ``backendtype=qdisk``
+disks) and keeps one worker process (``blkif.backend.worker``) per VBD
+directory found there: started when the directory appears, sent SIGTERM when
+it goes.  The default, ``auto``, serves both unless Linux xen-blkback is
+loaded: then ``vbd`` is the kernel's and only ``qdisk`` is ours, so the two
+backends run side by side and never claim the same VBD.  A worker that dies
 is that VBD's failure alone: it is logged, and the worker restarted after a
 back-off that doubles with each crash; more than ``MAX_CRASHES`` crashes
 within ``CRASH_WINDOW`` seconds (or exit status 3, "cannot be served as
@@ -34,6 +39,7 @@ xenstore, STOPPING=1 when it starts to stop (each with a STATUS line), and
 WATCHDOG=1 from its loop when the unit asks for a watchdog.
 """
 import collections
+import contextlib
 import logging
 import os
 import selectors
@@ -44,6 +50,7 @@ import time
 
 from blkif import systemd
 from blkif.backend import status, worker
+from blkif.toolstack import BACKEND_TYPES
 from blkif.errors import UsageError
 from blkif.wakeup import Wakeup
 from xenstore import NoEntry, Xenstore
@@ -55,6 +62,7 @@ MAX_CRASHES = 5
 FIRST_BACKOFF = 0.25
 MAX_BACKOFF = 30.0
 KILL_MARGIN = 2.0  # beyond the workers' grace before SIGKILL
+KERNEL_BLKBACK = "/sys/module/xen_blkback"  # present while Linux xen-blkback is loaded
 
 
 class WorkerHandle:
@@ -81,6 +89,22 @@ class WorkerHandle:
                 "restarts": self.restarts, "last_exit": self.last_exit}
 
 
+def served_types(choice, platform, kernel_blkback=KERNEL_BLKBACK):
+    """The backend types ``--types`` names (``auto``: see the module's doc)."""
+    kernel = platform == "xen" and os.path.exists(kernel_blkback)
+    if choice == "auto":
+        return ("qdisk",) if kernel else BACKEND_TYPES
+    types = tuple(dict.fromkeys(t.strip() for t in choice.split(",") if t.strip()))
+    unknown = [t for t in types if t not in BACKEND_TYPES]
+    if unknown or not types:
+        raise UsageError("--types %s: give auto or a comma list of %s"
+                         % (choice, ", ".join(BACKEND_TYPES)))
+    if "vbd" in types and kernel:
+        raise UsageError("--types %s: Linux xen-blkback is loaded and serves backend/vbd "
+                         "itself; unload it (rmmod xen-blkback) or serve qdisk only" % choice)
+    return types
+
+
 def describe_exit(code):
     if code < 0:
         return "killed by %s" % signal.Signals(-code).name
@@ -90,7 +114,8 @@ def describe_exit(code):
 class Service:
     def __init__(self, args):
         self.args = args
-        self.root = "/local/domain/%d/backend/vbd" % args.backend_domid
+        self.types = ()  # from --types, when run() starts
+        self.roots = []
         self.state_dir = args.state_dir or status.default_state_dir()
         self.worker_argv = ([sys.executable, "-m", "blkif.backend.worker"]
                             + worker.option_argv(args) + ["-v"] * getattr(args, "verbose", 0))
@@ -118,6 +143,9 @@ class Service:
         self.wakeup.wake()
 
     def run(self):
+        self.types = served_types(getattr(self.args, "types", "auto"), self.args.platform)
+        self.roots = ["/local/domain/%d/backend/%s" % (self.args.backend_domid, kind)
+                      for kind in self.types]
         os.makedirs(self.state_dir, exist_ok=True)
         worker.open_backend_platform(self.args).close()  # fail here, not in every worker
         metrics = self._serve_metrics()
@@ -127,10 +155,14 @@ class Service:
         handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self.wakeup.wake)
         try:
             with Xenstore.open(self.args.xenstore) as xs:
-                log.info("serving VBDs under %s (state in %s)", self.root, self.state_dir)
+                where = " and ".join(self.roots)
+                log.info("serving VBDs under %s (state in %s)", where, self.state_dir)
                 self._start_spare()
-                with xs.watch(self.root, "blkif-serve", callback=self.wakeup.wake):
-                    systemd.notify("READY=1", "STATUS=serving VBDs under %s" % self.root)
+                with contextlib.ExitStack() as watches:
+                    for root in self.roots:
+                        watches.enter_context(
+                            xs.watch(root, "blkif-serve-" + root, callback=self.wakeup.wake))
+                    systemd.notify("READY=1", "STATUS=serving VBDs under %s" % where)
                     while not self.stopping:
                         self._round(xs)
                         self._write_status("running")
@@ -187,26 +219,29 @@ class Service:
                 handle.proc.send_signal(signal.SIGHUP)
 
     def _present(self, xs):
-        found = set()
-        try:
-            domids = xs.list(self.root)
-        except NoEntry:
-            return found
-        for domid in domids:
+        """{(domid, devid): backend directory} of every VBD in our roots (the
+        first root wins if a guest had one devid under two types)."""
+        found = {}
+        for root in self.roots:
             try:
-                devids = xs.list("%s/%s" % (self.root, domid))
+                domids = xs.list(root)
             except NoEntry:
                 continue
-            found.update((int(domid), int(devid)) for devid in devids
-                         if domid.isdigit() and devid.isdigit())
+            for domid in filter(str.isdigit, domids):
+                try:
+                    devids = xs.list("%s/%s" % (root, domid))
+                except NoEntry:
+                    continue
+                for devid in filter(str.isdigit, devids):
+                    found.setdefault((int(domid), int(devid)),
+                                     "%s/%s/%s" % (root, domid, devid))
         return found
 
     def _scan(self, xs):
         present = self._present(xs)
         now = time.monotonic()
-        for key in present - set(self.workers):
-            domid, devid = key
-            self.workers[key] = WorkerHandle(domid, devid, "%s/%d/%d" % (self.root, domid, devid))
+        for key in present.keys() - self.workers.keys():
+            self.workers[key] = WorkerHandle(*key, present[key])
         for key, handle in list(self.workers.items()):
             if key not in present:
                 if handle.status in ("starting", "restarting", "failed"):
@@ -369,7 +404,8 @@ class Service:
     def _write_status(self, state):
         try:
             status.write_status(os.path.join(self.state_dir, "service.json"), {
-                "pid": os.getpid(), "state": state, "root": self.root,
+                "pid": os.getpid(), "state": state, "roots": self.roots,
+                "types": list(self.types),
                 "platform": self.args.platform,
                 "workers": [h.as_dict() for h in self.workers.values()],
                 "finished": list(self.finished),
@@ -380,6 +416,10 @@ class Service:
 
 def add_arguments(parser):
     worker.add_options(parser)
+    parser.add_argument("--types", default="auto", metavar="LIST",
+                        help="backend types to serve: vbd, qdisk, or both as a comma list "
+                             "(default auto: both, or only qdisk while Linux xen-blkback "
+                             "is loaded and serves vbd)")
     parser.add_argument("--hung-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="kill and restart a worker silent for this long (default 30)")
     parser.add_argument("--metrics", metavar="ADDRESS",

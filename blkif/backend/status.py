@@ -14,7 +14,10 @@ from blkif.errors import UsageError
 
 
 def default_state_dir():
-    """/run/blkif for root, else $XDG_RUNTIME_DIR/blkif or /tmp/blkif-<uid>."""
+    """$BLKIF_STATE_DIR if set, else /run/blkif for root, else
+    $XDG_RUNTIME_DIR/blkif or /tmp/blkif-<uid>."""
+    if os.environ.get("BLKIF_STATE_DIR"):
+        return os.environ["BLKIF_STATE_DIR"]
     if os.geteuid() == 0:
         return "/run/blkif"
     runtime = os.environ.get("XDG_RUNTIME_DIR")
