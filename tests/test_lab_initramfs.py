@@ -1,4 +1,7 @@
 """blkif.lab.initramfs: module order, ldd parsing, manifests and init scripts."""
+import os
+import subprocess
+
 import pytest
 
 from blkif.errors import BlkifError
@@ -108,9 +111,15 @@ def test_guest_manifest_real_tools_shadow_busybox(tmp_path):
 
 def test_guest_init_reports_what_the_host_parses():
     init = initramfs.GUEST_INIT
-    for needle in ('say "DONE rc=$FAILED"', "labmode=*", "labblk=*", "oflag=direct",
-                   "iflag=direct", "/sbin/mke2fs", "/sbin/e2fsck -fn", "blkdiscard -o"):
+    for needle in ('say "DONE rc=$FAILED"', "labmode=*", "labblk=*", "labdisks=*",
+                   "oflag=direct", "iflag=direct", "/sbin/mke2fs", "/sbin/e2fsck -fn",
+                   "blkdiscard -o", 'say "MD5 $n $off $size $sum $D"'):
         assert needle in init
+    for shell in ("/bin/busybox", "/bin/dash"):  # the guest's sh, and Debian's
+        if os.path.exists(shell):
+            argv = [shell, "sh", "-n"] if shell.endswith("busybox") else [shell, "-n"]
+            proc = subprocess.run(argv, input=init, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr
 
 
 def test_find_kernel_picks_newest_with_xen_drivers(tmp_path):

@@ -37,7 +37,8 @@ LAB VALUE max_segments=32 nr_queues=2\r
 LAB DMESG [    8.96] blkfront: xvda: persistent grants: enabled\r
 LAB CHECK fs fail mke2fs: bad option\r
 LAB MD5 0 3932160 131072 e1406e1f3b33536ac928ab9cf58d399b\r
-LAB MD5 1 9437184 524288 5f81a791c993911af0b581b0a2f9397e\r
+LAB MD5 1 9437184 524288 5f81a791c993911af0b581b0a2f9397e xvda\r
+LAB MD5 1 9437184 524288 00000000000000000000000000000000 xvdb\r
 LAB DONE rc=1\r
 """
 
@@ -48,6 +49,8 @@ def test_parse_console():
                         ("fs", False, "mke2fs: bad option")]
     assert r.values == {"max_segments": "32", "nr_queues": "2"}
     assert r.md5[1] == (9437184, 524288, "5f81a791c993911af0b581b0a2f9397e")
+    assert r.md5 == r.disk_md5["xvda"] and len(r.md5) == 2  # no disk named: xvda
+    assert r.disk_md5["xvdb"] == {1: (9437184, 524288, "0" * 32)}
     assert r.dmesg == ["[    8.96] blkfront: xvda: persistent grants: enabled"]
     assert r.done == 1
 

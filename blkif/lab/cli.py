@@ -13,7 +13,7 @@ import sys
 import time
 
 from blkif.errors import BlkifError, UsageError
-from blkif.lab import perf, phases, restart
+from blkif.lab import perf, phases, qdisk, restart
 from blkif.lab.report import Report, format_failure, format_table
 
 # Debian package -> a file that proves it is installed (dom0 uses the host's).
@@ -25,6 +25,8 @@ PACKAGES = {
     "linux-image-amd64": None,  # checked by initramfs.find_kernel
     "busybox-static": "/bin/busybox",
     "e2fsprogs": "/sbin/mke2fs",
+    "qemu-utils": "/usr/bin/qemu-img",  # the qdisk phase's image, made and checked
+    "qemu-system-common": "/usr/bin/qemu-storage-daemon",  # serves that image
 }
 # What --perf needs besides: QEMU's Xen device model (qdisk) and fio for the guest.
 PERF_PACKAGES = {
@@ -178,6 +180,9 @@ def _run_locked(args, chosen, workdir):
             step("restart", "blkif serve restarted under fio", restart_run.run)
         if "baseline" in chosen:
             step("baseline", "linux blkback vs linux blkfront", lab.baseline)
+        if "qdisk" in chosen:
+            step("qdisk", "xen-blkback and blkif serve in one guest",
+                 qdisk.QdiskRun(lab).run)
         for name, why in (("backend", phases.available_backend()),
                           ("frontend", phases.available_frontend()),
                           ("conformance", None)):

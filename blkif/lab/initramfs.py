@@ -198,18 +198,21 @@ def guest_manifest(busybox, applets, modules_root, module_paths, tools, plan_tex
 GUEST_INIT = r"""#!/bin/sh
 # blkif lab: guest init (generated).  Loads xen-blkfront (parameters from
 # labblk=a=1,b=2 on the kernel command line), runs the workload for
-# labmode=full|verify on /dev/xvda and reports "LAB <KIND> ..." lines on the
-# console, ending with "LAB DONE rc=N"; then idles until destroyed.
+# labmode=full|verify on each disk of labdisks=xvda,xvdb (default xvda) and
+# reports "LAB <KIND> ..." lines on the console (checks, values and MD5 lines
+# of a disk other than xvda name it), ending with "LAB DONE rc=N"; then idles
+# until destroyed.
 # Debian's busybox sh prefers its own applets to PATH: real tools by full path.
 export PATH=/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-MODE=full BLK= FAILED=0
+MODE=full BLK= DISKS=xvda FAILED=0
 for a in $(cat /proc/cmdline); do
   case "$a" in
     labmode=*) MODE=${a#labmode=} ;;
     labblk=*) BLK=$(echo "${a#labblk=}" | tr , ' ') ;;
+    labdisks=*) DISKS=$(echo "${a#labdisks=}" | tr , ' ') ;;
   esac
 done
 say() { echo "LAB $*"; }
@@ -238,40 +241,48 @@ for m in $(cat /etc/lab/modules); do
 done
 FREE0=$(memfree)
 insmod "$BLKFRONT" $BLK || say "WARN insmod $BLKFRONT failed"
-i=0
-while [ ! -b /dev/xvda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
-if [ ! -b /dev/xvda ]; then check attach fail "no /dev/xvda after 30s"; finish; fi
+for D in $DISKS; do
+  i=0
+  while [ ! -b /dev/$D ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+  [ -b /dev/$D ] || { check attach fail "no /dev/$D after 30s"; finish; }
+done
 say "VALUE memfree_before_kb=$FREE0 memfree_after_kb=$(memfree)"
-check attach pass "/dev/xvda at uptime $(now)s"
-q=/sys/block/xvda/queue
-say "VALUE max_segments=$(cat $q/max_segments)" \
-  "max_hw_sectors_kb=$(cat $q/max_hw_sectors_kb)" \
-  "discard_max_bytes=$(cat $q/discard_max_bytes)" \
-  "write_cache=$(tr ' ' _ < $q/write_cache)" \
-  "nr_queues=$(set -- /sys/block/xvda/mq/*; echo $#)" \
-  "sectors=$(cat /sys/block/xvda/size)"
+check attach pass "/dev/$(echo $DISKS | tr ' ' ,) at uptime $(now)s"
 dmesg | grep -i blkfront | while read -r l; do say "DMESG $l"; done
 
-rd() { dd if=/dev/xvda of="$1" bs="$3" skip=$(($2 / $3)) count=1 iflag=direct 2>/dev/null; }
-wr() { dd if="$1" of=/dev/xvda bs="$3" seek=$(($2 / $3)) count=1 oflag=direct conv=notrunc 2>/dev/null; }
+# The disk the functions below work on: DEV, its queue q, and TAG and P that
+# name it in checks and values (empty for xvda, as with one disk).
+use_disk() {
+  D=$1 DEV=/dev/$1 q=/sys/block/$1/queue TAG= P=
+  [ "$D" = xvda ] || { TAG=@$D; P=${D}_; }
+  say "VALUE ${P}max_segments=$(cat $q/max_segments)" \
+    "${P}max_hw_sectors_kb=$(cat $q/max_hw_sectors_kb)" \
+    "${P}discard_max_bytes=$(cat $q/discard_max_bytes)" \
+    "${P}write_cache=$(tr ' ' _ < $q/write_cache)" \
+    "${P}nr_queues=$(set -- /sys/block/$D/mq/*; echo $#)" \
+    "${P}sectors=$(cat /sys/block/$D/size)"
+}
+
+rd() { dd if=$DEV of="$1" bs="$3" skip=$(($2 / $3)) count=1 iflag=direct 2>/dev/null; }
+wr() { dd if="$1" of=$DEV bs="$3" seek=$(($2 / $3)) count=1 oflag=direct conv=notrunc 2>/dev/null; }
 rand() { dd if=/dev/urandom of="$1" bs="$2" count=1 iflag=fullblock 2>/dev/null; }
 
 fs_check() {
   t0=$(now)
-  /sbin/mke2fs -q -t ext4 -F /dev/xvda > /tmp/mkfs.log 2>&1 \
-    || { check fs fail "mke2fs: $(tail -1 /tmp/mkfs.log)"; return; }
-  mount -t ext4 /dev/xvda /mnt || { check fs fail "mount ext4 failed"; return; }
+  /sbin/mke2fs -q -t ext4 -F $DEV > /tmp/mkfs.log 2>&1 \
+    || { check fs$TAG fail "mke2fs: $(tail -1 /tmp/mkfs.log)"; return; }
+  mount -t ext4 $DEV /mnt || { check fs$TAG fail "mount ext4 failed"; return; }
   for n in 4096 65536 1048576 3145728; do rand /mnt/f$n $n; done
   (cd /mnt && md5sum f* > /tmp/fs.md5)
   sync
-  umount /mnt || { check fs fail "umount failed"; return; }
-  mount -t ext4 -o ro /dev/xvda /mnt || { check fs fail "remount failed"; return; }
+  umount /mnt || { check fs$TAG fail "umount failed"; return; }
+  mount -t ext4 -o ro $DEV /mnt || { check fs$TAG fail "remount failed"; return; }
   (cd /mnt && md5sum -c /tmp/fs.md5 > /dev/null 2>&1); r=$?
   umount /mnt
-  [ $r = 0 ] || { check fs fail "files differ after remount"; return; }
-  /sbin/e2fsck -fn /dev/xvda > /tmp/fsck.log 2>&1 \
-    || { check fs fail "e2fsck: $(tail -1 /tmp/fsck.log)"; return; }
-  check fs pass "mkfs.ext4, 4 files, remount md5 ok, e2fsck -fn clean (${t0}s-$(now)s)"
+  [ $r = 0 ] || { check fs$TAG fail "files differ after remount"; return; }
+  /sbin/e2fsck -fn $DEV > /tmp/fsck.log 2>&1 \
+    || { check fs$TAG fail "e2fsck: $(tail -1 /tmp/fsck.log)"; return; }
+  check fs$TAG pass "mkfs.ext4, 4 files, remount md5 ok, e2fsck -fn clean (${t0}s-$(now)s)"
 }
 
 discard_check() {
@@ -279,13 +290,13 @@ discard_check() {
   rand /tmp/d $len
   dd if=/dev/zero of=/tmp/z bs=$len count=1 2>/dev/null
   wr /tmp/d $off $len && rd /tmp/r $off $len && cmp -s /tmp/d /tmp/r \
-    || { check discard fail "write before discard not read back"; return; }
-  blkdiscard -o $off -l $len /dev/xvda || { check discard fail "blkdiscard failed"; return; }
+    || { check discard$TAG fail "write before discard not read back"; return; }
+  blkdiscard -o $off -l $len $DEV || { check discard$TAG fail "blkdiscard failed"; return; }
   rd /tmp/r $off $len
   if cmp -s /tmp/r /tmp/z; then
-    check discard pass "$len bytes at $off read back as zeros"
+    check discard$TAG pass "$len bytes at $off read back as zeros"
   else
-    check discard fail "$len bytes at $off not zero after discard"
+    check discard$TAG fail "$len bytes at $off not zero after discard"
   fi
   rm -f /tmp/d /tmp/z /tmp/r
 }
@@ -297,8 +308,8 @@ raw_write() {
     wr /tmp/c$n $off $size || bad=$((bad + 1))
     n=$((n + 1))
   done < /etc/lab/plan
-  [ $bad = 0 ] && check raw-write pass "$n chunks written O_DIRECT (${t0}s-$(now)s)" \
-    || check raw-write fail "$bad of $n writes failed"
+  [ $bad = 0 ] && check raw-write$TAG pass "$n chunks written O_DIRECT (${t0}s-$(now)s)" \
+    || check raw-write$TAG fail "$bad of $n writes failed"
 }
 
 raw_read() {
@@ -307,11 +318,11 @@ raw_read() {
     rd /tmp/r $off $size || bad=$((bad + 1))
     sum=$(md5sum < /tmp/r); sum=${sum%% *}
     if [ -e /tmp/c$n ]; then cmp -s /tmp/c$n /tmp/r || bad=$((bad + 1)); fi
-    say "MD5 $n $off $size $sum"
+    say "MD5 $n $off $size $sum $D"
     n=$((n + 1))
   done < /etc/lab/plan
-  [ $bad = 0 ] && check $1 pass "$n chunks read O_DIRECT and compared (${t0}s-$(now)s)" \
-    || check $1 fail "$bad of $n chunks differ or failed"
+  [ $bad = 0 ] && check $1$TAG pass "$n chunks read O_DIRECT and compared (${t0}s-$(now)s)" \
+    || check $1$TAG fail "$bad of $n chunks differ or failed"
 }
 
 # Every slot of every ring busy at once (blkif/lab/capacity.py), where that
@@ -322,28 +333,31 @@ fill_rings() {
   if [ $kb -gt 16384 ]; then say "VALUE fill_kb=0"; return; fi
   pin=; taskset -c 0 true 2>/dev/null && pin=1
   t0=$(now)
-  for c in $(seq 0 $(( $(set -- /sys/block/xvda/mq/*; echo $#) - 1 ))); do
-    if [ -n "$pin" ]; then taskset -c $c dd if=/dev/xvda of=/dev/null bs=${kb}k count=1 iflag=direct 2>/dev/null &
-    else dd if=/dev/xvda of=/dev/null bs=${kb}k count=1 iflag=direct 2>/dev/null &
+  for c in $(seq 0 $(( $(set -- /sys/block/$D/mq/*; echo $#) - 1 ))); do
+    if [ -n "$pin" ]; then taskset -c $c dd if=$DEV of=/dev/null bs=${kb}k count=1 iflag=direct 2>/dev/null &
+    else dd if=$DEV of=/dev/null bs=${kb}k count=1 iflag=direct 2>/dev/null &
     fi
   done
   wait
   say "VALUE fill_kb=$kb fill_from_s=$t0 fill_to_s=$(now)"
 }
 
-case "$MODE" in
-  full)
-    fs_check
-    discard_check $(head -1 /etc/lab/discard)
-    raw_write
-    raw_read raw-verify
-    fill_rings
-    ;;
-  verify)
-    raw_read reread
-    ;;
-  *) check mode fail "unknown labmode=$MODE" ;;
-esac
+for disk in $DISKS; do
+  use_disk $disk
+  case "$MODE" in
+    full)
+      fs_check
+      discard_check $(head -1 /etc/lab/discard)
+      raw_write
+      raw_read raw-verify
+      [ -n "$TAG" ] || fill_rings
+      ;;
+    verify)
+      raw_read reread
+      ;;
+    *) check mode fail "unknown labmode=$MODE" ;;
+  esac
+done
 sync
 finish
 """

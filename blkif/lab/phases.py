@@ -11,6 +11,8 @@
               plus the service's own counters and the image's bytes
     frontend  our ``blkif.frontend`` in dom0 vs Linux blkback
               (``blkif.lab.frontend_check``)
+    qdisk     xen-blkback and ``blkif serve`` side by side in one guest, the
+              second through xl's qdisk backend (``blkif.lab.qdisk``)
     conformance  ``blkif conformance backend`` in dom0 against Linux
               xen-blkback, then our ``blkif serve`` (``blkif.lab.conformance_run``);
               the results go to WORKDIR/conformance.json (docs/conformance.md's
@@ -31,7 +33,7 @@ import time
 from blkif.errors import BlkifError
 from blkif.lab import capacity, control, initramfs, qemu, workload
 
-PHASES = ("boot", "dom0", "baseline", "backend", "frontend")
+PHASES = ("boot", "dom0", "baseline", "backend", "frontend", "qdisk")
 # Only with --only: each outlasts make lab's budget.
 OPTIONAL_PHASES = ("conformance", "restart")
 XEN_BIN = "/usr/lib/xen-4.17/bin"
@@ -92,13 +94,15 @@ HOTPLUG_SCRIPT = """#!/bin/sh
 [ "$1" = add ] && xenstore-write "$XENBUS_PATH/hotplug-status" connected
 exit 0
 """
-SERVE_START = """rmmod xen-blkback 2>/dev/null || true
-mkdir -p /run/lab && rm -f {image} && truncate -s {size} {image}
-PYTHONFAULTHANDLER=1 setsid {argv} > {log} 2>&1 < /dev/null &
+SERVE_LAUNCH = """PYTHONFAULTHANDLER=1 setsid {argv} > {log} 2>&1 < /dev/null &
 echo $! > {pidfile}
 sleep 3
 kill -0 $(cat {pidfile}) || {{ echo "blkif serve exited:"; tail -5 {log}; exit 1; }}
 """
+# Alone on the host: kernel blkback unloaded, a fresh image.
+SERVE_START = """rmmod xen-blkback 2>/dev/null || true
+mkdir -p /run/lab && rm -f {image} && truncate -s {size} {image}
+""" + SERVE_LAUNCH
 SERVE_STOP = """pid=$(cat {pidfile})
 kill -TERM $pid
 for i in $(seq 50); do kill -0 $pid 2>/dev/null || exit 0; sleep 0.2; done
@@ -239,8 +243,11 @@ class StepFailed(BlkifError):
         self.output = output
 
 
-def xl_config(name, kernel, ramdisk, disk, extra, memory=GUEST_MEMORY_MB, vcpus=GUEST_VCPUS):
-    """Text of an ``xl create`` config for a PV guest with one disk spec."""
+def xl_config(name, kernel, ramdisk, disk, extra, memory=GUEST_MEMORY_MB, vcpus=GUEST_VCPUS,
+              options=None):
+    """Text of an ``xl create`` config for a PV guest with a disk spec (or a
+    list of them) and any other ``options`` (name -> string value)."""
+    disks = [disk] if isinstance(disk, str) else list(disk)
     lines = [
         ("name", repr(name)),
         ("type", '"pv"'),
@@ -249,9 +256,9 @@ def xl_config(name, kernel, ramdisk, disk, extra, memory=GUEST_MEMORY_MB, vcpus=
         ("extra", repr(extra)),
         ("memory", str(memory)),
         ("vcpus", str(vcpus)),
-        ("disk", "[%r]" % disk),
+        ("disk", "[%s]" % ", ".join(map(repr, disks))),
         ("on_crash", '"preserve"'),
-    ]
+    ] + [(key, repr(value)) for key, value in (options or {}).items()]
     return "".join("%s = %s\n" % line for line in lines).replace("'", '"')
 
 
@@ -390,7 +397,7 @@ class Lab:
 
     def run_guest(self, phase, name, disk, mode, blkfront=BLKFRONT_PARAMS,
                   memory=GUEST_MEMORY_MB, vcpus=GUEST_VCPUS, ramdisk=None, extra=None,
-                  timeout=TIMEOUTS["guest"]):
+                  timeout=TIMEOUTS["guest"], options=None):
         """xl create a guest, wait for its ``LAB DONE``, add a row per check.
 
         The workload guest by default; ``ramdisk`` and ``extra`` (its kernel
@@ -402,7 +409,7 @@ class Lab:
             f.write(xl_config(name, self.kernel,
                               ramdisk or os.path.join(self.workdir, "guest.cpio"), disk,
                               extra or guest_extra(mode, blkfront), memory=memory,
-                              vcpus=vcpus))
+                              vcpus=vcpus, options=options))
         start = time.monotonic()
         self.sh("%s: xl create %s" % (phase, name), "xl create %s" % shlex.quote(cfg),
                 TIMEOUTS["create"])

@@ -57,7 +57,8 @@ class ConsoleReport:
 
     checks: list = field(default_factory=list)  # (name, passed, detail)
     values: dict = field(default_factory=dict)
-    md5: dict = field(default_factory=dict)  # chunk index -> (offset, size, md5)
+    md5: dict = field(default_factory=dict)  # xvda's chunk index -> (offset, size, md5)
+    disk_md5: dict = field(default_factory=dict)  # disk -> its chunks, as md5
     dmesg: list = field(default_factory=list)
     done: int = None
 
@@ -81,9 +82,13 @@ def parse_console(text):
                 key, _, value = item.partition("=")
                 report.values[key] = value
         elif kind == "MD5":
-            parts = rest.split()
-            if len(parts) == 4:
-                report.md5[int(parts[0])] = (int(parts[1]), int(parts[2]), parts[3])
+            parts = rest.split()  # index offset size md5 [disk, default xvda]
+            if len(parts) in (4, 5):
+                disk = parts[4] if len(parts) == 5 else "xvda"
+                chunk = (int(parts[1]), int(parts[2]), parts[3])
+                report.disk_md5.setdefault(disk, {})[int(parts[0])] = chunk
+                if disk == "xvda":
+                    report.md5[int(parts[0])] = chunk
         elif kind == "DMESG":
             report.dmesg.append(rest)
         elif kind == "DONE":
