@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 APT_TEST := libxen-dev gcc-multilib xenstore-utils liburing-dev fio clang libclang-rt-14-dev systemd \
             qemu-utils qemu-system-common nbdkit python3-libnbd
 APT_LAB := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils \
-           linux-image-amd64 busybox-static cpio e2fsprogs qemu-utils qemu-system-common
+           linux-image-amd64 busybox-static cpio e2fsprogs qemu-utils qemu-system-common \
+           python3-libnbd
 BUILD_INPUTS := setup.cfg setup.py pyproject.toml blkif/abi/_cffi_build.py $(wildcard blkif/abi/_cdefs/*.py) \
                 $(wildcard blkif/abi/csrc/*.c)
 
@@ -33,7 +34,7 @@ fuzz: $(VENV)/.installed
 	for t in $(FUZZ_TARGETS); do \
 	  $(PY) -m blkif.fuzzing --target $$t --seconds $(or $(FUZZ_SECONDS),600) || exit 1; done
 
-lab: $(VENV)/.installed apt-lab
+lab: $(VENV)/.installed $(VENV)/.libnbd apt-lab
 	$(PY) -m blkif lab
 
 # apt packages are installed only when missing, and only as root (CI and dev machines are root).

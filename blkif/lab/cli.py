@@ -27,6 +27,7 @@ PACKAGES = {
     "e2fsprogs": "/sbin/mke2fs",
     "qemu-utils": "/usr/bin/qemu-img",  # the qdisk phase's image, made and checked
     "qemu-system-common": "/usr/bin/qemu-storage-daemon",  # serves that image
+    "python3-libnbd": "/usr/lib/python3/dist-packages/nbd.py",  # the worker's NBD client
 }
 # What --perf needs besides: QEMU's Xen device model (qdisk) and fio for the guest.
 PERF_PACKAGES = {
