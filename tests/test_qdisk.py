@@ -183,15 +183,21 @@ def test_a_qcow2_disk_lives_and_dies_as_xl_makes_it(service, tmp_path):
             fe.connect(wants=ONE_QUEUE)
             assert fe.disk.sectors * 512 == SIZE
             write_workload(fe, copy, seed=5)
-            # xl destroy: SIGHUP to the device model, both directories removed
-            # with no Closing; the guest's grants go once the backend let go
+            # xl destroy (seen in the lab): SIGHUP to the device model; the
+            # backend switched to Closing and both directories removed at once,
+            # with no wait; the guest's grants go once the backend let go
             dm.send_signal(signal.SIGHUP)
             assert dm.wait(10) == 0, dm.stdout.read()
+            service.dom0.write(back + "/state", str(int(S.Closing)))
             for txn in service.dom0.transactions():
                 with txn:
                     txn.rm(toolstack.frontend_path(domid, devid))
                     txn.rm(back)
             _wait_gone(service, domid, devid, image)
+            time.sleep(1)  # a late state write would bring the directory back
+            assert not service.dom0.exists(back)
+            assert not any((w["domid"], w["devid"]) == (domid, devid)
+                           for w in service.status()["workers"])
         finally:
             fe.shutdown()
     finally:

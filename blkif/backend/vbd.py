@@ -127,7 +127,22 @@ class Vbd:
         return self.xs.read_str("%s/%s" % (self.path, key), default)
 
     def _switch(self, state, txn=None):
-        (txn or self.xs).switch_state(self.path + "/state", state)
+        """Publish our state.  Alone (no ``txn``) it is a transaction that
+        writes nothing once the toolstack removed our directory, as Linux's
+        xenbus_switch_state: ``xl destroy`` removes a qdisk VBD's directory
+        with no handshake, and a late write would create it again."""
+        if txn is not None:
+            txn.switch_state(self.path + "/state", state)
+        else:
+            for txn in self.xs.transactions():
+                with txn:
+                    present = txn.exists(self.path)
+                    if present:
+                        txn.switch_state(self.path + "/state", state)
+            if not present:
+                log.info("%s: directory removed: %s not published", self.label, state.name)
+                self.gone = True
+                return
         if state != self.state:
             log.info("%s: %s -> %s", self.label, self.state.name, state.name)
         self.state = state
