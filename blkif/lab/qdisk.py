@@ -95,8 +95,9 @@ def qemu_img_check(image):
     """(status, detail) of ``qemu-img check`` on the host."""
     proc = subprocess.run(["qemu-img", "check", "-f", "qcow2", image],
                           capture_output=True, text=True)
-    last = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
-    return ("pass" if proc.returncode == 0 else "fail"), "qemu-img check: %s" % last[0]
+    lines = (proc.stdout + proc.stderr).strip().splitlines() or [""]
+    said = [line for line in lines if "error" in line.lower()] or lines[-1:]
+    return ("pass" if proc.returncode == 0 else "fail"), "qemu-img check: %s" % said[0]
 
 
 def qcow2_matches(image, md5s, zeroed):
