@@ -278,3 +278,54 @@ def test_oversize_packet_drops_only_that_client(xenstored, dom0):
 def test_reply_too_big_is_e2big(dom0):
     dom0.ok(Op.WRITE, b"/v\0" + b"x" * (XENSTORE_PAYLOAD_MAX - 3))
     assert len(dom0.ok(Op.READ, b"/v\0")) == XENSTORE_PAYLOAD_MAX - 3
+
+
+def test_admit_is_a_token_bucket_per_guest_domain():
+    from xenstore.daemon import Xenstored
+    from xenstore.store import DEFAULT_QUOTAS
+
+    d = Xenstored(dict(DEFAULT_QUOTAS, rate=10, burst=3))
+    d.introduce(4)
+    d.introduce(5)
+    g, other, priv = d.connect(4), d.connect(5), d.connect(0)
+    assert [d.admit(g, 100.0) for _ in range(3)] == [0.0] * 3   # the burst
+    assert d.admit(g, 100.0) == pytest.approx(0.1)              # then 10 a second
+    assert d.admit(g, 100.05) == pytest.approx(0.05)
+    assert d.admit(g, 100.11) == 0.0 and d.admit(g, 100.11) > 0
+    assert d.admit(other, 100.11) == 0.0                        # its own bucket
+    assert all(d.admit(priv, 100.1) == 0.0 for _ in range(50))  # dom0: no limit
+    assert d.admit(g, 200.0) == 0.0 and d.domains[4].tokens == 2  # refilled to the burst
+    unlimited = Xenstored(dict(DEFAULT_QUOTAS, rate=0))
+    unlimited.introduce(4)
+    c = unlimited.connect(4)
+    assert all(unlimited.admit(c, 1.0) == 0.0 for _ in range(5000))
+
+
+def test_a_guest_over_its_rate_waits_and_slows_no_one_else(tmp_path):
+    """Real sockets: a guest pipelines 150 requests at rate 50/s after a burst
+    of 25; all are answered, in order, over about 2.5 s, while dom0 and
+    another guest are answered at once."""
+    import time
+
+    path = str(tmp_path / "r.sock")
+    proc = start_server(path, "--quota", "rate=50", "--quota", "burst=25")
+    try:
+        with RawClient(path) as dom0, guest(dom0, path, 3) as flood, \
+                guest(dom0, path, 4) as calm:
+            started = time.monotonic()
+            flood.send_raw(b"".join(Packet(Op.READ, i, 0, b"/local/domain/3\0").encode()
+                                    for i in range(150)))
+            slowest = 0.0
+            while time.monotonic() - started < 1.5:  # the flood is held back meanwhile
+                t = time.monotonic()
+                dom0.ok(Op.READ, b"/local/domain/3\0")
+                calm.ok(Op.READ, b"/local/domain/4\0")
+                slowest = max(slowest, time.monotonic() - t)
+            assert slowest < 0.5
+            replies = [flood.recv_packet() for _ in range(150)]
+            took = time.monotonic() - started
+            assert [r.req_id for r in replies] == list(range(150))
+            assert all(r.type == Op.READ for r in replies)
+            assert took > (150 - 25) / 50 * 0.8, took
+    finally:
+        assert stop_server(proc)[0] == 0

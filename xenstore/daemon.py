@@ -52,6 +52,9 @@ class Domain:
         self.domid = domid
         self.target = None
         self.connections = set()
+        self.tokens = None  # requests it may make now (a token bucket; None: full)
+        self.stamp = 0.0  # when ``tokens`` was last brought up to date
+        self.held_back = 0  # requests that had to wait for a token
 
     @property
     def path(self):
@@ -139,6 +142,30 @@ class Xenstored:
         self.connections.pop(conn.id, None)
 
     # Requests.
+
+    def admit(self, conn, now):
+        """Seconds until ``conn`` may make its next request (0.0: now, and
+        counted).  An unprivileged domain makes ``burst`` requests at once,
+        then ``rate`` a second: one flooding its nodes (XSA-349) or watches
+        cannot take the daemon's whole CPU from the others.  ``now`` is a
+        monotonic clock in seconds."""
+        rate, burst = self.quotas.get("rate", 0), self.quotas.get("burst", 1)
+        domain = conn.domain
+        if conn.domid == 0 or rate <= 0:
+            return 0.0
+        if domain.tokens is None:
+            domain.tokens = float(burst)
+        else:
+            domain.tokens = min(float(burst), domain.tokens + (now - domain.stamp) * rate)
+        domain.stamp = now
+        if domain.tokens >= 1.0:
+            domain.tokens -= 1.0
+            return 0.0
+        if not domain.held_back:
+            log.info("domid=%d over %d requests/s: its requests now wait their turn",
+                     conn.domid, rate)
+        domain.held_back += 1
+        return (1.0 - domain.tokens) / rate
 
     def handle(self, conn, packet):
         """Process one request from ``conn``; replies and events go to outboxes."""

@@ -8,6 +8,8 @@
 # daemon.Xenstored; replies and events leave through non-blocking sends with
 # a per-client write buffer.  A client that breaks framing (payload over
 # XENSTORE_PAYLOAD_MAX) or stops reading is dropped; nobody else notices.
+# A guest over its request rate (``Xenstored.admit``) has its requests held
+# and its socket left unread until its turn comes: it slows only itself.
 #
 # Signals are only recorded by their handlers (``Server.request``) and acted
 # on by the loop: stop (socket files removed) or write the --dump snapshot.
@@ -17,6 +19,8 @@ import logging
 import os
 import selectors
 import socket
+import time
+from collections import deque
 
 from .daemon import Xenstored
 from .errors import ProtocolError
@@ -33,13 +37,15 @@ def domain_socket_path(main_socket, domid):
 
 
 class _Client:
-    __slots__ = ("sock", "conn", "reader", "wbuf")
+    __slots__ = ("sock", "conn", "reader", "wbuf", "held", "resume_at")
 
     def __init__(self, sock, conn):
         self.sock = sock
         self.conn = conn
         self.reader = PacketReader()
         self.wbuf = bytearray()
+        self.held = deque()  # requests read but not yet handled (over its rate)
+        self.resume_at = None  # while held back: when its next request may go
 
 
 class Server:
@@ -84,7 +90,7 @@ class Server:
         self._running = True
         try:
             while self._running:
-                for key, events in self._sel.select(timeout=None):
+                for key, events in self._sel.select(timeout=self._next_turn()):
                     kind, data = key.data
                     if kind == "wake":
                         self._drain_wakeups()
@@ -92,6 +98,7 @@ class Server:
                         self._accept(key.fileobj, data)
                     elif kind == "client":
                         self._service(data, events)
+                self._resume_held()
                 self._flush_all()
                 self._act_on_requests()
         finally:
@@ -222,14 +229,52 @@ class Server:
             self._drop(client, None)
             return
         try:
-            packets = client.reader.feed(data)
+            client.held.extend(client.reader.feed(data))
         except ProtocolError as e:
             self._drop(client, "protocol error: %s" % e)
             return
-        for packet in packets:
-            self.daemon.handle(client.conn, packet)
-            if client.conn.closing:
-                break
+        self._dispatch(client)
+
+    def _dispatch(self, client):
+        """Handle ``client``'s held requests while its domain's rate allows;
+        the rest wait, and its socket is not read, until ``resume_at``."""
+        while client.held and not client.conn.closing:
+            wait = self.daemon.admit(client.conn, time.monotonic())
+            if wait > 0:
+                client.resume_at = time.monotonic() + wait
+                self._interest(client)
+                return
+            self.daemon.handle(client.conn, client.held.popleft())
+        if client.resume_at is not None:
+            client.resume_at = None
+            self._interest(client)
+
+    def _next_turn(self):
+        """The select timeout: until the first held-back client may go on."""
+        turns = [c.resume_at for c in self._clients.values() if c.resume_at is not None]
+        return max(0.0, min(turns) - time.monotonic()) if turns else None
+
+    def _resume_held(self):
+        now = time.monotonic()
+        for client in list(self._clients.values()):
+            if client.resume_at is not None and client.resume_at <= now:
+                self._dispatch(client)
+
+    def _interest(self, client):
+        """Register ``client``'s socket for what it waits on: reading unless
+        held back, writing while output is pending (neither: unregistered)."""
+        mask = ((selectors.EVENT_READ if client.resume_at is None else 0)
+                | (selectors.EVENT_WRITE if client.wbuf else 0))
+        try:
+            key = self._sel.get_key(client.sock)
+        except KeyError:
+            key = None
+        if key is None and mask:
+            self._sel.register(client.sock, mask, ("client", client))
+        elif key is not None and not mask:
+            self._sel.unregister(client.sock)
+        elif key is not None and key.events != mask:
+            self._sel.modify(client.sock, mask, key.data)
 
     def _flush_all(self):
         for client in list(self._clients.values()):
@@ -256,10 +301,7 @@ class Server:
         if len(client.wbuf) > (4 << 20):
             self._drop(client, "client does not read its replies and events")
             return
-        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.wbuf else 0)
-        key = self._sel.get_key(client.sock)
-        if key.events != mask:
-            self._sel.modify(client.sock, mask, key.data)
+        self._interest(client)
 
     def _drop(self, client, reason):
         conn = client.conn

@@ -31,6 +31,8 @@ DEFAULT_QUOTAS = {
     "watches": 128,         # watches per domain (-W)
     "transactions": 10,     # open transactions per domain (-t)
     "path": 2048,           # path length below /local/domain/N/ (-M)
+    "rate": 200,            # requests per second per domain, sustained (0: no limit)
+    "burst": 2000,          # requests per domain at once before "rate" holds them back
 }
 
 SPECIAL_NODES = ("@introduceDomain", "@releaseDomain")
