@@ -29,7 +29,8 @@ PACKAGES = {
     "qemu-system-common": "/usr/bin/qemu-storage-daemon",  # serves that image
     "python3-libnbd": "/usr/lib/python3/dist-packages/nbd.py",  # the worker's NBD client
 }
-# What --perf needs besides: QEMU's Xen device model (qdisk) and fio for the guest.
+# What --perf, restart and conformance need besides: QEMU's Xen device model (qdisk)
+# and fio for the guest.
 PERF_PACKAGES = {
     "qemu-system-xen": "/usr/libexec/xen-qemu-system-i386",
     "fio": "/usr/bin/fio",
@@ -162,7 +163,7 @@ def _run_locked(args, chosen, workdir):
     perf_run = restart_run = None
     try:
         step("setup", "packages", ensure_packages,
-             dict(PACKAGES, **PERF_PACKAGES) if args.perf or "restart" in chosen
+             dict(PACKAGES, **PERF_PACKAGES) if args.perf or chosen & {"restart", "conformance"}
              else PACKAGES)
         step("setup", "build", lab.build, seed)
         if args.perf:

@@ -1,13 +1,17 @@
 """In the lab's dom0: the backend conformance suite against one backend.
 
-``python -m blkif.lab.conformance_run --backend blkback|serve`` makes three
-VBDs whose frontend is dom0 itself (xvda and xvdb writable, xvdc read-only),
-runs ``blkif conformance backend --platform xen`` against them and prints
-its JSON report, then removes the VBDs.  ``blkback``: Linux xen-blkback on
-loop devices (``physical-device`` written as the block hotplug script does);
-``serve``: a ``blkif serve`` already running in dom0, on image files.
+``python -m blkif.lab.conformance_run --backend blkback|serve|qdisk`` makes
+three VBDs whose frontend is dom0 itself (xvda and xvdb writable, xvdc
+read-only), runs ``blkif conformance backend --platform xen`` against them
+and prints its JSON report, then removes the VBDs.  ``blkback``: Linux
+xen-blkback on loop devices (``physical-device`` written as the block
+hotplug script does); ``serve``: a ``blkif serve`` already running in dom0,
+on image files; ``qdisk``: QEMU's xen-block, started here as dom0's own
+device model (``-xen-domid 0``: it serves ``backend/qdisk/0``), on image
+files named ``aio:`` as libxl names them.
 """
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -22,6 +26,11 @@ from xenstore import Xenstore
 VBDS = (("xvda", "w"), ("xvdb", "w"), ("xvdc", "r"))
 IMAGE_BYTES = 16 << 20
 WORK = "/run/lab/conformance"
+# Debian's qemu-system-xen; the argv libxl gives a PV guest's model, minus QMP.
+QEMU_XEN = "/usr/libexec/xen-qemu-system-i386"
+QEMU_ARGV = (QEMU_XEN, "-xen-domid", "0", "-xen-attach", "-name", "dom0-conformance",
+             "-nodefaults", "-no-user-config", "-nographic", "-display", "none",
+             "-machine", "xenpv", "-m", "64")
 
 
 def prepare(xs, backend):
@@ -32,16 +41,18 @@ def prepare(xs, backend):
         image = os.path.join(WORK, vdev + ".img")
         with open(image, "wb") as f:
             f.truncate(IMAGE_BYTES)
-        target = image
+        target = "aio:" + image if backend == "qdisk" else image
         if backend == "blkback":
             target = subprocess.run(["losetup", "-f", "--show", image], check=True,
                                     capture_output=True, text=True).stdout.strip()
             loops.append(target)
         for path in (toolstack.frontend_path(0, toolstack.vdev_to_devid(vdev)),
                      toolstack.backend_path(0, 0, toolstack.vdev_to_devid(vdev))):
-            if xs.exists(path):  # a run that died before its cleanup
-                xs.rm(path)
-        devid = toolstack.create(xs, 0, vdev, target, mode)
+            for stale in (path, path.replace("/backend/vbd/", "/backend/qdisk/")):
+                if xs.exists(stale):  # a run that died before its cleanup
+                    xs.rm(stale)
+        devid = toolstack.create(xs, 0, vdev, target, mode,
+                                 kind="qdisk" if backend == "qdisk" else "vbd")
         if backend == "blkback":
             xs.write(toolstack.backend_path(0, 0, devid) + "/physical-device",
                      device_number(target))
@@ -59,19 +70,44 @@ def cleanup(xs, loops):
         subprocess.run(["losetup", "-d", loop], check=False)
 
 
+@contextlib.contextmanager
+def qemu(wanted):
+    """QEMU serving dom0's qdisk VBDs while the suite runs (when ``wanted``)."""
+    if not wanted:
+        yield None
+        return
+    os.makedirs(WORK, exist_ok=True)
+    with open(os.path.join(WORK, "qemu-qdisk.log"), "w") as log:
+        proc = subprocess.Popen(QEMU_ARGV, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        time.sleep(2)
+        if proc.poll() is not None:
+            with open(os.path.join(WORK, "qemu-qdisk.log")) as f:
+                raise SystemExit("QEMU exited (%d): %s" % (proc.returncode, f.read()[-500:]))
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m blkif.lab.conformance_run",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", choices=("blkback", "serve"), required=True)
+    parser.add_argument("--backend", choices=("blkback", "serve", "qdisk"), required=True)
     parser.add_argument("--timeout", type=float, default=20.0,
                         help="seconds a correct backend may take (dom0 under TCG is slow)")
     args = parser.parse_args(argv)
     raise_gntalloc_limit()
     if args.backend == "blkback":
         subprocess.run(["modprobe", "-a", "xen-blkback", "loop"], check=True)
-    elif os.path.exists("/sys/module/xen_blkback"):
+    elif args.backend == "serve" and os.path.exists("/sys/module/xen_blkback"):
         parser.error("xen-blkback is loaded: it would claim blkif serve's VBDs too")
-    with Xenstore.open() as xs:
+    with Xenstore.open() as xs, qemu(args.backend == "qdisk"):
         loops = prepare(xs, args.backend)
         try:
             with TargetBackends("xen", None, 0, "xvda", "xvdb", "xvdc") as session:

@@ -72,7 +72,8 @@ TIMEOUTS = {
 }
 CONFORMANCE_RUN = "{python} -m blkif.lab.conformance_run --backend {name} 2> {log}"
 # The column each run fills in docs/conformance.md's comparison table.
-CONFORMANCE_BACKENDS = (("blkback", "Linux xen-blkback (6.1)"), ("serve", "blkif serve"))
+CONFORMANCE_BACKENDS = (("blkback", "Linux xen-blkback (6.1)"), ("qdisk", "QEMU qdisk (7.2)"),
+                        ("serve", "blkif serve"))
 
 DOM0_SETUP = """modprobe -a xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd
 mountpoint -q /proc/xen || mount -t xenfs xenfs /proc/xen
