@@ -254,7 +254,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if argv in (["-h"], ["--help"]):
-        print(__doc__)
+        try:
+            print("usage: blkif-device-model QEMU-ARGS... (as libxl starts a device model)\n")
+            print(__doc__.replace("``", "`"))
+        except BrokenPipeError:  # ``| head``
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     try:
         domid, paths = parse_qemu_argv(argv)

@@ -275,3 +275,10 @@ def test_without_a_qdisk_service_the_device_model_refuses(tmp_path, case):
             else "does not serve qdisk") in line
     assert "Traceback" not in proc.stderr
     assert not os.path.exists("%s/qmp-libxl-5" % tmp_path)
+
+
+def test_help_says_how_it_is_started():
+    proc = subprocess.run([sys.executable, "-m", "blkif.devicemodel", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: blkif-device-model")
+    assert "device_model_override" in proc.stdout and not proc.stderr
