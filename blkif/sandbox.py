@@ -204,16 +204,9 @@ class Sandbox:
 
     def start_guest(self, domid):
         """Start domain ``domid``'s process; a :class:`Guest`."""
-        logfile = self.path("guest-%d.log" % domid)
-        with open(logfile, "ab") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "blkif.sandbox", "--xenstore", self.xenstore,
-                 "--sim-path", self.sim_path, "--domid", str(domid),
-                 "--parent", str(os.getpid())],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                start_new_session=True)
-        guest = Guest(domid, proc, logfile)
-        self.procs["guest-%d" % domid] = proc
+        guest = spawn_guest(domid, self.path("guest-%d.log" % domid), "--xenstore",
+                            self.xenstore, "--sim-path", self.sim_path)
+        self.procs["guest-%d" % domid] = guest.proc
         self.guests.append(guest)
         return guest
 
@@ -300,6 +293,18 @@ def _signals_ignored():
         yield
     finally:
         _restore(previous)
+
+
+def spawn_guest(domid, logfile, *options):
+    """A guest process (``guest_main`` with ``options``) as domain ``domid``,
+    its stderr appended to ``logfile``; its :class:`Guest`."""
+    with open(logfile, "ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "blkif.sandbox", "--domid", str(domid),
+             "--parent", str(os.getpid()), *options],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+            start_new_session=True)
+    return Guest(domid, proc, logfile)
 
 
 class Guest:
@@ -568,11 +573,15 @@ def frontend_options(values):
 def guest_main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m blkif.sandbox",
                                      description="a guest domain of a blkif sandbox")
-    parser.add_argument("--xenstore", required=True)
-    parser.add_argument("--sim-path", required=True)
+    parser.add_argument("--platform", choices=("sim", "xen"), default="sim",
+                        help="xen: a process of a real domain (dom0 devices, its xenstore)")
+    parser.add_argument("--xenstore", help="the sandbox's xenstored (sim)")
+    parser.add_argument("--sim-path", help="the sim hypervisor's directory (sim)")
     parser.add_argument("--domid", type=int, required=True)
     parser.add_argument("--parent", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.platform == "sim" and not (args.xenstore and args.sim_path):
+        parser.error("--platform sim needs --xenstore and --sim-path")
     _die_with_parent()
     if args.parent and os.getppid() != args.parent:
         return 1  # the parent died before we could ask to follow it
@@ -590,8 +599,12 @@ def guest_main(argv=None):
 
     from blkif.platform import open_platform
     from xenstore import Xenstore, XenstoreError, domain_socket_path
-    with Xenstore.open(domain_socket_path(args.xenstore, args.domid)) as xs, \
-            open_platform("sim", domid=args.domid, path=args.sim_path) as platform:
+    if args.platform == "xen":
+        store, platform = Xenstore.open(), open_platform("xen", domid=args.domid)
+    else:
+        store = Xenstore.open(domain_socket_path(args.xenstore, args.domid))
+        platform = open_platform("sim", domid=args.domid, path=args.sim_path)
+    with store as xs, platform:
         guest = GuestDomain(xs, platform, args.domid)
         try:
             for line in sys.stdin.buffer:

@@ -88,8 +88,12 @@ def backend_path(backend_domid, domid, devid, kind="vbd"):
 
 
 def find_backend(xs, backend_domid, domid, devid):
-    """The backend directory of a VBD, whichever its type (the ``vbd`` path
-    if there is none)."""
+    """The backend directory of a VBD, whichever its type: the one its
+    frontend names, else the first of :data:`BACKEND_TYPES` present (else
+    the ``vbd`` path)."""
+    named = xs.read_str(frontend_path(domid, devid) + "/backend", None)
+    if named and named.startswith("/local/domain/%d/backend/" % backend_domid):
+        return named
     for kind in BACKEND_TYPES:
         path = backend_path(backend_domid, domid, devid, kind)
         if xs.exists(path):
@@ -118,12 +122,14 @@ def create(xs, domid, vdev, target, mode="w", backend_domid=0, kind="vbd"):
     """Write both directories of a new VBD; returns its devid.
 
     ``target`` is what ``params`` names: a file or device, ``<format>:<image>``
-    or an NBD URI (docs/storage.md); ``kind`` the backend type."""
+    or an NBD URI (docs/storage.md); ``kind`` the backend type (one of
+    :data:`BACKEND_TYPES`, or a type no backend serves, for a test that plays
+    the backend itself)."""
     if mode not in ("r", "w"):
         raise UsageError("mode must be r or w, not %r" % mode)
-    if kind not in BACKEND_TYPES:
-        raise UsageError("backend type must be one of %s, not %r"
-                         % (", ".join(BACKEND_TYPES), kind))
+    if not re.match(r"^[a-z][a-z0-9-]*$", kind):
+        raise UsageError("backend type must be a xenbus type such as %s, not %r"
+                         % (" or ".join(BACKEND_TYPES), kind))
     devid = vdev_to_devid(vdev)
     back = backend_path(backend_domid, domid, devid, kind)
     front = frontend_path(domid, devid)

@@ -88,3 +88,10 @@ def test_exit_status_is_1_only_for_a_failed_must_case(tmp_path):
     assert "MUST cases failed: xenbus-13" in must.stdout
     failure = ElementTree.parse(junit).getroot().find("testsuite/testcase/failure")
     assert "without an error node" in failure.get("message")
+
+
+@pytest.mark.skipif(os.path.exists("/dev/xen/gntdev"), reason="this machine runs on Xen")
+def test_frontend_on_xen_off_xen_is_one_line():
+    out = blkif("frontend", "--platform", "xen")
+    assert out.returncode == 1
+    assert "/dev/xen" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

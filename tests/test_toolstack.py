@@ -68,7 +68,7 @@ def test_a_qdisk_vbd_is_written_as_libxl_does(xenstored, tmp_path):  # noqa: F81
         destroy(xs, 4, "xvda")
         assert not xs.exists(back) and list_vbds(xs) == []
         with pytest.raises(UsageError, match="backend type"):
-            create(xs, 4, "xvda", str(image), kind="tap")
+            create(xs, 4, "xvda", str(image), kind="Tap/x")
 
 
 def _cli(sock, *args):

@@ -17,6 +17,7 @@ examples:
   blkif conformance backend --case req --level MUST --junit-xml out.xml
   blkif conformance backend --platform xen --domid 0 --vdev xvda --other-vdev xvdb
   blkif conformance frontend --json             our frontend in a sandbox guest
+  blkif conformance frontend --platform xen     our frontend in this dom0
   blkif conformance list --markdown > docs/conformance.md
 
 Exit status: 0 if every MUST case passed (SHOULD and INFO never fail a run),
@@ -58,9 +59,14 @@ def add_arguments(parser):
         "frontend", help="play a backend for a frontend",
         description="Play a backend (offers chosen per case, misbehaviour on purpose) for a "
                     "frontend and judge what it does.  Tests our own frontend "
-                    "(blkif.frontend.BlockDevice) as a guest of the embedded sandbox.")
+                    "(blkif.frontend.BlockDevice): as a guest of the embedded sandbox, or "
+                    "with --platform xen in a process of dom0 on real Xen.")
+    front.add_argument("--platform", choices=("xen", "sim"), default="sim",
+                       help="sim: the embedded sandbox (default); xen: this dom0, the "
+                            "suite and the frontend both in it")
     front.add_argument("--workdir", metavar="DIR",
-                       help="the sandbox's logs go here (default: temporary, removed)")
+                       help="the sandbox's (or the frontends') logs go here (default: "
+                            "temporary, removed)")
     _common(front)
     listing = sub.add_parser("list", help="print the catalogue of cases",
                              description="Print every case: id, level, clause, title.")
@@ -128,7 +134,9 @@ def run(args):
 
 def _session(args):
     if args.side == "frontend":
-        from blkif.conformance.frontend.session import SandboxFrontends
+        from blkif.conformance.frontend.session import SandboxFrontends, XenFrontends
+        if args.platform == "xen":
+            return XenFrontends(workdir=args.workdir)
         return SandboxFrontends(workdir=args.workdir)
     from blkif.conformance.backend.session import SandboxBackends, TargetBackends
     if args.domid is None and args.vdev is None:

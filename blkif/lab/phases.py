@@ -14,7 +14,9 @@
     qdisk     xen-blkback and ``blkif serve`` side by side in one guest, the
               second through xl's qdisk backend (``blkif.lab.qdisk``)
     conformance  ``blkif conformance backend`` in dom0 against Linux
-              xen-blkback, then our ``blkif serve`` (``blkif.lab.conformance_run``);
+              xen-blkback, QEMU's qdisk, then our ``blkif serve``
+              (``blkif.lab.conformance_run``); then ``blkif conformance
+              frontend --platform xen`` against our frontend in dom0;
               the results go to WORKDIR/conformance.json (docs/conformance.md's
               comparison table), differences are findings, not failures
 
@@ -71,6 +73,11 @@ TIMEOUTS = {
     "conformance": 1200,  # one implementation's backend suite under TCG (blkback: 290 s)
 }
 CONFORMANCE_RUN = "{python} -m blkif.lab.conformance_run --backend {name} 2> {log}"
+# The frontend suite: our frontend and the suite's backend both in dom0 (exit
+# status 1 is a MUST case failed: a finding, in the report's row).
+CONFORMANCE_FRONTEND_RUN = ("{python} -m blkif conformance frontend --platform xen --json "
+                            "--workdir {workdir} 2> {log}; rc=$?; [ $rc -le 1 ] || exit $rc")
+CONFORMANCE_FRONTEND = ("frontend", "blkif frontend (dom0)")
 # The column each run fills in docs/conformance.md's comparison table.
 CONFORMANCE_BACKENDS = (("blkback", "Linux xen-blkback (6.1)"), ("qdisk", "QEMU qdisk (7.2)"),
                         ("serve", "blkif serve"))
@@ -677,23 +684,26 @@ class Lab:
 
     def conformance(self):
         """The backend conformance suite in dom0 against Linux xen-blkback,
-        then our ``blkif serve``; one row each (a MUST case a backend fails is
-        a finding, reported in the detail, not a failure of the lab).  Writes
+        QEMU's qdisk, then our ``blkif serve``, and the frontend suite against
+        our frontend in dom0; one row each (a MUST case an implementation
+        fails is a finding, reported in the detail, not a failure of the lab).  Writes
         WORKDIR/conformance.json: {implementation: {case id: status}}."""
         phase = "conformance"
         pidfile = os.path.join(self.workdir, "ctl", "serve.pid")
         table = {}
-        for name, label in CONFORMANCE_BACKENDS:
+        for name, label in CONFORMANCE_BACKENDS + (CONFORMANCE_FRONTEND,):
             start = time.monotonic()
             if name == "serve":
                 self.sh("%s: start blkif serve" % phase, SERVE_START.format(
                     argv=serve_argv(self.python), log=os.path.join(self.logs, "serve-conf.log"),
                     pidfile=pidfile, image="/run/lab/unused.img", size=1 << 20))
+            log = os.path.join(self.logs, "conformance-%s.log" % name)
+            command = (CONFORMANCE_FRONTEND_RUN.format(
+                python=self.python, log=log, workdir=os.path.join(self.logs, "frontends"))
+                if name == "frontend" else
+                CONFORMANCE_RUN.format(python=self.python, name=name, log=log))
             try:
-                out = self.sh("%s: %s" % (phase, name), CONFORMANCE_RUN.format(
-                    python=self.python, name=name,
-                    log=os.path.join(self.logs, "conformance-%s.log" % name)),
-                    TIMEOUTS["conformance"]).out
+                out = self.sh("%s: %s" % (phase, name), command, TIMEOUTS["conformance"]).out
             finally:
                 if name == "serve":
                     self.cleanup_sh(SERVE_STOP.format(pidfile=pidfile))

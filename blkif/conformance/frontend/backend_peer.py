@@ -48,10 +48,10 @@ class _Ring:
 class BackendPeer:
     """Backend ``domid``'s end of VBD ``devid`` of guest ``frontend_domid``."""
 
-    def __init__(self, xs, platform, domid, frontend_domid, devid, sectors=8192):
+    def __init__(self, xs, platform, domid, frontend_domid, devid, sectors=8192, kind="vbd"):
         self.xs, self.platform = xs, platform
         self.domid, self.frontend_domid, self.devid = domid, frontend_domid, devid
-        self.back = "/local/domain/%d/backend/vbd/%d/%d" % (domid, frontend_domid, devid)
+        self.back = "/local/domain/%d/backend/%s/%d/%d" % (domid, kind, frontend_domid, devid)
         self.front = "/local/domain/%d/device/vbd/%d" % (frontend_domid, devid)
         self.disk = DiskInfo(sectors)
         self.data = bytearray(sectors * SECTOR_SIZE)

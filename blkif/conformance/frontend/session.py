@@ -1,6 +1,7 @@
 """Where the frontend suite's frontends come from: our own
 (:class:`blkif.frontend.BlockDevice`) in a guest process of the embedded
-sandbox, one fresh guest and VBD per case.
+sandbox (:class:`SandboxFrontends`), or in a process of dom0 on real Xen
+(:class:`XenFrontends`); one fresh process and VBD per case.
 
 The suite is the VBD's backend, as a driver domain of its own
 (:data:`BACKEND_DOMID`), so the sandbox's ``blkif serve`` (which serves
@@ -17,6 +18,7 @@ from blkif.platform import open_platform
 from xenstore import XenbusState
 
 BACKEND_DOMID = 0x7F00
+XEN_KIND = "blkif-conformance"  # the suite's xenbus backend type on real Xen
 GUEST_IO = "blkif.conformance.frontend.guest:"
 
 
@@ -124,3 +126,63 @@ class SandboxFrontends:
             backend.close()
             with contextlib.suppress(Exception):
                 toolstack.destroy(box.dom0, domid, "xvda", BACKEND_DOMID)
+
+
+class XenFrontends:
+    """Our frontend in a process of dom0 on real Xen, the suite being its
+    backend in dom0 too (dom0 maps its own grants, as a driver domain would
+    a guest's).  The suite's VBDs are of xenbus type :data:`XEN_KIND`, which
+    neither Linux xen-blkback nor ``blkif serve`` serves, so both may run.
+    A context manager."""
+
+    target = "blkif.frontend.BlockDevice (dom0 process, xen platform)"
+    debug = False
+
+    def __init__(self, workdir=None):
+        self.workdir = workdir
+        self._devids = itertools.count(0)
+
+    def __enter__(self):
+        import tempfile
+
+        from xenstore import Xenstore
+        self.platform = open_platform("xen", domid=0)
+        self.xs = Xenstore.open()
+        self._tmp = None
+        if self.workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="blkif-conformance-")
+            self.workdir = self._tmp.name
+        return self
+
+    def __exit__(self, *exc):
+        self.xs.close()
+        self.platform.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    @contextlib.contextmanager
+    def peer_for(self, case):
+        import os
+
+        from blkif import toolstack
+        from blkif.sandbox import spawn_guest
+        vdev = "xvd" + "abcdefghijklmnopqrstuvwxyz"[next(self._devids) % 26]
+        devid = toolstack.vdev_to_devid(vdev)
+        for path in (toolstack.frontend_path(0, devid),
+                     toolstack.backend_path(0, 0, devid, XEN_KIND)):
+            if self.xs.exists(path):  # a run that died before its cleanup
+                self.xs.rm(path)
+        toolstack.create(self.xs, 0, vdev, "ram-disk-%s" % vdev, "w", kind=XEN_KIND)
+        backend = BackendPeer(self.xs, self.platform, 0, 0, devid, kind=XEN_KIND)
+        guest = spawn_guest(0, os.path.join(self.workdir, "frontend-%s.log" % case.id),
+                            "--platform", "xen")
+        try:
+            yield FrontendUnderTest(backend, guest)
+        finally:
+            backend.stop()
+            with contextlib.suppress(Exception):
+                backend.switch(XenbusState.Closed)  # the frontend detaches at once
+            guest.quit(timeout=5)
+            backend.close()
+            with contextlib.suppress(Exception):
+                toolstack.destroy(self.xs, 0, vdev)
