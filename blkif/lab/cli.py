@@ -114,6 +114,9 @@ def add_arguments(parser):
                              "prints the ratio table, writes WORKDIR/perf.json (docs/lab.md)")
     parser.add_argument("--perf-runtime", type=int, default=10, metavar="SECONDS",
                         help="seconds per fio job with --perf (default 10)")
+    parser.add_argument("--perf-serve-options", default="", metavar="OPTIONS",
+                        help="with --perf: more options for blkif serve, one string "
+                             "given with = (--perf-serve-options='--direct --io threads')")
 
 
 class Terminated(BlkifError):
@@ -167,7 +170,7 @@ def _run_locked(args, chosen, workdir):
              else PACKAGES)
         step("setup", "build", lab.build, seed)
         if args.perf:
-            perf_run = perf.PerfRun(lab, args.perf_runtime)
+            perf_run = perf.PerfRun(lab, args.perf_runtime, args.perf_serve_options)
             step("setup", "perf guest", perf_run.build)
             chosen = {"boot", "dom0", "perf"}
         if "restart" in chosen:

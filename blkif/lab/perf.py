@@ -185,8 +185,8 @@ def disk_spec(backend, loop, script):
 class PerfRun:
     """The perf phase on a booted lab (``phases.Lab``)."""
 
-    def __init__(self, lab, runtime=10):
-        self.lab, self.runtime = lab, runtime
+    def __init__(self, lab, runtime=10, serve_options=""):
+        self.lab, self.runtime, self.serve_options = lab, runtime, serve_options
         self.table = None
         self.ramdisk = os.path.join(lab.workdir, "guest-perf.cpio.gz")
 
@@ -216,7 +216,7 @@ class PerfRun:
             for backend in BACKENDS:
                 if backend == "blkif":
                     lab.sh("perf: start blkif serve", PERF_SERVE_START.format(
-                        argv=phases.serve_argv(lab.python),
+                        argv=phases.serve_argv(lab.python, options=self.serve_options),
                         log=os.path.join(lab.logs, "serve-perf.log"), pidfile=pidfile))
                 for config, params in CONFIGS.items():
                     verify = backend == "blkif" and config == "B"
@@ -228,8 +228,8 @@ class PerfRun:
         self.table = ratio_table(results)
         path = os.path.join(lab.workdir, "perf.json")
         with open(path, "w") as f:
-            json.dump({"runtime": self.runtime, "results": results, "ratios": self.table}, f,
-                      indent=1, sort_keys=True)
+            json.dump({"runtime": self.runtime, "serve_options": self.serve_options,
+                       "results": results, "ratios": self.table}, f, indent=1, sort_keys=True)
         return "%d guests; ratios in %s" % (len(BACKENDS) * len(CONFIGS), path)
 
     def guest(self, backend, config, params, disk, verify):
