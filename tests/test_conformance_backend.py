@@ -88,3 +88,33 @@ def test_a_vbd_given_by_domid_and_vdev(tmp_path):
     statuses = {r["id"]: r["status"] for r in json.loads(alone.stdout)["results"]}
     assert statuses["req-21"] == statuses["ring-5"] == "SKIP", statuses
     assert statuses["xenbus-16"] == "PASS"
+
+
+def test_a_vbd_that_cannot_start_over_is_made_afresh(tmp_path):
+    """A VBD an earlier case broke for good (here: its worker refused bad
+    params and the service gave up on it) spoils no later case when the
+    toolstack can remake it (``recreate``): the lab's VBDs on QEMU's qdisk."""
+    from blkif import toolstack
+    from blkif.conformance import catalogue
+    from blkif.conformance.backend.session import TargetBackends
+    from blkif.sandbox import Sandbox
+    with Sandbox(str(tmp_path)) as box:
+        image = box.make_image("xvda.img", 4 << 20, None)
+        box.add_vbd(5, "xvda", image, "w")
+        back = toolstack.backend_path(0, 5, toolstack.vdev_to_devid("xvda"))
+        box.dom0.write(back + "/params", "vdi:/nowhere")  # the next worker refuses it
+        box.dom0.write(back + "/state", "6")  # closed: the worker stops
+        made = []
+
+        def recreate(vdev):
+            made.append(vdev)
+            toolstack.destroy(box.dom0, 5, vdev)
+            toolstack.create(box.dom0, 5, vdev, image, "w")
+
+        cases = [c for c in catalogue.load("backend") if c.id == "xenbus-1"]
+        with TargetBackends("sim", box.xenstore, 5, "xvda", sim_path=box.sim_path,
+                            recreate=recreate) as session:
+            session.timeout = 10
+            (result,) = report.run_cases(cases, session)
+    assert made == ["xvda"]
+    assert result.status == report.PASS, result

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from xml.etree import ElementTree
 
 from blkif.conformance.catalogue import MUST, Failed, Skipped
+from blkif.errors import RemoteProtocolError
 
 PASS, FAIL, SKIP, ERROR = "PASS", "FAIL", "SKIP", "ERROR"
 
@@ -42,6 +43,8 @@ def run_cases(cases, session, stream=None):
             status = PASS
         except Failed as exc:
             status, observed = FAIL, str(exc)
+        except RemoteProtocolError as exc:  # our ring caught the peer breaking ring.h
+            status, observed = FAIL, "the peer broke the protocol: %s" % exc
         except Skipped as exc:
             status, observed = SKIP, str(exc)
         except Exception as exc:  # the suite broke, or the peer in a way we did not foresee

@@ -34,9 +34,10 @@ QEMU_ARGV = (QEMU_XEN, "-xen-domid", "0", "-xen-attach", "-name", "dom0-conforma
 
 
 def prepare(xs, backend):
-    """Create the VBDs; the loop devices to detach afterwards."""
+    """Create the VBDs; {vdev: its target} (loop devices for blkback, which
+    are detached afterwards)."""
     os.makedirs(WORK, exist_ok=True)
-    loops = []
+    targets = {}
     for vdev, mode in VBDS:
         image = os.path.join(WORK, vdev + ".img")
         with open(image, "wb") as f:
@@ -45,29 +46,52 @@ def prepare(xs, backend):
         if backend == "blkback":
             target = subprocess.run(["losetup", "-f", "--show", image], check=True,
                                     capture_output=True, text=True).stdout.strip()
-            loops.append(target)
-        for path in (toolstack.frontend_path(0, toolstack.vdev_to_devid(vdev)),
-                     toolstack.backend_path(0, 0, toolstack.vdev_to_devid(vdev))):
-            for stale in (path, path.replace("/backend/vbd/", "/backend/qdisk/")):
-                if xs.exists(stale):  # a run that died before its cleanup
-                    xs.rm(stale)
-        devid = toolstack.create(xs, 0, vdev, target, mode,
-                                 kind="qdisk" if backend == "qdisk" else "vbd")
-        if backend == "blkback":
-            xs.write(toolstack.backend_path(0, 0, devid) + "/physical-device",
-                     device_number(target))
-    return loops
+        targets[vdev] = target
+        make_vbd(xs, backend, vdev, mode, target)
+    return targets
 
 
-def cleanup(xs, loops):
+def make_vbd(xs, backend, vdev, mode, target):
+    """The VBD's nodes, as its toolstack writes them (any left are removed first)."""
+    devid = toolstack.vdev_to_devid(vdev)
+    for path in (toolstack.frontend_path(0, devid),
+                 toolstack.backend_path(0, 0, devid, "vbd"),
+                 toolstack.backend_path(0, 0, devid, "qdisk")):
+        if xs.exists(path):  # a run that died before its cleanup, or a VBD made afresh
+            xs.rm(path)
+    devid = toolstack.create(xs, 0, vdev, target, mode,
+                             kind="qdisk" if backend == "qdisk" else "vbd")
+    if backend == "blkback":
+        xs.write(toolstack.backend_path(0, 0, devid) + "/physical-device",
+                 device_number(target))
+
+
+def remake(xs, backend, targets):
+    """The suite's ``recreate``: a VBD an earlier case left unable to start
+    over is removed (its backend given a second to let go) and made afresh."""
+    def recreate(vdev):
+        devid = toolstack.vdev_to_devid(vdev)
+        with contextlib.suppress(Exception):
+            toolstack.destroy(xs, 0, vdev)
+        for _ in range(50):
+            if not xs.exists(toolstack.find_backend(xs, 0, 0, devid)):
+                break
+            time.sleep(0.1)
+        time.sleep(1)
+        make_vbd(xs, backend, vdev, dict(VBDS)[vdev], targets[vdev])
+    return recreate
+
+
+def cleanup(xs, targets):
     for vdev, _ in VBDS:
         try:
             toolstack.destroy(xs, 0, vdev)
         except Exception as exc:  # noqa: BLE001 - best effort, reported
             print("cleanup: %s: %s" % (vdev, exc), file=sys.stderr)
     time.sleep(1)  # let the backend close before its devices go
-    for loop in loops:
-        subprocess.run(["losetup", "-d", loop], check=False)
+    for target in targets.values():
+        if target.startswith("/dev/loop"):
+            subprocess.run(["losetup", "-d", target], check=False)
 
 
 @contextlib.contextmanager
@@ -108,13 +132,14 @@ def main(argv=None):
     elif args.backend == "serve" and os.path.exists("/sys/module/xen_blkback"):
         parser.error("xen-blkback is loaded: it would claim blkif serve's VBDs too")
     with Xenstore.open() as xs, qemu(args.backend == "qdisk"):
-        loops = prepare(xs, args.backend)
+        targets = prepare(xs, args.backend)
         try:
-            with TargetBackends("xen", None, 0, "xvda", "xvdb", "xvdc") as session:
+            with TargetBackends("xen", None, 0, "xvda", "xvdb", "xvdc",
+                                recreate=remake(xs, args.backend, targets)) as session:
                 session.timeout = args.timeout
                 results = report.run_cases(catalogue.load("backend"), session, sys.stderr)
         finally:
-            cleanup(xs, loops)
+            cleanup(xs, targets)
     print(report.as_json(results, "backend", args.backend))
     return 0
 

@@ -11,13 +11,16 @@ target names one.
 """
 import contextlib
 import itertools
+import logging
 import os
 
 from blkif.conformance.backend.peer import TIMEOUT, FrontendPeer
-from blkif.conformance.catalogue import Skipped
+from blkif.conformance.catalogue import Failed, Skipped
 from blkif.platform import open_platform
 from blkif.toolstack import vdev_to_devid
 from xenstore import XenbusState
+
+log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 4 << 20
 
@@ -93,10 +96,11 @@ class TargetBackends(_Session):
     suite runs in that domain, usually dom0) or "sim" (``sim_path``)."""
 
     def __init__(self, platform, xenstore, domid, vdev, other=None, readonly=None,
-                 sim_path=None):
+                 sim_path=None, recreate=None):
         super().__init__()
         self.platform_name, self.xenstore, self.domid = platform, xenstore, domid
         self.sim_path = sim_path
+        self.recreate = recreate  # recreate(vdev): the toolstack makes that VBD afresh
         self.vdevs = {"main": vdev, "other": other, "readonly": readonly}
         self.target = "VBD %s of domain %d (%s platform)" % (vdev, domid, platform)
 
@@ -122,7 +126,17 @@ class TargetBackends(_Session):
             platform = open_platform("xen", domid=self.domid)
         backend = xs.read_str("/local/domain/%d/device/vbd/%d/backend" % (self.domid, devid))
         peer = FrontendPeer(self, xs, platform, self.domid, devid, backend, self.dom0)
-        peer.reset()
+        try:
+            peer.reset()
+        except Failed as exc:
+            if self.recreate is None:
+                raise
+            # An earlier case left the VBD unable to start over (its result
+            # says so): a fresh one, as the toolstack would make it.
+            log.warning("%s: %s; the VBD is made afresh", vdev, exc)
+            peer.release()
+            self.recreate(vdev)
+            peer.restart()
         return peer
 
     def _done(self, peer):
