@@ -707,6 +707,8 @@ class Lab:
             finally:
                 if name == "serve":
                     self.cleanup_sh(SERVE_STOP.format(pidfile=pidfile))
+                if name == "qdisk":
+                    self.cleanup_sh("cp /run/lab/conformance/qemu-qdisk.log %s/" % self.logs)
             try:
                 doc = json.loads(out[out.index("{"):])
             except ValueError:
