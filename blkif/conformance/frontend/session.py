@@ -9,6 +9,8 @@ dom0's backend directory) leaves these VBDs alone.
 """
 import contextlib
 import itertools
+import os
+import tempfile
 import threading
 
 from blkif.conformance.catalogue import Failed
@@ -143,8 +145,6 @@ class XenFrontends:
         self._devids = itertools.count(0)
 
     def __enter__(self):
-        import tempfile
-
         from xenstore import Xenstore
         self.platform = open_platform("xen", domid=0)
         self.xs = Xenstore.open()
@@ -152,6 +152,7 @@ class XenFrontends:
         if self.workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="blkif-conformance-")
             self.workdir = self._tmp.name
+        os.makedirs(self.workdir, exist_ok=True)
         return self
 
     def __exit__(self, *exc):
@@ -162,8 +163,6 @@ class XenFrontends:
 
     @contextlib.contextmanager
     def peer_for(self, case):
-        import os
-
         from blkif import toolstack
         from blkif.sandbox import spawn_guest
         vdev = "xvd" + "abcdefghijklmnopqrstuvwxyz"[next(self._devids) % 26]
