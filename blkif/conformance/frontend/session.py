@@ -27,8 +27,8 @@ GUEST_IO = "blkif.conformance.frontend.guest:"
 class FrontendUnderTest:
     """One case's frontend (a sandbox guest) and the suite's backend for it."""
 
-    def __init__(self, backend, guest):
-        self.backend, self.guest = backend, guest
+    def __init__(self, backend, guest, vdev="xvda"):
+        self.backend, self.guest, self.vdev = backend, guest, vdev
 
     def attach(self, offer=BackendOffer(max_queues=1, discard=True), disk=None, omit=(),
                options=None, connect=True):
@@ -47,7 +47,7 @@ class FrontendUnderTest:
             thread.start()
         options = dict({"timeout": 5.0, "reconnect": False}, **(options or {}))
         try:
-            return self.guest.call("attach", {"vdev": "xvda", "options": options},
+            return self.guest.call("attach", {"vdev": self.vdev, "options": options},
                                    timeout=15)
         except Exception as exc:
             raise Failed("the frontend did not attach: %s" % exc) from None
@@ -176,7 +176,7 @@ class XenFrontends:
         guest = spawn_guest(0, os.path.join(self.workdir, "frontend-%s.log" % case.id),
                             "--platform", "xen")
         try:
-            yield FrontendUnderTest(backend, guest)
+            yield FrontendUnderTest(backend, guest, vdev)
         finally:
             backend.stop()
             with contextlib.suppress(Exception):
