@@ -66,19 +66,24 @@ def make_vbd(xs, backend, vdev, mode, target):
                  device_number(target))
 
 
-def remake(xs, backend, targets):
+def remake(xs, backend, targets, qemu=None):
     """The suite's ``recreate``: a VBD an earlier case left unable to start
-    over is removed (its backend given a second to let go) and made afresh."""
+    over is removed (its backend given a second to let go) and made afresh;
+    QEMU, which a bad ring can leave wedged, is started again around it."""
     def recreate(vdev):
         devid = toolstack.vdev_to_devid(vdev)
+        if qemu is not None:
+            qemu.stop()
         with contextlib.suppress(Exception):
             toolstack.destroy(xs, 0, vdev)
         for _ in range(50):
-            if not xs.exists(toolstack.find_backend(xs, 0, 0, devid)):
+            if qemu is not None or not xs.exists(toolstack.find_backend(xs, 0, 0, devid)):
                 break
             time.sleep(0.1)
         time.sleep(1)
         make_vbd(xs, backend, vdev, dict(VBDS)[vdev], targets[vdev])
+        if qemu is not None:
+            qemu.start()
     return recreate
 
 
@@ -94,29 +99,41 @@ def cleanup(xs, targets):
             subprocess.run(["losetup", "-d", target], check=False)
 
 
-@contextlib.contextmanager
-def qemu(wanted):
-    """QEMU serving dom0's qdisk VBDs while the suite runs (when ``wanted``)."""
-    if not wanted:
-        yield None
-        return
-    os.makedirs(WORK, exist_ok=True)
-    with open(os.path.join(WORK, "qemu-qdisk.log"), "w") as log:
-        proc = subprocess.Popen(QEMU_ARGV, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT)
-    try:
+class Qemu:
+    """QEMU serving dom0's qdisk VBDs (``start``/``stop``; a context manager)."""
+
+    def __init__(self):
+        self.proc = None
+        self.log = os.path.join(WORK, "qemu-qdisk.log")
+
+    def start(self):
+        os.makedirs(WORK, exist_ok=True)
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(QEMU_ARGV, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT)
         time.sleep(2)
-        if proc.poll() is not None:
-            with open(os.path.join(WORK, "qemu-qdisk.log")) as f:
-                raise SystemExit("QEMU exited (%d): %s" % (proc.returncode, f.read()[-500:]))
-        yield proc
-    finally:
-        proc.terminate()
+        if self.proc.poll() is not None:
+            with open(self.log) as f:
+                raise SystemExit("QEMU exited (%d): %s" % (self.proc.returncode,
+                                                         f.read()[-500:]))
+
+    def stop(self):
+        if self.proc is None:
+            return
+        self.proc.terminate()
         try:
-            proc.wait(10)
+            self.proc.wait(10)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
 def main(argv=None):
@@ -131,11 +148,14 @@ def main(argv=None):
         subprocess.run(["modprobe", "-a", "xen-blkback", "loop"], check=True)
     elif args.backend == "serve" and os.path.exists("/sys/module/xen_blkback"):
         parser.error("xen-blkback is loaded: it would claim blkif serve's VBDs too")
-    with Xenstore.open() as xs, qemu(args.backend == "qdisk"):
+    qemu = Qemu() if args.backend == "qdisk" else contextlib.nullcontext()
+    with Xenstore.open() as xs, qemu:
         targets = prepare(xs, args.backend)
         try:
             with TargetBackends("xen", None, 0, "xvda", "xvdb", "xvdc",
-                                recreate=remake(xs, args.backend, targets)) as session:
+                                recreate=remake(xs, args.backend, targets,
+                                                qemu if args.backend == "qdisk" else None)
+                                ) as session:
                 session.timeout = args.timeout
                 results = report.run_cases(catalogue.load("backend"), session, sys.stderr)
         finally:
