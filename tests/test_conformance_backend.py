@@ -118,3 +118,26 @@ def test_a_vbd_that_cannot_start_over_is_made_afresh(tmp_path):
             (result,) = report.run_cases(cases, session)
     assert made == ["xvda"]
     assert result.status == report.PASS, result
+
+
+def test_a_vbd_gone_is_made_afresh_and_fresh_runs_before_each_case(tmp_path):
+    from blkif import toolstack
+    from blkif.conformance import catalogue
+    from blkif.conformance.backend.session import TargetBackends
+    from blkif.sandbox import Sandbox
+    with Sandbox(str(tmp_path)) as box:
+        image = box.make_image("xvda.img", 4 << 20, None)
+        box.add_vbd(5, "xvda", image, "w")
+        toolstack.destroy(box.dom0, 5, "xvda")  # as QEMU removes a device it gave up on
+        made, fresh = [], []
+
+        def recreate(vdev):
+            made.append(vdev)
+            toolstack.create(box.dom0, 5, vdev, image, "w")
+
+        cases = [c for c in catalogue.load("backend") if c.id in ("xenbus-1", "req-1")]
+        with TargetBackends("sim", box.xenstore, 5, "xvda", sim_path=box.sim_path,
+                            recreate=recreate, fresh=lambda: fresh.append(1)) as session:
+            results = report.run_cases(cases, session)
+    assert made == ["xvda"] and len(fresh) == 2
+    assert [r.status for r in results] == [report.PASS, report.PASS], results

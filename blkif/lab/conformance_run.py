@@ -21,7 +21,7 @@ from blkif import toolstack
 from blkif.conformance import catalogue, report
 from blkif.conformance.backend.session import TargetBackends
 from blkif.lab.frontend_check import device_number, raise_gntalloc_limit
-from xenstore import Xenstore
+from xenstore import Xenstore, XenbusState
 
 VBDS = (("xvda", "w"), ("xvdb", "w"), ("xvdc", "r"))
 IMAGE_BYTES = 16 << 20
@@ -99,6 +99,27 @@ def cleanup(xs, targets):
             subprocess.run(["losetup", "-d", target], check=False)
 
 
+def all_afresh(xs, targets, qemu):
+    """Before each case on QEMU: QEMU stopped, every VBD made afresh, QEMU
+    started and every VBD InitWait again.  A case can leave QEMU wedged (a
+    ring overrun) or a device half torn down; the next case must not pay."""
+    def fresh():
+        qemu.stop()
+        for vdev, mode in VBDS:
+            with contextlib.suppress(Exception):
+                toolstack.destroy(xs, 0, vdev)
+            make_vbd(xs, "qdisk", vdev, mode, targets[vdev])
+        qemu.start()
+        deadline = time.monotonic() + 20
+        for vdev, _ in VBDS:
+            back = toolstack.find_backend(xs, 0, 0, toolstack.vdev_to_devid(vdev))
+            while xs.read_state(back + "/state") != XenbusState.InitWait:
+                if time.monotonic() > deadline:
+                    return  # the case will say what it finds
+                time.sleep(0.1)
+    return fresh
+
+
 class Qemu:
     """QEMU serving dom0's qdisk VBDs (``start``/``stop``; a context manager)."""
 
@@ -154,8 +175,9 @@ def main(argv=None):
         try:
             with TargetBackends("xen", None, 0, "xvda", "xvdb", "xvdc",
                                 recreate=remake(xs, args.backend, targets,
-                                                qemu if args.backend == "qdisk" else None)
-                                ) as session:
+                                                qemu if args.backend == "qdisk" else None),
+                                fresh=all_afresh(xs, targets, qemu)
+                                if args.backend == "qdisk" else None) as session:
                 session.timeout = args.timeout
                 results = report.run_cases(catalogue.load("backend"), session, sys.stderr)
         finally:

@@ -18,7 +18,7 @@ from blkif.conformance.backend.peer import TIMEOUT, FrontendPeer
 from blkif.conformance.catalogue import Failed, Skipped
 from blkif.platform import open_platform
 from blkif.toolstack import vdev_to_devid
-from xenstore import XenbusState
+from xenstore import NoEntry, XenbusState
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class _Session:
 
     @contextlib.contextmanager
     def peer_for(self, case):
+        self._fresh_start()
         peer = self._peer("main")
         try:
             yield peer
@@ -41,6 +42,9 @@ class _Session:
             for extra in [peer] + self._extras:
                 self._done(extra)
             self._extras = []
+
+    def _fresh_start(self):
+        """Before each case: nothing, unless a target says otherwise."""
 
     def extra_peer(self, kind):
         peer = self._peer(kind)
@@ -96,11 +100,12 @@ class TargetBackends(_Session):
     suite runs in that domain, usually dom0) or "sim" (``sim_path``)."""
 
     def __init__(self, platform, xenstore, domid, vdev, other=None, readonly=None,
-                 sim_path=None, recreate=None):
+                 sim_path=None, recreate=None, fresh=None):
         super().__init__()
         self.platform_name, self.xenstore, self.domid = platform, xenstore, domid
         self.sim_path = sim_path
         self.recreate = recreate  # recreate(vdev): the toolstack makes that VBD afresh
+        self.fresh = fresh  # fresh(): every VBD afresh before each case
         self.vdevs = {"main": vdev, "other": other, "readonly": readonly}
         self.target = "VBD %s of domain %d (%s platform)" % (vdev, domid, platform)
 
@@ -111,6 +116,10 @@ class TargetBackends(_Session):
 
     def __exit__(self, *exc):
         self.dom0.close()
+
+    def _fresh_start(self):
+        if self.fresh is not None:
+            self.fresh()
 
     def _peer(self, kind):
         from xenstore import Xenstore, domain_socket_path
@@ -124,7 +133,15 @@ class TargetBackends(_Session):
         else:
             xs = Xenstore.open(self.xenstore)
             platform = open_platform("xen", domid=self.domid)
-        backend = xs.read_str("/local/domain/%d/device/vbd/%d/backend" % (self.domid, devid))
+        node = "/local/domain/%d/device/vbd/%d/backend" % (self.domid, devid)
+        try:
+            backend = xs.read_str(node)
+        except NoEntry:
+            if self.recreate is None:
+                raise
+            log.warning("%s: gone (an earlier case's backend removed it); made afresh", vdev)
+            self.recreate(vdev)
+            backend = xs.read_str(node)
         peer = FrontendPeer(self, xs, platform, self.domid, devid, backend, self.dom0)
         try:
             peer.reset()
