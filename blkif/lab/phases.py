@@ -70,7 +70,7 @@ TIMEOUTS = {
     "guest": 300,
     "destroy": 60,
     "command": 60,
-    "conformance": 1200,  # one implementation's backend suite under TCG (blkback: 290 s)
+    "conformance": 2400,  # one implementation's suite under TCG (QEMU, a fresh one per case: >1200 s)
 }
 CONFORMANCE_RUN = "{python} -m blkif.lab.conformance_run --backend {name} 2> {log}"
 # The frontend suite: our frontend and the suite's backend both in dom0 (exit
