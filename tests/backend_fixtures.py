@@ -5,6 +5,7 @@ domains.  ``RawFrontend`` negotiates with plain FrontQueues and the nodes of
 :mod:`blkif.negotiate`, so a test chooses every value (or a bad one) itself
 and can put any bytes on the ring.
 """
+import contextlib
 import itertools
 import json
 import os
@@ -18,6 +19,7 @@ from blkif.abi import NATIVE
 from blkif.frontend.queue import FrontQueue
 from blkif.negotiate import BackendOffer, Connection, DiskInfo, FrontendWants, QueueRing
 from blkif.platform import open_platform
+from blkif.platform.sim import SimHypervisor
 from xenstore import XenbusState as S
 from xenstore import Xenstore, domain_socket_path
 from xenstore_fixtures import ROOT, start_server, stop_server
@@ -98,6 +100,17 @@ class Service:
         stop_server(self.xenstored)
         self.log.close()
         return code
+
+
+@contextlib.contextmanager
+def sim_service(tmp_path_factory, name, *options):
+    """A :class:`Service` on a hypervisor of its own, for a test module; it must
+    stop cleanly, with no traceback in its log."""
+    with SimHypervisor() as hv:
+        svc = Service(hv, tmp_path_factory.mktemp(name), *options)
+        yield svc
+        assert svc.close() == 0, svc.output()
+        assert "Traceback" not in svc.output()
 
 
 class RawFrontend:

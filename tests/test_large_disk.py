@@ -12,10 +12,9 @@ import subprocess
 
 import pytest
 
-from backend_fixtures import RawFrontend, Service
+from backend_fixtures import RawFrontend, sim_service
 from blkif import toolstack
 from blkif.negotiate import FrontendWants
-from blkif.platform.sim import SimHypervisor
 from helpers import require_tool
 
 SIZE = 4 << 40
@@ -25,10 +24,8 @@ ONE_QUEUE = FrontendWants(0, 1, 0, False)
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    with SimHypervisor() as hv:
-        svc = Service(hv, tmp_path_factory.mktemp("serve"))
+    with sim_service(tmp_path_factory, "serve") as svc:
         yield svc
-        assert svc.close() == 0, svc.output()
 
 
 def _connected(service, domid, params):

@@ -17,12 +17,11 @@ import time
 
 import pytest
 
-from backend_fixtures import RawFrontend, Service
+from backend_fixtures import RawFrontend, sim_service
 from blkif import devicemodel, toolstack
 from blkif.backend.service import served_types
 from blkif.errors import UsageError
 from blkif.negotiate import FrontendWants
-from blkif.platform.sim import SimHypervisor
 from helpers import require_tool
 from test_storage import SIZE, make_base, qemu_img, write_workload
 from xenstore import XenbusState as S
@@ -99,19 +98,11 @@ def test_served_types(tmp_path):
 # -- processes --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def hv():
-    with SimHypervisor() as hv:
-        yield hv
-
-
-@pytest.fixture(scope="module")
-def service(hv, tmp_path_factory):
+def service(tmp_path_factory):
     for name in ("qemu-img", "qemu-storage-daemon"):
         require_tool(name)
-    svc = Service(hv, tmp_path_factory.mktemp("serve"), "--types", "qdisk")
-    yield svc
-    assert svc.close() == 0, svc.output()
-    assert "Traceback" not in svc.output()
+    with sim_service(tmp_path_factory, "serve", "--types", "qdisk") as svc:
+        yield svc
 
 
 def start_device_model(service, domid, run_dir, state_dir=None):

@@ -10,12 +10,11 @@ import time
 
 import pytest
 
-from backend_fixtures import Service
+from backend_fixtures import sim_service
 from blkif import toolstack
 from blkif.errors import LocalProtocolError, UsageError
 from blkif.frontend import BlockDevice, FrontendOptions
 from blkif.platform import open_platform
-from blkif.platform.sim import SimHypervisor
 from xenstore import Xenstore, domain_socket_path
 from xenstore_fixtures import ROOT
 
@@ -24,11 +23,8 @@ MIB = 1 << 20
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    with SimHypervisor() as hv:
-        svc = Service(hv, tmp_path_factory.mktemp("resize"))
+    with sim_service(tmp_path_factory, "resize") as svc:
         yield svc
-        assert svc.close() == 0, svc.output()
-        assert "Traceback" not in svc.output()
 
 
 @contextlib.contextmanager
