@@ -17,11 +17,10 @@ import time
 
 import pytest
 
-from backend_fixtures import RawFrontend, Service, error_node
+from backend_fixtures import RawFrontend, error_node, sim_service
 from blkif import toolstack
 from blkif.abi import constants as c
 from blkif.negotiate import FrontendWants
-from blkif.platform.sim import SimHypervisor
 from helpers import require, require_tool
 from xenstore import XenbusState as S
 
@@ -39,17 +38,9 @@ def tools():
 
 
 @pytest.fixture(scope="module")
-def hv():
-    with SimHypervisor() as hv:
-        yield hv
-
-
-@pytest.fixture(scope="module")
-def service(tools, hv, tmp_path_factory):
-    svc = Service(hv, tmp_path_factory.mktemp("serve"), "--max-queues", "4")
-    yield svc
-    assert svc.close() == 0, svc.output()
-    assert "Traceback" not in svc.output()
+def service(tools, tmp_path_factory):
+    with sim_service(tmp_path_factory, "serve", "--max-queues", "4") as svc:
+        yield svc
     assert not _daemons_of(svc), "a qemu-storage-daemon outlived the service"
 
 
