@@ -106,9 +106,7 @@ def all_afresh(xs, targets, qemu):
     def fresh():
         qemu.stop()
         for vdev, mode in VBDS:
-            with contextlib.suppress(Exception):
-                toolstack.destroy(xs, 0, vdev)
-            make_vbd(xs, "qdisk", vdev, mode, targets[vdev])
+            make_vbd(xs, "qdisk", vdev, mode, targets[vdev])  # removes the old nodes first
         qemu.start()
         deadline = time.monotonic() + 20
         for vdev, _ in VBDS:
