@@ -95,3 +95,27 @@ def test_frontend_on_xen_off_xen_is_one_line():
     out = blkif("frontend", "--platform", "xen")
     assert out.returncode == 1
     assert "/dev/xen" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_agent_prints_the_script_a_guest_runs():
+    from blkif.conformance.frontend.console_agent import AGENT
+    out = blkif("agent")
+    assert out.returncode == 0 and out.stdout == AGENT
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--guest", "5"], "--guest needs --platform xen"),
+    (["--console", "/dev/pts/3"], "--console goes with --guest"),
+    (["--platform", "xen", "--guest", "5", "--timeout", "0"], "--timeout must be positive"),
+])
+def test_frontend_guest_options_are_checked(argv, error):
+    out = blkif("frontend", *argv)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["blkif: error: " + error], out.stderr
+
+
+@pytest.mark.skipif(os.path.exists("/dev/xen/xenbus"), reason="this machine runs on Xen")
+def test_frontend_guest_off_xen_is_one_line():
+    out = blkif("frontend", "--platform", "xen", "--guest", "5")
+    assert out.returncode == 1
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr

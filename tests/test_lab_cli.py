@@ -173,7 +173,7 @@ def test_one_run_per_workdir(tmp_path):
     with open(tmp_path / "lab.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         args = argparse.Namespace(workdir=str(tmp_path), timeout=60, only="boot", seed=1,
-                                  keep=False, json=False)
+                                  keep=False, json=False, conformance_runs=None)
         with pytest.raises(BlkifError, match="another blkif lab"):
             cli.run(args)
 
@@ -181,6 +181,22 @@ def test_one_run_per_workdir(tmp_path):
 def test_conformance_is_a_phase_only_on_request():
     assert "conformance" not in cli.parse_only(None)
     assert cli.parse_only("conformance") == {"boot", "dom0", "conformance"}
+
+
+@pytest.mark.parametrize("only, runs, error", [
+    ("conformance", "blkback,blkfrnt", "unknown conformance run blkfrnt (choose from "
+                                       "blkback,qdisk,serve,frontend,blkfront)"),
+    ("baseline", "blkfront", "--conformance-runs goes with --only conformance"),
+])
+def test_conformance_runs_are_checked_before_anything_starts(tmp_path, only, runs, error):
+    import argparse
+
+    args = argparse.Namespace(workdir=str(tmp_path / "w"), timeout=60, only=only, seed=1,
+                              keep=False, json=False, conformance_runs=runs)
+    with pytest.raises(UsageError) as info:
+        cli.run(args)
+    assert str(info.value) == error
+    assert not (tmp_path / "w").exists()
 
 
 def test_conformance_column_shows_info_values():

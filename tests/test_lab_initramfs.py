@@ -113,7 +113,8 @@ def test_guest_init_reports_what_the_host_parses():
     init = initramfs.GUEST_INIT
     for needle in ('say "DONE rc=$FAILED"', "labmode=*", "labblk=*", "labdisks=*",
                    "oflag=direct", "iflag=direct", "/sbin/mke2fs", "/sbin/e2fsck -fn",
-                   "blkdiscard -o", 'say "MD5 $n $off $size $sum $D"'):
+                   "blkdiscard -o", 'say "MD5 $n $off $size $sum $D"',
+                   'exec sh /etc/lab/agent </dev/hvc0 >/dev/hvc0'):
         assert needle in init
     for shell in ("/bin/busybox", "/bin/dash"):  # the guest's sh, and Debian's
         if os.path.exists(shell):

@@ -18,6 +18,9 @@ examples:
   blkif conformance backend --platform xen --domid 0 --vdev xvda --other-vdev xvdb
   blkif conformance frontend --json             our frontend in a sandbox guest
   blkif conformance frontend --platform xen     our frontend in this dom0
+  blkif conformance frontend --platform xen --guest 5
+                                                the blkfront of guest 5, which runs
+                                                `blkif conformance agent` on its console
   blkif conformance list --markdown > docs/conformance.md
 
 Exit status: 0 if every MUST case passed (SHOULD and INFO never fail a run),
@@ -60,14 +63,31 @@ def add_arguments(parser):
         description="Play a backend (offers chosen per case, misbehaviour on purpose) for a "
                     "frontend and judge what it does.  Tests our own frontend "
                     "(blkif.frontend.BlockDevice): as a guest of the embedded sandbox, or "
-                    "with --platform xen in a process of dom0 on real Xen.")
+                    "with --platform xen in a process of dom0 on real Xen; with --guest, "
+                    "the frontend of a running guest (Linux blkfront, or yours) whose "
+                    "console runs the agent that `blkif conformance agent` prints.")
     front.add_argument("--platform", choices=("xen", "sim"), default="sim",
                        help="sim: the embedded sandbox (default); xen: this dom0, the "
                             "suite and the frontend both in it")
     front.add_argument("--workdir", metavar="DIR",
                        help="the sandbox's (or the frontends') logs go here (default: "
                             "temporary, removed)")
+    front.add_argument("--guest", type=int, metavar="DOMID",
+                       help="test this guest's frontend (--platform xen; the guest runs the "
+                            "agent on its console: docs/conformance.md)")
+    front.add_argument("--console", metavar="TTY",
+                       help="with --guest: the guest console's tty (default: its console/tty "
+                            "node in xenstore)")
+    front.add_argument("--timeout", type=float, default=20.0, metavar="SECONDS",
+                       help="with --guest: seconds an operation in the guest may take before "
+                            "it counts as hung (default 20)")
     _common(front)
+    sub.add_parser("agent", help="print the guest agent script for frontend --guest",
+                   description="Print the shell script a guest runs on its console so that "
+                               "`blkif conformance frontend --guest DOMID` can test its "
+                               "frontend: sh agent </dev/hvc0 >/dev/hvc0 2>&1 (POSIX sh with "
+                               "dd, awk, sha256sum, sync, blkdiscard, stty and dmesg, as "
+                               "busybox has them).")
     listing = sub.add_parser("list", help="print the catalogue of cases",
                              description="Print every case: id, level, clause, title.")
     listing.add_argument("--markdown", action="store_true",
@@ -93,6 +113,10 @@ def _common(parser):
 
 def run(args):
     from blkif.conformance import catalogue, markdown, report
+    if args.side == "agent":
+        from blkif.conformance.frontend.console_agent import AGENT
+        sys.stdout.write(AGENT)
+        return 0
     if args.side == "list":
         cases = catalogue.load()
         if args.markdown:
@@ -134,7 +158,19 @@ def run(args):
 
 def _session(args):
     if args.side == "frontend":
-        from blkif.conformance.frontend.session import SandboxFrontends, XenFrontends
+        from blkif.conformance.frontend.session import (
+            GuestFrontends,
+            SandboxFrontends,
+            XenFrontends,
+        )
+        if args.guest is not None:
+            if args.platform != "xen":
+                raise UsageError("--guest needs --platform xen")
+            if not args.timeout > 0:
+                raise UsageError("--timeout must be positive")
+            return GuestFrontends(args.guest, args.console, args.workdir, args.timeout)
+        if args.console is not None:
+            raise UsageError("--console goes with --guest")
         if args.platform == "xen":
             return XenFrontends(workdir=args.workdir)
         return SandboxFrontends(workdir=args.workdir)

@@ -16,6 +16,15 @@ Run `blkif conformance backend` (against a VBD, or the embedded sandbox) and
 rule of blkif.h, ring.h or a Xen security advisory (a failure makes the exit status 1);
 **SHOULD** is what Linux does where the header is silent; **INFO** records a value.
 
+Any guest's frontend (Linux blkfront, or yours): the guest runs the agent that
+`blkif conformance agent` prints on its console (`sh agent </dev/hvc0 >/dev/hvc0 2>&1`;
+POSIX sh with dd, awk, sha256sum, sync, blkdiscard, stty and dmesg, as busybox has them),
+and dom0 runs `blkif conformance frontend --platform xen --guest DOMID`.  The suite is the
+backend of a new disk per case (xvdb, xvdc, ...); the agent does the case's I/O with
+O_DIRECT dd and answers on the console, and the guest kernel's messages are read after
+each failed operation and each case (they are kept in `--workdir`).  An operation with no
+answer within `--timeout` (a hang) or a kernel oops fails the case.
+
 """
 
 

@@ -108,6 +108,9 @@ def add_arguments(parser):
                         help="leave Xen running after the phases until Ctrl-C "
                              "(drive dom0 through WORKDIR/ctl, see docs/lab.md)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--conformance-runs", metavar="NAMES",
+                        help="with the conformance phase: only these of %s (default all)"
+                             % ",".join(name for name, _ in phases.CONFORMANCE_RUNS))
     parser.add_argument("--perf", action="store_true",
                         help="instead of the phases: fio in a guest against kernel blkback, "
                              "QEMU qdisk and blkif serve, configurations A and B, one boot; "
@@ -141,6 +144,14 @@ def _run(args):
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
     chosen = parse_only(args.only)
+    if args.conformance_runs:
+        known = [name for name, _ in phases.CONFORMANCE_RUNS]
+        unknown = set(args.conformance_runs.split(",")) - set(known)
+        if unknown:
+            raise UsageError("unknown conformance run %s (choose from %s)" % (
+                ",".join(sorted(unknown)), ",".join(known)))
+        if "conformance" not in chosen:
+            raise UsageError("--conformance-runs goes with --only conformance")
     workdir = os.path.abspath(args.workdir or os.path.join(phases._project_root(), "lab-work"))
     os.makedirs(workdir, exist_ok=True)
     lock = open(os.path.join(workdir, "lab.lock"), "w")
@@ -156,6 +167,8 @@ def _run_locked(args, chosen, workdir):
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
     report = Report()
     lab = phases.Lab(workdir, report, timeout=args.timeout)
+    if args.conformance_runs:
+        lab.conformance_only = set(args.conformance_runs.split(","))
     started = time.monotonic()
     progress = sys.stderr
 

@@ -10,7 +10,8 @@ tools, Python and this project at the same paths as on the host.
 The guest's is a whole tiny system: busybox, xen-blkfront, ext4 and crc32c,
 real mke2fs/e2fsck with the shared libraries ``ldd`` names, the workload plan,
 and an init (``GUEST_INIT``) that runs the verified workload on /dev/xvda and
-reports ``LAB ...`` lines on its console.
+reports ``LAB ...`` lines on its console, or the frontend conformance suite's
+console agent.
 
 Everything here but ``build_*`` is pure: it turns names and file contents into
 a ``Manifest`` or text, so tests pin it without a kernel.
@@ -20,6 +21,7 @@ import os
 import re
 import subprocess
 
+from blkif.conformance.frontend.console_agent import AGENT
 from blkif.errors import BlkifError
 from blkif.lab.cpio import Manifest
 
@@ -201,7 +203,8 @@ GUEST_INIT = r"""#!/bin/sh
 # labmode=full|verify on each disk of labdisks=xvda,xvdb (default xvda) and
 # reports "LAB <KIND> ..." lines on the console (checks, values and MD5 lines
 # of a disk other than xvda name it), ending with "LAB DONE rc=N"; then idles
-# until destroyed.
+# until destroyed.  labmode=agent runs the conformance suite's console agent
+# instead (/etc/lab/agent, blkif/conformance/frontend/console_agent.py).
 # Debian's busybox sh prefers its own applets to PATH: real tools by full path.
 export PATH=/sbin:/bin
 mount -t proc proc /proc
@@ -241,6 +244,9 @@ for m in $(cat /etc/lab/modules); do
 done
 FREE0=$(memfree)
 insmod "$BLKFRONT" $BLK || say "WARN insmod $BLKFRONT failed"
+if [ "$MODE" = agent ]; then  # the conformance suite's agent drives the disks it adds
+  exec sh /etc/lab/agent </dev/hvc0 >/dev/hvc0 2>&1
+fi
 for D in $DISKS; do
   i=0
   while [ ! -b /dev/$D ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
@@ -426,6 +432,7 @@ def build_guest(path, version, plan_text, discard_text, busybox="/bin/busybox",
     tools = {tool: _ldd(tool) for tool in GUEST_TOOLS}
     manifest = guest_manifest(busybox, _applets(busybox), root, order, tools, plan_text)
     manifest.file("/etc/lab/discard", discard_text)
+    manifest.file("/etc/lab/agent", AGENT, mode=0o755)
     with open(path, "wb") as f:
         return write_newc(manifest, f)
 

@@ -16,7 +16,8 @@
     conformance  ``blkif conformance backend`` in dom0 against Linux
               xen-blkback, QEMU's qdisk, then our ``blkif serve``
               (``blkif.lab.conformance_run``); then ``blkif conformance
-              frontend --platform xen`` against our frontend in dom0;
+              frontend --platform xen`` against our frontend in dom0 and
+              against Linux xen-blkfront in a guest (its console agent);
               the results go to WORKDIR/conformance.json (docs/conformance.md's
               comparison table), differences are findings, not failures
 
@@ -80,9 +81,17 @@ CONFORMANCE_FRONTEND_RUN = ("{python} -c 'from blkif.lab.frontend_check import "
                             "{python} -m blkif conformance frontend --platform xen --json "
                             "--workdir {workdir} 2> {log}; rc=$?; [ $rc -le 1 ] || exit $rc")
 CONFORMANCE_FRONTEND = ("frontend", "blkif frontend (dom0)")
+# The frontend suite against Linux xen-blkfront in a guest running the
+# suite's console agent (labmode=agent), the suite being its backend in dom0.
+CONFORMANCE_BLKFRONT_RUN = ("{python} -m blkif conformance frontend --platform xen "
+                            "--guest {domid} --timeout 60 --json --workdir {workdir} "
+                            "2> {log}; rc=$?; [ $rc -le 1 ] || exit $rc")
+CONFORMANCE_BLKFRONT = ("blkfront", "Linux xen-blkfront (6.1)")
+CONFORMANCE_GUEST = "lab-conf-blkfront"
 # The column each run fills in docs/conformance.md's comparison table.
 CONFORMANCE_BACKENDS = (("blkback", "Linux xen-blkback (6.1)"), ("qdisk", "QEMU qdisk (7.2)"),
                         ("serve", "blkif serve"))
+CONFORMANCE_RUNS = CONFORMANCE_BACKENDS + (CONFORMANCE_FRONTEND, CONFORMANCE_BLKFRONT)
 
 DOM0_SETUP = """modprobe -a xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd
 mountpoint -q /proc/xen || mount -t xenfs xenfs /proc/xen
@@ -308,6 +317,7 @@ class Lab:
         self.plan = None
         self.seed = 1
         self.guests = {}  # name -> ConsoleReport
+        self.conformance_only = None  # names of CONFORMANCE_RUNS to run, or None: all
 
     # -- plumbing ---------------------------------------------------------
 
@@ -693,17 +703,25 @@ class Lab:
         phase = "conformance"
         pidfile = os.path.join(self.workdir, "ctl", "serve.pid")
         table = {}
-        for name, label in CONFORMANCE_BACKENDS + (CONFORMANCE_FRONTEND,):
+        for name, label in [run for run in CONFORMANCE_RUNS if self.conformance_only is None
+                            or run[0] in self.conformance_only]:
             start = time.monotonic()
             if name == "serve":
                 self.sh("%s: start blkif serve" % phase, SERVE_START.format(
                     argv=serve_argv(self.python), log=os.path.join(self.logs, "serve-conf.log"),
                     pidfile=pidfile, image="/run/lab/unused.img", size=1 << 20))
+            if name == "blkfront":
+                domid = self.agent_guest(phase)
             log = os.path.join(self.logs, "conformance-%s.log" % name)
-            command = (CONFORMANCE_FRONTEND_RUN.format(
-                python=self.python, log=log, workdir=os.path.join(self.logs, "frontends"))
-                if name == "frontend" else
-                CONFORMANCE_RUN.format(python=self.python, name=name, log=log))
+            if name == "frontend":
+                command = CONFORMANCE_FRONTEND_RUN.format(
+                    python=self.python, log=log, workdir=os.path.join(self.logs, "frontends"))
+            elif name == "blkfront":
+                command = CONFORMANCE_BLKFRONT_RUN.format(
+                    python=self.python, log=log, domid=domid,
+                    workdir=os.path.join(self.logs, "blkfront"))
+            else:
+                command = CONFORMANCE_RUN.format(python=self.python, name=name, log=log)
             try:
                 out = self.sh("%s: %s" % (phase, name), command, TIMEOUTS["conformance"]).out
             finally:
@@ -711,6 +729,8 @@ class Lab:
                     self.cleanup_sh(SERVE_STOP.format(pidfile=pidfile))
                 if name == "qdisk":
                     self.cleanup_sh("cp /run/lab/conformance/qemu-qdisk.log %s/" % self.logs)
+                if name == "blkfront":
+                    self.cleanup_sh("xl destroy %s" % CONFORMANCE_GUEST)
             try:
                 doc = json.loads(out[out.index("{"):])
             except ValueError:
@@ -725,6 +745,30 @@ class Lab:
                 ", ".join(doc["must_failures"]) or "none"), time.monotonic() - start)
         with open(os.path.join(self.workdir, "conformance.json"), "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
+
+    def agent_guest(self, phase):
+        """Start the guest whose blkfront the frontend suite tests (no disk
+        of its own; its init runs the console agent); its domid once the
+        agent says it is ready."""
+        name = CONFORMANCE_GUEST
+        cfg = os.path.join(self.workdir, "guests", name + ".cfg")
+        with open(cfg, "w") as f:
+            f.write(xl_config(name, self.kernel, os.path.join(self.workdir, "guest.cpio"), [],
+                              guest_extra("agent")))
+        self.sh("%s: xl create %s" % (phase, name), "xl create %s" % shlex.quote(cfg),
+                TIMEOUTS["create"])
+        domid = int(self.sh("%s: xl domid" % phase, "xl domid %s" % name).out.strip())
+        log = self.console_log(name)
+        deadline = time.monotonic() + self.budget(TIMEOUTS["guest"], "%s: agent" % phase)
+        while True:
+            if os.path.exists(log):
+                with open(log, errors="replace") as f:
+                    if "AGENT 0 ok ready" in f.read():
+                        return domid
+            if not self._alive() or time.monotonic() > deadline:
+                raise StepFailed("%s: guest %s" % (phase, name),
+                                 "its console agent never said it was ready")
+            time.sleep(0.5)
 
     def close(self):
         """Stop QEMU and check nothing is left: (status, detail) for the cleanup row."""

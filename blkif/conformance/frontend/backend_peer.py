@@ -8,6 +8,7 @@ default)``, which a case replaces to misbehave on purpose (wrong operation,
 unknown or repeated id, no answer at all); :attr:`seen` keeps every request
 the frontend sent, for the cases that judge what it asks for.
 """
+import contextlib
 import threading
 
 from blkif.abi import ffi
@@ -123,6 +124,28 @@ class BackendPeer:
         self._thread = threading.Thread(target=self._serve, daemon=True,
                                         name="conformance-backend")
         self._thread.start()
+
+    @contextlib.contextmanager
+    def connecting(self, connect=True):
+        """With ``connect``, :meth:`connect` in a thread while the body has
+        the frontend attach; Failed if it failed."""
+        failure = []
+
+        def run():
+            try:
+                self.connect()
+            except Exception as exc:  # noqa: BLE001 - handed to the case as Failed
+                failure.append(exc)
+        thread = threading.Thread(target=run, daemon=True)
+        if connect:
+            thread.start()
+        try:
+            yield
+        finally:
+            if connect:
+                thread.join(10)
+            if failure:
+                raise Failed("backend side: %s" % failure[0])
 
     # -- the rings ----------------------------------------------------------
 

@@ -2,14 +2,18 @@
 attached, one result per operation, so the suite can judge the frontend from
 outside its process (``blkif.sandbox`` calls ``guest_*`` functions)."""
 import hashlib
-import random
 
 from blkif.errors import BlkifError
 
 
 def pattern(seed, length):
-    """The bytes a ``write`` op with ``seed`` writes."""
-    return random.Random(seed).randbytes(length)
+    """The bytes a ``write`` op with ``seed`` writes: each 512-byte sector
+    names the seed and its index (so a misplaced sector shows), as text a
+    guest's shell can make with awk (``console_agent.AGENT``)."""
+    if length % 512:
+        raise ValueError("a pattern is whole 512-byte sectors, not %d bytes" % length)
+    return b"".join(b"%-511s\n" % (b"blkif seed %d sector %d" % (seed, i))
+                    for i in range(length // 512))
 
 
 def guest_io(guest, params, emit):

@@ -11,7 +11,6 @@ import contextlib
 import itertools
 import os
 import tempfile
-import threading
 
 from blkif.conformance.catalogue import Failed
 from blkif.conformance.frontend.backend_peer import BackendPeer
@@ -35,27 +34,13 @@ class FrontendUnderTest:
         """Offer, then have the guest attach while we map and connect; the
         negotiated values the guest reports.  Failed if either side fails."""
         self.backend.offer(offer, disk, omit)
-        failure = []
-
-        def serve():
-            try:
-                self.backend.connect()
-            except Exception as exc:
-                failure.append(exc)
-        thread = threading.Thread(target=serve, daemon=True)
-        if connect:
-            thread.start()
         options = dict({"timeout": 5.0, "reconnect": False}, **(options or {}))
-        try:
-            return self.guest.call("attach", {"vdev": self.vdev, "options": options},
-                                   timeout=15)
-        except Exception as exc:
-            raise Failed("the frontend did not attach: %s" % exc) from None
-        finally:
-            if connect:
-                thread.join(10)
-            if failure:
-                raise Failed("backend side: %s" % failure[0])
+        with self.backend.connecting(connect):
+            try:
+                return self.guest.call("attach", {"vdev": self.vdev, "options": options},
+                                       timeout=15)
+            except Exception as exc:
+                raise Failed("the frontend did not attach: %s" % exc) from None
 
     def reattach(self, offer, disk=None):
         """The backend closes; the guest detaches and attaches to a new ``offer``."""
@@ -185,3 +170,86 @@ class XenFrontends:
             backend.close()
             with contextlib.suppress(Exception):
                 toolstack.destroy(self.xs, 0, vdev)
+
+
+class GuestFrontends:
+    """The frontend of guest ``domid`` on real Xen (Linux blkfront, or any
+    other), which runs :data:`~.console_agent.AGENT` on its console: the
+    suite, in dom0, is its backend (xenbus type :data:`XEN_KIND`) and adds a
+    disk per case (xvdb, xvdc, ...), and the agent does the case's I/O in
+    the guest.  ``console`` is the console's tty (default: the guest's
+    ``console/tty`` node, the pty of xenconsoled).  A context manager."""
+
+    debug = False
+    VDEVS = ["xvd" + c for c in "bcdefghijklmnopqrstuvwxyz"]
+
+    def __init__(self, domid, console=None, workdir=None, timeout=20.0):
+        self.domid, self.console, self.workdir, self.timeout = domid, console, workdir, timeout
+        self.target = "the frontend of domain %d (console agent)" % domid
+        self._vdevs = iter(self.VDEVS)
+
+    def __enter__(self):
+        from blkif.conformance.frontend.console_agent import AgentError, ConsoleAgent
+        from xenstore import Xenstore
+        self.xs = Xenstore.open()
+        if self.console is None:
+            self.console = self.xs.read_str("/local/domain/%d/console/tty" % self.domid, None)
+            if self.console is None:
+                self.xs.close()
+                raise AgentError("domain %d has no console/tty node: is it running?"
+                                 % self.domid)
+        self.log = None
+        if self.workdir is not None:
+            os.makedirs(self.workdir, exist_ok=True)
+            self.log = open(os.path.join(self.workdir, "guest-%d-console.log" % self.domid),
+                            "a")
+        self.agent = ConsoleAgent(self.console, self.log)
+        try:
+            self.agent.call("ping", timeout=self.timeout)
+        except AgentError:
+            self.__exit__(None, None, None)
+            raise AgentError("domain %d does not answer on %s: is the agent running on its "
+                             "console (docs/conformance.md)?" % (self.domid, self.console))
+        self.agent.klog()  # what it printed before the first case is not the first case's
+        self.platform = open_platform("xen", domid=0)
+        return self
+
+    def __exit__(self, *exc):
+        self.agent.close()
+        if getattr(self, "platform", None) is not None:
+            self.platform.close()
+        if self.log is not None:
+            self.log.close()
+        self.xs.close()
+
+    @contextlib.contextmanager
+    def peer_for(self, case):
+        from blkif import toolstack
+        from blkif.conformance.frontend.console_agent import ConsoleFrontendUnderTest
+        vdev = next(self._vdevs, None)
+        if vdev is None:
+            raise RuntimeError("more than %d cases: no disk name left" % len(self.VDEVS))
+        devid = toolstack.vdev_to_devid(vdev)
+        for path in (toolstack.frontend_path(self.domid, devid),
+                     toolstack.backend_path(0, self.domid, devid, XEN_KIND)):
+            if self.xs.exists(path):  # a run that died before its cleanup
+                self.xs.rm(path)
+        toolstack.create(self.xs, self.domid, vdev, "ram-disk-%s" % vdev, "w", kind=XEN_KIND)
+        backend = BackendPeer(self.xs, self.platform, 0, self.domid, devid, kind=XEN_KIND)
+        fut = ConsoleFrontendUnderTest(backend, self.agent, vdev, self.timeout)
+        if self.log is not None:
+            self.log.write("=== case %s on %s\n" % (case.id, vdev))
+        try:
+            yield fut
+        finally:
+            backend.stop()
+            with contextlib.suppress(Exception):
+                backend.switch(XenbusState.Closed)  # the guest lets go of the disk
+                self.agent.call("gone", vdev, 10, timeout=15)
+            backend.close()
+            with contextlib.suppress(Exception):
+                toolstack.destroy(self.xs, self.domid, vdev)
+            with contextlib.suppress(Exception):
+                fut.collect()
+                if self.log is not None:
+                    self.log.write("".join("kernel: %s\n" % line for line in fut.kernel))
