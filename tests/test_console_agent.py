@@ -125,6 +125,8 @@ def test_a_disk_appears_and_goes(console, standin):
     threading.Timer(0.5, appear).start()
     assert agent.call("wait", "xvdc", 5) == (True, "8")
     assert agent.call("wait", "xvdd", 1) == (False, "no xvdd after 1 s")
+    (sys / "xvde").mkdir()  # a disk the frontend declared dead: listed, not readable
+    assert agent.call("wait", "xvde", 1) == (False, "xvde is there but cannot be read after 1 s")
     threading.Timer(0.5, lambda: (sys / "xvdc" / "size").unlink() or
                     (sys / "xvdc").rmdir()).start()
     assert agent.call("gone", "xvdc", 5) == (True, "")

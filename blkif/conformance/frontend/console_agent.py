@@ -54,18 +54,20 @@ attempt() {
 waitfor() {  # waitfor present|absent DEV SECONDS
   i=0
   while [ $i -lt $(($3 * 10)) ]; do
-    if [ -e "$SYS/$2" ]; then [ $1 = present ] && break; else [ $1 = absent ] && break; fi
+    # Present means readable: a first read also waits out the partition scan
+    # of a disk just added, and a disk the frontend declared dead is not back.
+    if [ $1 = present ]; then
+      [ -e "$SYS/$2" ] && dd if="$DEV/$2" of=/dev/null bs=512 count=1 \
+        ${DIRECT:+iflag=$DIRECT} 2>/dev/null && { cat "$SYS/$2/size"; return 0; }
+    else
+      [ -e "$SYS/$2" ] || return 0
+    fi
     sleep 0.1; i=$((i + 1))
   done
-  if [ $1 = present ]; then
-    [ -e "$SYS/$2" ] || { echo "no $2 after $3 s" >&2; return 1; }
-    # A first read waits out the partition scan of a disk just added.
-    dd if="$DEV/$2" of=/dev/null bs=512 count=1 ${DIRECT:+iflag=$DIRECT} 2>/dev/null \
-      || { echo "$2 is there but cannot be read" >&2; return 1; }
-    cat "$SYS/$2/size"
-  else
-    [ ! -e "$SYS/$2" ] || { echo "$2 still there after $3 s" >&2; return 1; }
-  fi
+  if [ $1 = absent ]; then echo "$2 still there after $3 s" >&2
+  elif [ -e "$SYS/$2" ]; then echo "$2 is there but cannot be read after $3 s" >&2
+  else echo "no $2 after $3 s" >&2; fi
+  return 1
 }
 readop() {  # readop N DEV OFFSET LENGTH
   dd if="$DEV/$2" of="$TMP/r.$1" bs=$4 count=1 skip=$3 iflag=skip_bytes${DIRECT:+,$DIRECT} \
@@ -183,24 +185,30 @@ class ConsoleFrontendUnderTest:
     def __init__(self, backend, agent, vdev, timeout=20.0):
         self.backend, self.agent, self.vdev, self.timeout = backend, agent, vdev, timeout
         self.kernel = []  # the guest kernel's messages during the case
+        self.hung = False  # an operation never answered (it may hold the disk for good)
 
     def attach(self, offer, disk=None, omit=(), options=None, connect=True):
         """Offer; the guest's frontend connects and its disk appears."""
         self.backend.offer(offer, disk, omit)
         with self.backend.connecting(connect):
-            ok, text = self._call("wait", self.vdev, int(self.timeout))
+            ok, text = self.wait_disk("wait")
         if not ok:
             raise Failed("the frontend did not attach: %s%s" % (text, self._kernel_says()))
 
     def reattach(self, offer, disk=None):
-        """The backend closes; the guest's disk goes; a new ``offer``."""
+        """The backend closes and the frontend with it; then a new ``offer``,
+        and the disk must be readable again (the frontend may remove and add
+        it, or keep it)."""
         self.backend.stop()
         self.backend.switch(XenbusState.Closed)
-        ok, text = self._call("gone", self.vdev, int(self.timeout))
-        if not ok:
-            raise Failed("the frontend kept its disk after the backend closed: %s" % text)
+        self.backend.wait_frontend([XenbusState.Closed], timeout=self.timeout,
+                                   what="after the backend closed")
         self.backend.disconnect()
         self.attach(offer, disk)
+
+    def wait_disk(self, how):
+        """The agent's ``wait`` (the disk is there and readable) or ``gone``."""
+        return self._call(how, self.vdev, int(self.timeout), timeout=self.timeout + 15)
 
     def io(self, *ops, timeout=None):
         """Each op (as :func:`~.guest.guest_io` takes them) run in the guest in turn."""
@@ -243,4 +251,5 @@ class ConsoleFrontendUnderTest:
         try:
             return self.agent.call(command, *args, timeout=timeout or self.timeout)
         except AgentError as exc:
+            self.hung = True
             raise Failed("the guest hangs: %s" % exc) from None
