@@ -182,8 +182,9 @@ class ConsoleFrontendUnderTest:
     """One case's frontend in a guest running the agent, and the suite's
     backend for it: what a case calls (see ``session.FrontendUnderTest``)."""
 
-    def __init__(self, backend, agent, vdev, timeout=20.0):
+    def __init__(self, backend, agent, vdev, timeout=20.0, remake=None):
         self.backend, self.agent, self.vdev, self.timeout = backend, agent, vdev, timeout
+        self.remake = remake  # removes the disk and adds it afresh: a new backend
         self.kernel = []  # the guest kernel's messages during the case
         self.hung = False  # an operation never answered (it may hold the disk for good)
 
@@ -196,14 +197,13 @@ class ConsoleFrontendUnderTest:
             raise Failed("the frontend did not attach: %s%s" % (text, self._kernel_says()))
 
     def reattach(self, offer, disk=None):
-        """The backend closes and the frontend with it; then a new ``offer``,
-        and the disk must be readable again (the frontend may remove and add
-        it, or keep it)."""
+        """The backend closes, the disk is removed and added afresh (as a
+        toolstack does: a frontend need not reconnect on its own once
+        Closed), and the guest attaches to a new ``offer``."""
         self.backend.stop()
         self.backend.switch(XenbusState.Closed)
-        self.backend.wait_frontend([XenbusState.Closed], timeout=self.timeout,
-                                   what="after the backend closed")
-        self.backend.disconnect()
+        self.backend.close()
+        self.backend = self.remake()
         self.attach(offer, disk)
 
     def wait_disk(self, how):

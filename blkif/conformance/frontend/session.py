@@ -230,36 +230,52 @@ class GuestFrontends:
             self.log.close()
         self.xs.close()
 
+    def _disk(self, vdev):
+        """A new VBD ``vdev`` of the guest (any left of it removed first) and
+        the suite's backend for it."""
+        from blkif import toolstack
+        devid = toolstack.vdev_to_devid(vdev)
+        for path in (toolstack.frontend_path(self.domid, devid),
+                     toolstack.backend_path(0, self.domid, devid, XEN_KIND)):
+            if self.xs.exists(path):  # a run that died before its cleanup, or a remake
+                self.xs.rm(path)
+        toolstack.create(self.xs, self.domid, vdev, "ram-disk-%s" % vdev, "w", kind=XEN_KIND)
+        return BackendPeer(self.xs, self.platform, 0, self.domid, devid, kind=XEN_KIND)
+
+    def _remove(self, fut):
+        """Remove the case's disk; the guest lets go of it."""
+        from blkif import toolstack
+        toolstack.destroy(self.xs, self.domid, fut.vdev)
+        ok, text = fut.wait_disk("gone")
+        if not ok:
+            raise Failed("the guest kept its disk after the toolstack removed it: %s" % text)
+
     @contextlib.contextmanager
     def peer_for(self, case):
-        from blkif import toolstack
         from blkif.conformance.frontend.console_agent import ConsoleFrontendUnderTest
         vdev = next(self._vdevs, None)
         if vdev is None:
             raise RuntimeError("more than %d cases: no disk name left" % len(self.VDEVS))
-        devid = toolstack.vdev_to_devid(vdev)
-        for path in (toolstack.frontend_path(self.domid, devid),
-                     toolstack.backend_path(0, self.domid, devid, XEN_KIND)):
-            if self.xs.exists(path):  # a run that died before its cleanup
-                self.xs.rm(path)
-        toolstack.create(self.xs, self.domid, vdev, "ram-disk-%s" % vdev, "w", kind=XEN_KIND)
-        backend = BackendPeer(self.xs, self.platform, 0, self.domid, devid, kind=XEN_KIND)
-        fut = ConsoleFrontendUnderTest(backend, self.agent, vdev, self.timeout)
+
+        def remake():
+            self._remove(fut)
+            return self._disk(vdev)
+        fut = ConsoleFrontendUnderTest(self._disk(vdev), self.agent, vdev, self.timeout,
+                                       remake)
         if self.log is not None:
             self.log.write("=== case %s on %s\n" % (case.id, vdev))
         try:
             yield fut
         finally:
-            backend.stop()
+            fut.backend.stop()
             with contextlib.suppress(Exception):
-                backend.switch(XenbusState.Closed)
-            backend.close()
+                fut.backend.switch(XenbusState.Closed)
+            fut.backend.close()
             if fut.hung:  # removing it now would block the guest's xenbus on the hung I/O
                 self.left.append(vdev)
             else:
                 with contextlib.suppress(Exception):
-                    toolstack.destroy(self.xs, self.domid, vdev)  # the guest removes the disk
-                    fut.wait_disk("gone")
+                    self._remove(fut)
             with contextlib.suppress(Exception):
                 fut.collect()
                 if self.log is not None:

@@ -151,7 +151,8 @@ OFFERS = [  # ring-page-order, queues, indirect segments, persistent, flush, bar
 @case("fe-xenbus-8", "blkif.h: Backend Features", MUST,
       title="every kind of offer, one after another",
       sends="%d offers in turn (ring pages 1..16, queues 1..4, indirect 0..4096, persistent, "
-            "flush, barrier, discard on and off), the backend closing between them"
+            "flush, barrier, discard on and off), the backend closing between them (a guest's "
+            "disk is then removed and added afresh, as a toolstack does)"
             % len(OFFERS),
       expects="each time the frontend reconnects inside the offer and a 256 KiB write reads "
               "back",
