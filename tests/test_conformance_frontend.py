@@ -48,3 +48,20 @@ def test_the_suite_catches_a_broken_frontend(monkeypatch, broken, fails, passes)
         results = {r.id: r for r in report.run_cases(cases, session)}
     assert results[fails].status == report.FAIL, results[fails]
     assert results[passes].status == report.PASS, results[passes]
+
+
+def test_all_pairs_covers_every_pair_in_few_rows():
+    from itertools import combinations, product
+
+    from blkif.conformance.pairwise import all_pairs, pairs_of
+    from blkif.conformance.frontend.xenbus import FACTORS, OFFERS
+
+    for factors in (FACTORS, [[1, 2], [3, 4, 5]], [["a", "b"]] * 6):
+        rows = all_pairs(factors)
+        covered = set().union(*map(pairs_of, rows))
+        for i, j in combinations(range(len(factors)), 2):
+            assert {((i, a), (j, b)) for a, b in product(factors[i], factors[j])} <= covered
+        assert all(len(r) == len(factors) and all(v in f for v, f in zip(r, factors))
+                   for r in rows)
+    assert len(OFFERS) == 25  # 5 x 5, the fewest rows that can meet every order with every indirect
+    assert len(all_pairs([[1, 2], [3, 4, 5]])) == 6

@@ -15,6 +15,7 @@ from blkif.abi.constants import (
 )
 from blkif.conformance.catalogue import INFO, MUST, Failed, group
 from blkif.conformance.frontend.guest import pattern
+from blkif.conformance.pairwise import all_pairs
 from blkif.negotiate import BackendOffer, DiskInfo
 
 case = group("frontend", "xenbus")
@@ -141,31 +142,31 @@ def _(fut):
         raise Failed("WRITE sector numbers %s" % writes)
 
 
-OFFERS = [  # ring-page-order, queues, indirect segments, persistent, flush, barrier, discard
-    (0, 1, 0, False, True, False, False), (4, 1, 256, True, True, True, True),
-    (1, 2, 32, False, False, True, True), (2, 4, 4096, True, False, False, False),
-    (3, 3, 11, True, True, True, False),
-]
+# Every pair of these values meets in one offer (ring pages, queues, indirect
+# segments, persistent, flush, barrier, discard).
+FACTORS = [[0, 1, 2, 3, 4], [1, 2, 3, 4], [0, 11, 32, 256, 4096], [False, True], [False, True],
+           [False, True], [False, True]]
+OFFERS = all_pairs(FACTORS)
 
 
 @case("fe-xenbus-8", "blkif.h: Backend Features", MUST,
       title="every kind of offer, one after another",
-      sends="%d offers in turn (ring pages 1..16, queues 1..4, indirect 0..4096, persistent, "
-            "flush, barrier, discard on and off), the backend closing between them (a guest's "
-            "disk is then removed and added afresh, as a toolstack does)"
-            % len(OFFERS),
+      sends="%d offers in turn in which every pair of values meets (ring pages 1..16, queues "
+            "1..4, indirect 0..4096, persistent, flush, barrier, discard on and off), the "
+            "backend closing between them (a guest's disk is then removed and added afresh, "
+            "as a toolstack does)" % len(OFFERS),
       expects="each time the frontend reconnects inside the offer and a 256 KiB write reads "
               "back",
       why="a frontend meets many backends; each offer must work")
 def _(fut):
     fut.attach(BackendOffer(max_queues=1))
-    for order, queues, indirect, persistent, flush, barrier, discard in OFFERS:
+    for n, (order, queues, indirect, persistent, flush, barrier, discard) in enumerate(OFFERS):
         offer = BackendOffer(order, queues, indirect, persistent, flush, barrier, discard)
         fut.reattach(offer)
         used = int(fut.backend.read_front("ring-page-order") or 0), len(fut.backend.rings)
         if used[0] > order or used[1] > queues:
             raise Failed("offer %s: ring-page-order %d, %d queue(s)" % (offer, *used))
-        round_trip(fut, 1 << 20, 256 << 10, seed=order)
+        round_trip(fut, 1 << 20, 256 << 10, seed=n)
         if max(getattr(r, "nr_segments", 0) for r in fut.backend.seen) > max(indirect, 11):
             raise Failed("offer %s: a request beyond %d segments" % (offer, indirect))
 
