@@ -84,7 +84,7 @@ CONFORMANCE_FRONTEND = ("frontend", "blkif frontend (dom0)")
 # The frontend suite against Linux xen-blkfront in a guest running the
 # suite's console agent (labmode=agent), the suite being its backend in dom0.
 CONFORMANCE_BLKFRONT_RUN = ("{python} -m blkif conformance frontend --platform xen "
-                            "--guest {domid} --timeout 60 --json --workdir {workdir} "
+                            "--guest {domid} --timeout 30 --json --workdir {workdir} "
                             "2> {log}; rc=$?; [ $rc -le 1 ] || exit $rc")
 CONFORMANCE_BLKFRONT = ("blkfront", "Linux xen-blkfront (6.1)")
 CONFORMANCE_GUEST = "lab-conf-blkfront"
