@@ -265,6 +265,16 @@ class RequestDecoder:
         ring.copy_request(self._buf)
         return self.decode()
 
+    def copy(self, ring):
+        """Copy the next request off ``ring`` for :meth:`decode`; its bytes
+        (a view of our buffer, valid until the next copy)."""
+        ring.copy_request(self._buf)
+        return self._raw
+
+    def load(self, raw):
+        """Put a request's bytes (a journal's copy) in our buffer for :meth:`decode`."""
+        ffi.memmove(self._buf, raw, self.abi.request_size)
+
     def decode(self):
         """Validate the request in our buffer (filled by :meth:`take`)."""
         op = self._operation[0]

@@ -368,6 +368,41 @@ def test_an_upgrade_restart_leaves_every_vbd_connected(hv, tmp_path):
         assert svc.close() == 0, svc.output()
 
 
+def test_the_python_engine_restarts_live_too(hv, tmp_path):
+    """--engine python journals its rings as the C engine does: a killed
+    worker's successor and the next service after an upgrade resume."""
+    svc = Service(hv, tmp_path, "--engine", "python")
+    try:
+        domid, devid = svc.new_vbd(tmp_path / "disk.img")
+        fe = RawFrontend(svc, domid, devid)
+        fe.connect(wants=FrontendWants(1, 1, 32, True))
+        q = fe.queues[0]
+        data = [os.urandom(256 << 10) for _ in range(3)]
+        with svc.dom0.watch(fe.back + "/state") as watch:
+            assert watch.get(timeout=5) is not None  # a new watch fires once
+            pid = svc.worker_pid(domid, devid)
+            tag = q.submit_write(0, data[0])
+            q.kick()  # on the ring, maybe taken, as the worker dies
+            os.kill(pid, signal.SIGKILL)
+            assert fe.run(q, [tag])[tag].ok
+            svc.proc.send_signal(signal.SIGUSR1)
+            assert svc.proc.wait(30) == 0, svc.output()
+            tag = q.submit_write(256 << 10, data[1])
+            q.kick()  # nobody serves the ring now
+            svc.start()
+            assert fe.run(q, [tag])[tag].ok
+            assert fe.run(q, [q.submit_write(512 << 10, data[2])])
+            read = q.submit_read(0, 768 << 10)
+            got = fe.run(q, [read])[read].data
+            assert watch.get(timeout=0.5) is None  # the state was never written again
+        same = got == b"".join(data)
+        assert same, "the image does not hold the three writes"
+        assert svc.output().count("resumed the connection") == 2, svc.output()
+        fe.shutdown()
+    finally:
+        assert svc.close() == 0, svc.output()
+
+
 def test_without_live_restart_a_killed_worker_closes_its_vbd_only(hv, tmp_path):
     svc = Service(hv, tmp_path, "--no-live-restart")
     try:

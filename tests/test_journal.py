@@ -1,8 +1,9 @@
 """Live restart at the engine: a backend process killed at random points
 while a frontend keeps its ring full of verified writes, reads and flushes.
 
-Each backend is ``journal_backend.py``, the C engine with a journal; each
-successor resumes from what its predecessor left.  The frontend checks the
+Each backend is ``journal_backend.py``, the C engine or the Python ring
+server with a journal (or the two taking turns: one format); each successor
+resumes from what its predecessor left.  The frontend checks the
 blkif contract throughout: every request is answered exactly once and OKAY,
 a read returns the last write answered to its block, and at the end the
 image holds exactly the writes answered.  ``BLKIF_KILLS`` sets the number
@@ -31,11 +32,11 @@ KILLS = int(os.environ.get("BLKIF_KILLS", "20"))
 
 
 class Backend:
-    def __init__(self, hv, fe, image, journal, mode):
+    def __init__(self, hv, fe, image, journal, mode, engine):
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "journal_backend.py"), hv.path,
              ",".join(map(str, fe.ring_pages.refs)), str(fe.port.port), str(image),
-             str(journal), mode], stdout=subprocess.PIPE, text=True)
+             str(journal), mode, engine], stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         assert line == "ready\n", "the backend did not start (%r)" % line
 
@@ -121,15 +122,17 @@ def _left_in(journal_path):
     return left
 
 
+@pytest.mark.parametrize("engines", [("c",), ("python",), ("c", "python")],
+                         ids=["c", "python", "taking-turns"])
 @pytest.mark.parametrize("seed", [int.from_bytes(os.urandom(4), "little")])
-def test_a_backend_killed_at_random_points_loses_and_repeats_nothing(tmp_path, seed):
+def test_a_backend_killed_at_random_points_loses_and_repeats_nothing(tmp_path, seed, engines):
     image, journal = tmp_path / "disk.img", tmp_path / "journal"
     image.write_bytes(bytes(4096 * BLOCKS))
     rng = random.Random(seed)
     carried = 0
     with SimHypervisor() as hv:
         fe = Frontend(hv, seed)
-        backend = Backend(hv, fe, image, journal, "new")
+        backend = Backend(hv, fe, image, journal, "new", engines[0])
         try:
             for kill in range(KILLS + 1):
                 deadline = time.monotonic() + (rng.uniform(0.0, 0.05) if kill < KILLS else 30)
@@ -142,7 +145,8 @@ def test_a_backend_killed_at_random_points_loses_and_repeats_nothing(tmp_path, s
                 if kill < KILLS:
                     backend.kill()
                     carried += _left_in(journal)
-                    backend = Backend(hv, fe, image, journal, "resume")
+                    backend = Backend(hv, fe, image, journal, "resume",
+                                      engines[(kill + 1) % len(engines)])
             assert not fe.inflight, "never answered: %s" % sorted(fe.inflight)
         except AssertionError as exc:
             raise AssertionError("seed %d: %s" % (seed, exc)) from None

@@ -65,6 +65,11 @@ def eng_unmap_grants(handle, token):
         log.exception("%s: unmapping grants", engine.label)
 
 
+def engine_abi(abi):
+    """The engine's (and a journal's) number for a ring layout."""
+    return lib.ENG_ABI_X86_32 if abi.tag == X86_32.tag else lib.ENG_ABI_X86_64
+
+
 def _strerror(errnum):
     return os.strerror(errnum) if errnum else "none"
 
@@ -97,7 +102,7 @@ class RingEngine:
         cfg = ffi.new("struct eng_config *")
         cfg.sring = self._ring
         cfg.ring_bytes = len(self._ring)
-        cfg.abi = lib.ENG_ABI_X86_32 if abi.tag == X86_32.tag else lib.ENG_ABI_X86_64
+        cfg.abi = engine_abi(abi)
         cfg.limits = {
             "sectors": limits.sectors, "readonly": limits.readonly, "flush": limits.flush,
             "barrier": limits.barrier, "discard": limits.discard,

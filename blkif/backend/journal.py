@@ -7,7 +7,8 @@ restart) and, as JSON, what the connection was: the offer the frontend
 negotiated against and the frontend's nodes.  Then one region per ring, kept
 by the C engine with plain stores (``struct eng_journal``: the ring's
 positions and every request taken but not answered; engine.c, "the
-journal").
+journal"), or by the Python ring server through :class:`RingJournal`, the
+same protocol in Python.
 
 A worker killed at any moment leaves the file behind.  Its successor finds
 the frontend still Connected with the same nodes, maps the rings, binds the
@@ -19,7 +20,7 @@ import json
 import mmap
 import os
 
-from blkif.abi import ffi
+from blkif.abi import ffi, lib
 from blkif.errors import BlkifError
 
 MAGIC = b"BLKIFJ01"
@@ -125,3 +126,73 @@ class Journal:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+class RingJournal:
+    """One ring's region (``struct eng_journal``) kept from Python, by the
+    rules of engine.c's "the journal": a request's bytes, its ring index and
+    TAKEN, then ``req_cons``; at its answer ANSWERED with the response's
+    index, then ``rsp_prod_pvt``, then FREE.  Each store is a plain store in
+    that order, so a process killed between any two leaves a prefix its
+    successor (this class or the C engine) can read back."""
+
+    def __init__(self, region, size, abi):
+        self.j, self.size, self.abi = region, size, abi
+        self._entry = None  # the entry of the request in hand
+
+    def start(self, at):
+        """A new journal for a ring whose next request is at index ``at``."""
+        j = self.j
+        ffi.memmove(j, bytes(ffi.sizeof("struct eng_journal")
+                             + self.size * ffi.sizeof("struct eng_journal_entry")),
+                    ffi.sizeof("struct eng_journal")
+                    + self.size * ffi.sizeof("struct eng_journal_entry"))
+        j.size, j.abi = self.size, self.abi
+        j.req_cons = j.rsp_prod_pvt = at
+        j.magic = lib.ENG_JOURNAL_MAGIC
+
+    def resume(self, rsp_prod):
+        """What a predecessor left: (req_cons, rsp_prod_pvt, {entry: request
+        bytes} of the requests taken and not answered, which stay TAKEN until
+        :meth:`retake` and :meth:`answered`).  JournalError if the region is
+        not this ring's or does not add up."""
+        j = self.j
+        if j.magic != lib.ENG_JOURNAL_MAGIC or j.size != self.size or j.abi != self.abi:
+            raise JournalError("the journal is not of this ring (size %d, abi %d)"
+                               % (j.size, j.abi))
+        cons, rsp = j.req_cons, j.rsp_prod_pvt
+        for en in j.entries[0:self.size]:
+            if en.state == lib.JOURNAL_ANSWERED and en.answer == rsp:
+                rsp = (rsp + 1) & 0xFFFFFFFF  # killed between its answer and rsp_prod_pvt
+        taken = {}
+        for i, en in enumerate(j.entries[0:self.size]):
+            if en.state == lib.JOURNAL_TAKEN and en.ring_index != cons:
+                taken[i] = bytes(ffi.buffer(en.request))
+            else:
+                en.state = lib.JOURNAL_FREE
+        if (cons - rsp) & 0xFFFFFFFF != len(taken) or (rsp - rsp_prod) & 0xFFFFFFFF > self.size:
+            raise JournalError("the journal is inconsistent (req_cons %d, rsp_prod_pvt %d, %d "
+                               "requests, rsp_prod %d)" % (cons, rsp, len(taken), rsp_prod))
+        j.rsp_prod_pvt = rsp
+        return cons, rsp, taken
+
+    def retake(self, entry):
+        """The request a predecessor left in ``entry`` is in hand again."""
+        self._entry = self.j.entries[entry]
+
+    def take(self, raw, ring_index, entry=0):
+        """Request bytes ``raw`` taken from ring index ``ring_index``."""
+        en = self.j.entries[entry]
+        ffi.memmove(en.request, raw, len(raw))
+        en.ring_index = ring_index
+        en.state = lib.JOURNAL_TAKEN
+        self.j.req_cons = (ring_index + 1) & 0xFFFFFFFF
+        self._entry = en
+
+    def answered(self, at):
+        """The request in hand was answered in response slot ``at``."""
+        en, self._entry = self._entry, None
+        en.answer = at
+        en.state = lib.JOURNAL_ANSWERED
+        self.j.rsp_prod_pvt = (at + 1) & 0xFFFFFFFF
+        en.state = lib.JOURNAL_FREE

@@ -39,8 +39,9 @@ from blkif.abi.constants import (
     SECTOR_SIZE,
 )
 from blkif.backend.counters import RingCounters
-from blkif.backend.engine import MAX_PERSISTENT_GRANTS
+from blkif.backend.engine import MAX_PERSISTENT_GRANTS, engine_abi
 from blkif.backend.grant_cache import GrantCache
+from blkif.backend.journal import RingJournal
 from blkif.errors import RemoteProtocolError
 from blkif.platform import EventChannelClosed, PlatformError
 from blkif.request import RequestDecoder, RequestError, ResponseWriter
@@ -62,12 +63,22 @@ class RingServer:
     """
 
     def __init__(self, platform, domid, ring_buffer, port, abi, limits, store,
-                 persistent=False, label="", max_grants=MAX_PERSISTENT_GRANTS):
+                 persistent=False, label="", max_grants=MAX_PERSISTENT_GRANTS,
+                 journal=None, resume=False):
         self.platform = platform
         self.domid = domid
         self.port = port
         self.store = store
         self.ring = BackRing(ring_buffer, abi)
+        self.journal = None  # a RingJournal over ``journal``, the ring's region
+        self._recover = {}  # journal entry -> request bytes a predecessor left unanswered
+        if journal is not None:
+            self.journal = RingJournal(journal, self.ring.size, engine_abi(abi))
+            if resume:
+                cons, rsp, self._recover = self.journal.resume(self.ring.sring.rsp_prod)
+                self.ring.req_cons, self.ring.rsp_prod_pvt = cons, rsp
+            else:
+                self.journal.start(self.ring.req_cons)
         self.decoder = RequestDecoder(abi, limits)
         self.responses = ResponseWriter(abi)
         self.grants = GrantCache(platform, domid, max_grants) if persistent else None
@@ -87,7 +98,7 @@ class RingServer:
         twice as fast (docs/bench.md).
         """
         ring = self.ring
-        handled = 0
+        handled = self._recovered() if self._recover else 0
         while True:
             pending = ring.pending_requests()
             if not pending and handled:
@@ -165,13 +176,33 @@ class RingServer:
 
     # -- one request ----------------------------------------------------------
 
-    def _handle_one(self):
+    def _recovered(self):
+        """Do and answer what a killed predecessor had taken (journal order
+        need not be ring order: answers may have come out of order)."""
+        count = len(self._recover)
+        for entry, raw in sorted(self._recover.items()):
+            self.journal.retake(entry)
+            self.decoder.load(raw)
+            self.stats.resumed += 1
+            self._handle_one(resumed=True)
+        self._recover = {}
+        if self.ring.push_responses():
+            self.port.notify()
+            self.stats.notifies += 1
+        return count
+
+    def _handle_one(self, resumed=False):
         stats = self.stats
         taken = time.monotonic_ns()
         stats.requests += 1
         stats.in_flight += 1
+        if not resumed:
+            at = self.ring.req_cons
+            raw = self.decoder.copy(self.ring)
+            if self.journal is not None:
+                self.journal.take(raw, at)
         try:
-            req = self.decoder.take(self.ring)
+            req = self.decoder.decode()
         except RequestError as err:
             self._fail(err, taken)
             return
@@ -185,7 +216,7 @@ class RingServer:
             return
         # Answer with what was done (an indirect request's indirect_op), as
         # blkback's make_response does: blkfront checks it against that.
-        self.responses.put(self.ring, req.id, req.kind, status)
+        self._put_response(req.id, req.kind, status)
         stats.in_flight -= 1
         stats.observe(time.monotonic_ns() - taken)
 
@@ -193,8 +224,14 @@ class RingServer:
         log.warning("%s: %s", self.label, err)
         self.stats.errors += 1
         self.stats.in_flight -= 1
-        self.responses.put(self.ring, err.id, err.operation, err.status)
+        self._put_response(err.id, err.operation, err.status)
         self.stats.observe(time.monotonic_ns() - taken)
+
+    def _put_response(self, id, operation, status):
+        at = self.ring.rsp_prod_pvt
+        self.responses.put(self.ring, id, operation, status)
+        if self.journal is not None:
+            self.journal.answered(at)
 
     def _execute(self, req):
         kind = req.kind

@@ -27,8 +27,8 @@ Its life follows Linux blkback:
 - A frontend that breaks the protocol gets Linux's ``xenbus_dev_fatal``: an
   error node under ``/local/domain/<backend>/error/<backend path>``, the rings
   released and Closing.  Only this VBD stops.
-- Live restart: with a journal directory (``BackendOptions.journal_dir``) and
-  the C engine, a connection is journaled (:mod:`blkif.backend.journal`).  A
+- Live restart: with a journal directory (``BackendOptions.journal_dir``),
+  a connection served by either engine is journaled (:mod:`blkif.backend.journal`).  A
   worker that finds the VBD Connected and its predecessor's journal matching
   the frontend's nodes resumes instead of closing: the same rings and
   channels, the requests in flight answered once, no renegotiation.
@@ -218,9 +218,8 @@ class Vbd:
         self.changed()
 
     def _journal_path(self):
-        """The C engine journals its rings; an NBD VBD's ring server does not."""
-        if (self.options.journal_dir is None or self.options.engine != "c"
-                or self.storage.is_nbd):
+        """Both engines journal their rings; an NBD VBD's ring server does not."""
+        if self.options.journal_dir is None or self.storage.is_nbd:
             return None
         return journal_path(self.options.journal_dir, self.domid, self.devid)
 
@@ -466,7 +465,9 @@ class Vbd:
                     server = RingServer(self.platform, self.domid, mapping.buffer, port,
                                         conn.abi, limits, self.store,
                                         persistent=conn.persistent, label=label,
-                                        max_grants=self.options.max_persistent_grants)
+                                        max_grants=self.options.max_persistent_grants,
+                                        journal=self.journal and self.journal.region(i),
+                                        resume=resume)
                 else:
                     server = RingEngine(self.platform, self.domid, mapping.buffer, port,
                                         conn.abi, limits, self.store,
