@@ -215,7 +215,7 @@ class PerfRun:
         try:
             for backend in BACKENDS:
                 if backend == "blkif":
-                    lab.sh("perf: start blkif serve", PERF_SERVE_START.format(
+                    lab.sh("perf: start blkif serve", phases.SERVE_ALONE.format(
                         argv=phases.serve_argv(lab.python, options=self.serve_options),
                         log=os.path.join(lab.logs, "serve-perf.log"), pidfile=pidfile))
                 for config, params in CONFIGS.items():
@@ -254,12 +254,3 @@ class PerfRun:
         lab.destroy("perf", name, domid, backend_domid=0,
                     kind="qdisk" if backend == "qdisk" else "vbd")
         return figures
-
-
-PERF_SERVE_START = """rmmod xen-blkback 2>/dev/null || true
-PYTHONFAULTHANDLER=1 setsid {argv} > {log} 2>&1 < /dev/null &
-echo $! > {pidfile}
-sleep 3
-kill -0 $(cat {pidfile}) || {{ echo "blkif serve exited:"; tail -5 {log}; exit 1; }}
-"""
-

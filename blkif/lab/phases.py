@@ -118,10 +118,11 @@ echo $! > {pidfile}
 sleep 3
 kill -0 $(cat {pidfile}) || {{ echo "blkif serve exited:"; tail -5 {log}; exit 1; }}
 """
-# Alone on the host: kernel blkback unloaded, a fresh image.
-SERVE_START = """rmmod xen-blkback 2>/dev/null || true
-mkdir -p /run/lab && rm -f {image} && truncate -s {size} {image}
-""" + SERVE_LAUNCH
+# Alone on the host: kernel blkback unloaded (it would claim our VBDs too).
+SERVE_ALONE = "rmmod xen-blkback 2>/dev/null || true\n" + SERVE_LAUNCH
+# The same on a fresh image.
+SERVE_START = SERVE_ALONE.replace(
+    "\n", "\nmkdir -p /run/lab && rm -f {image} && truncate -s {size} {image}\n", 1)
 SERVE_STOP = """pid=$(cat {pidfile})
 kill -TERM $pid
 for i in $(seq 50); do kill -0 $pid 2>/dev/null || exit 0; sleep 0.2; done

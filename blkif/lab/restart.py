@@ -244,9 +244,5 @@ class RestartRun:
         raise phases.StepFailed("restart: " + what, "not within %d s" % timeout)
 
 
-SERVE_START = """rmmod xen-blkback 2>/dev/null || true
-PYTHONFAULTHANDLER=1 setsid {argv} >> {log} 2>&1 < /dev/null &
-echo $! > {pidfile}
-sleep 3
-kill -0 $(cat {pidfile}) || {{ echo "blkif serve exited:"; tail -5 {log}; exit 1; }}
-"""
+# Appending: the upgrade starts the service a second time into the same log.
+SERVE_START = phases.SERVE_ALONE.replace("> {log}", ">> {log}", 1)
