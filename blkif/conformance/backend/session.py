@@ -141,7 +141,13 @@ class TargetBackends(_Session):
                 raise
             log.warning("%s: gone (an earlier case's backend removed it); made afresh", vdev)
             self.recreate(vdev)
-            backend = xs.read_str(node)
+            try:
+                backend = xs.read_str(node)
+            except NoEntry:
+                xs.close()
+                platform.close()
+                raise Failed("the backend removed %s (%s VBD) again as soon as it was made: it "
+                             "cannot serve it" % (vdev, kind)) from None
         peer = FrontendPeer(self, xs, platform, self.domid, devid, backend, self.dom0)
         try:
             peer.reset()
