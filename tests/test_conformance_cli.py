@@ -106,6 +106,7 @@ def test_agent_prints_the_script_a_guest_runs():
 @pytest.mark.parametrize("argv, error", [
     (["--guest", "5"], "--guest needs --platform xen"),
     (["--console", "/dev/pts/3"], "--console goes with --guest"),
+    (["--timeout", "60"], "--timeout goes with --guest"),
     (["--platform", "xen", "--guest", "5", "--timeout", "0"], "--timeout must be positive"),
 ])
 def test_frontend_guest_options_are_checked(argv, error):

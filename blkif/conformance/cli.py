@@ -78,7 +78,7 @@ def add_arguments(parser):
     front.add_argument("--console", metavar="TTY",
                        help="with --guest: the guest console's tty (default: its console/tty "
                             "node in xenstore)")
-    front.add_argument("--timeout", type=float, default=20.0, metavar="SECONDS",
+    front.add_argument("--timeout", type=float, metavar="SECONDS",
                        help="with --guest: seconds an operation in the guest may take before "
                             "it counts as hung (default 20)")
     _common(front)
@@ -166,11 +166,13 @@ def _session(args):
         if args.guest is not None:
             if args.platform != "xen":
                 raise UsageError("--guest needs --platform xen")
-            if not args.timeout > 0:
+            timeout = 20.0 if args.timeout is None else args.timeout
+            if not timeout > 0:
                 raise UsageError("--timeout must be positive")
-            return GuestFrontends(args.guest, args.console, args.workdir, args.timeout)
-        if args.console is not None:
-            raise UsageError("--console goes with --guest")
+            return GuestFrontends(args.guest, args.console, args.workdir, timeout)
+        for option in ("console", "timeout"):
+            if getattr(args, option) is not None:
+                raise UsageError("--%s goes with --guest" % option)
         if args.platform == "xen":
             return XenFrontends(workdir=args.workdir)
         return SandboxFrontends(workdir=args.workdir)
