@@ -266,6 +266,7 @@ class GuestFrontends:
             self.log.write("=== case %s on %s\n" % (case.id, vdev))
         try:
             yield fut
+            fut.alive()  # after every case: no oops, and the guest still answers
         finally:
             fut.backend.stop()
             with contextlib.suppress(Exception):
