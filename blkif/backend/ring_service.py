@@ -17,6 +17,12 @@ a frontend that overruns the ring raises out of :meth:`service`
 
 Grants are mapped per request, all of its segments in one call; with
 persistent grants they come from a :class:`GrantCache`.
+
+With a journal region (live restart), the request in hand is kept there
+from its taking to its answer, in the C engine's format
+(:class:`~blkif.backend.journal.RingJournal`); a server made with
+``resume`` first does and answers what its killed predecessor, of either
+engine, had taken.
 """
 import contextlib
 import errno
