@@ -143,10 +143,8 @@ class RingJournal:
     def start(self, at):
         """A new journal for a ring whose next request is at index ``at``."""
         j = self.j
-        ffi.memmove(j, bytes(ffi.sizeof("struct eng_journal")
-                             + self.size * ffi.sizeof("struct eng_journal_entry")),
-                    ffi.sizeof("struct eng_journal")
-                    + self.size * ffi.sizeof("struct eng_journal_entry"))
+        n = ffi.sizeof("struct eng_journal") + self.size * ffi.sizeof("struct eng_journal_entry")
+        ffi.memmove(j, bytes(n), n)
         j.size, j.abi = self.size, self.abi
         j.req_cons = j.rsp_prod_pvt = at
         j.magic = lib.ENG_JOURNAL_MAGIC
