@@ -7,6 +7,7 @@ operation that hangs, kernel messages)."""
 import hashlib
 import os
 import pty
+import signal
 import subprocess
 import threading
 import time
@@ -69,7 +70,7 @@ def console(tmp_path):
 
     yield start
     for proc, agent, *fds in started:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the agent and any operation it left hanging
         proc.wait()
         agent.close()
         agent.log.close()
