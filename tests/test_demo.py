@@ -97,9 +97,13 @@ def test_demo_options_are_negotiated_and_reported(tmp_path):
 
 
 def test_demo_interrupted_stops_everything():
+    # Ctrl-C as a terminal sends it: SIGINT's default action, even when this
+    # suite runs as a background job (a shell without job control starts
+    # those with SIGINT ignored, which a child inherits and Python honours).
     proc = subprocess.Popen([sys.executable, "-m", "blkif", "demo", "--duration", "60",
                              "--size", "8M"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err = ""
     while "verified I/O" not in err:  # the workload is running
         line = proc.stderr.readline()
