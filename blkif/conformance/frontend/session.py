@@ -115,6 +115,20 @@ class SandboxFrontends:
                 toolstack.destroy(box.dom0, domid, "xvda", BACKEND_DOMID)
 
 
+def xen_disk(xs, platform, domid, vdev):
+    """On real Xen: a new VBD ``vdev`` of domain ``domid`` (any left of it
+    removed first: a run that died before its cleanup, or a remake), of type
+    :data:`XEN_KIND`, and the suite in dom0 as its backend."""
+    from blkif import toolstack
+    devid = toolstack.vdev_to_devid(vdev)
+    for path in (toolstack.frontend_path(domid, devid),
+                 toolstack.backend_path(0, domid, devid, XEN_KIND)):
+        if xs.exists(path):
+            xs.rm(path)
+    toolstack.create(xs, domid, vdev, "ram-disk-%s" % vdev, "w", kind=XEN_KIND)
+    return BackendPeer(xs, platform, 0, domid, devid, kind=XEN_KIND)
+
+
 class XenFrontends:
     """Our frontend in a process of dom0 on real Xen, the suite being its
     backend in dom0 too (dom0 maps its own grants, as a driver domain would
@@ -151,13 +165,7 @@ class XenFrontends:
         from blkif import toolstack
         from blkif.sandbox import spawn_guest
         vdev = "xvd" + "abcdefghijklmnopqrstuvwxyz"[next(self._devids) % 26]
-        devid = toolstack.vdev_to_devid(vdev)
-        for path in (toolstack.frontend_path(0, devid),
-                     toolstack.backend_path(0, 0, devid, XEN_KIND)):
-            if self.xs.exists(path):  # a run that died before its cleanup
-                self.xs.rm(path)
-        toolstack.create(self.xs, 0, vdev, "ram-disk-%s" % vdev, "w", kind=XEN_KIND)
-        backend = BackendPeer(self.xs, self.platform, 0, 0, devid, kind=XEN_KIND)
+        backend = xen_disk(self.xs, self.platform, 0, vdev)
         guest = spawn_guest(0, os.path.join(self.workdir, "frontend-%s.log" % case.id),
                             "--platform", "xen")
         try:
@@ -230,18 +238,6 @@ class GuestFrontends:
             self.log.close()
         self.xs.close()
 
-    def _disk(self, vdev):
-        """A new VBD ``vdev`` of the guest (any left of it removed first) and
-        the suite's backend for it."""
-        from blkif import toolstack
-        devid = toolstack.vdev_to_devid(vdev)
-        for path in (toolstack.frontend_path(self.domid, devid),
-                     toolstack.backend_path(0, self.domid, devid, XEN_KIND)):
-            if self.xs.exists(path):  # a run that died before its cleanup, or a remake
-                self.xs.rm(path)
-        toolstack.create(self.xs, self.domid, vdev, "ram-disk-%s" % vdev, "w", kind=XEN_KIND)
-        return BackendPeer(self.xs, self.platform, 0, self.domid, devid, kind=XEN_KIND)
-
     def _remove(self, fut):
         """Remove the case's disk; the guest lets go of it."""
         from blkif import toolstack
@@ -257,11 +253,13 @@ class GuestFrontends:
         if vdev is None:
             raise RuntimeError("more than %d cases: no disk name left" % len(self.VDEVS))
 
+        def disk():
+            return xen_disk(self.xs, self.platform, self.domid, vdev)
+
         def remake():
             self._remove(fut)
-            return self._disk(vdev)
-        fut = ConsoleFrontendUnderTest(self._disk(vdev), self.agent, vdev, self.timeout,
-                                       remake)
+            return disk()
+        fut = ConsoleFrontendUnderTest(disk(), self.agent, vdev, self.timeout, remake)
         if self.log is not None:
             self.log.write("=== case %s on %s\n" % (case.id, vdev))
         try:
