@@ -43,11 +43,14 @@ import time
 from dataclasses import asdict, dataclass
 
 from blkif import sandbox, toolstack
+from blkif.abi.constants import BLKIF_OP_READ, BLKIF_OP_WRITE
 from blkif.errors import BlkifError, UsageError
+from blkif.frontend.fastpath import FastQueue, run_pattern
 from blkif.sandbox import percentile
 
 DOMID, VDEV = 1, "xvda"
 FORMATS = ("raw", "qcow2", "nbd")
+FRONTENDS = ("c", "python")
 WARMUP = 0.3  # seconds, each side, unmeasured
 POOL_PAGES = 1024  # per queue: four 1 MiB transfers in flight on one queue
 
@@ -104,6 +107,9 @@ def add_arguments(parser):
                         help="the VBD's storage: raw (the image file, default), qcow2 (a "
                              "qcow2 copy through qemu-storage-daemon) or nbd (the file "
                              "exported by nbdkit, an NBD URI)")
+    parser.add_argument("--frontend", choices=FRONTENDS, default="c",
+                        help="the guest's side: c (its queues' C fast path, as fio over "
+                             "blkfront; default) or python (the BlockDevice API)")
     parser.add_argument("--list", action="store_true", help="list the patterns and exit")
     sandbox.add_arguments(parser)
 
@@ -191,7 +197,8 @@ def run(args):
             if args.image:
                 os.unlink(image)
     report = {"size": args.size, "duration": args.duration, "direct": args.direct,
-              "format": args.format, "engine": args.engine or "c", "patterns": results}
+              "format": args.format, "engine": args.engine or "c", "frontend": args.frontend,
+              "patterns": results}
     if args.json:
         print(json.dumps(report, indent=1, sort_keys=True))
     else:
@@ -252,7 +259,8 @@ def _run_patterns(args, names, box, params, target, front, fio, progress):
         if options != attached:
             negotiated = guest.call("attach", {"vdev": VDEV, "options": options})
             attached = options
-        params = dict(asdict(pattern), duration=args.duration, seed=len(results))
+        params = dict(asdict(pattern), duration=args.duration, seed=len(results),
+                      frontend=args.frontend)
         worker = worker_pid(box, DOMID)
         start_cpu = []
 
@@ -337,8 +345,8 @@ def print_report(report):
                else "ioengine nbd on the same NBD export")
         engine = (report["engine"] if report["format"] == "raw"
                   else "nbd, format %s" % report["format"])
-        print("engine %s%s; fio: %s; CPU us/IO: fio's process" % (
-            engine, ", O_DIRECT" if report["direct"] else "", fio))
+        print("engine %s%s; guest frontend %s; fio: %s; CPU us/IO: fio's process" % (
+            engine, ", O_DIRECT" if report["direct"] else "", report["frontend"], fio))
 
 
 # -- the guest --------------------------------------------------------------
@@ -348,8 +356,45 @@ def guest_pattern(guest, params, emit):
     dev = guest.dev
     pattern = Pattern(params["op"], params["block_size"], params["queue_depth"],
                       params["access"], params["indirect"])
-    where = offsets(pattern, dev.size, random.Random(params["seed"]))
     data = random.Random(params["seed"]).randbytes(pattern.block_size)
+    drive = _c_frontend if params["frontend"] == "c" else _python_frontend
+    latencies, seconds, cpu = drive(dev, pattern, params, data, emit)
+    result = summary(latencies, seconds, pattern.block_size)
+    result["cpu_us_per_io"] = {"guest": round(cpu / max(result["ios"], 1) * 1e6, 1)}
+    return result
+
+
+def _cpu_seconds(start):
+    now = os.times()
+    return (now.user - start.user) + (now.system - start.system)
+
+
+def _c_frontend(dev, pattern, params, data, emit):
+    """The pattern through the queues' C fast path (blkif.frontend.fastpath),
+    as fio drives blkfront in a Linux guest: (latencies, seconds, CPU seconds)."""
+    fast = [FastQueue(queue) for queue in dev.queues]
+    try:
+        def run(seconds):
+            return run_pattern(
+                fast, BLKIF_OP_READ if pattern.op == "read" else BLKIF_OP_WRITE,
+                pattern.block_size, pattern.queue_depth, pattern.access == "random",
+                dev.size, params["seed"], seconds, dev.options.timeout,
+                data if pattern.op == "write" else None)
+        run(WARMUP)
+        emit({"label": params["name"], "fraction": 0.0, "mark": "measure"})
+        cpu = os.times()
+        latencies, seconds, _ = run(params["duration"])
+        used = _cpu_seconds(cpu)
+        emit({"label": params["name"], "fraction": 1.0})
+    finally:
+        for queue in fast:
+            queue.close()
+    return latencies, seconds, used
+
+
+def _python_frontend(dev, pattern, params, data, emit):
+    """The pattern through the device's Python API: (latencies, seconds, CPU seconds)."""
+    where = offsets(pattern, dev.size, random.Random(params["seed"]))
     if pattern.op == "write":
         def submit(offset):
             return dev.submit_write(offset, data)
@@ -389,9 +434,4 @@ def guest_pattern(guest, params, emit):
             if measured and now >= next_report:
                 next_report = now + 0.2
                 emit({"label": params["name"], "fraction": (now - start) / duration})
-    seconds = clock() - start
-    cpu_end = os.times()
-    result = summary(latencies, seconds, pattern.block_size)
-    used = (cpu_end.user - cpu.user) + (cpu_end.system - cpu.system)
-    result["cpu_us_per_io"] = {"guest": round(used / max(result["ios"], 1) * 1e6, 1)}
-    return result
+    return latencies, clock() - start, _cpu_seconds(cpu)

@@ -6,4 +6,4 @@ and ``LIBRARIES`` to build with (the engine: its C file, liburing).  ``_cffi_bui
 the order of ``MODULES``.
 """
 
-MODULES = ["barrier", "blkif", "grant_table", "gntdev", "gntalloc", "evtchn", "engine"]
+MODULES = ["barrier", "blkif", "grant_table", "gntdev", "gntalloc", "evtchn", "engine", "front"]
