@@ -52,14 +52,20 @@ class Service:
              "--state-dir", self.state_dir, "--grace", "2", *self.options],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
-    def new_vbd(self, image, mode="w", size=8 << 20):
-        """A fresh guest domain with one VBD on ``image`` (created if missing)."""
+    def new_vbd(self, image, mode="w", size=8 << 20, fmt=None):
+        """A fresh guest domain with one VBD on ``image`` (created if missing:
+        raw, or with qemu-img in format ``fmt``, then named ``fmt:image``)."""
         if not os.path.exists(image):
-            with open(image, "wb") as f:
-                f.truncate(size)
+            if fmt is None:
+                with open(image, "wb") as f:
+                    f.truncate(size)
+            else:
+                subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(image), str(size)],
+                               check=True)
         domid = next(_domids)
         toolstack.introduce(self.dom0, domid)
-        devid = toolstack.create(self.dom0, domid, "xvda", str(image), mode)
+        params = str(image) if fmt is None else "%s:%s" % (fmt, image)
+        devid = toolstack.create(self.dom0, domid, "xvda", params, mode)
         return domid, devid
 
     def status(self):

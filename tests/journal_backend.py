@@ -1,7 +1,10 @@
 """A backend process for tests/test_journal.py: one ring served with a
-journal by the C engine or the Python ring server, until it is killed.
+journal until it is killed, by the C engine or the Python ring server on
+the image file, or by the NBD ring server: on an NBD URI (a server that
+outlives us), or on a qcow2 image through a qemu-storage-daemon of our own
+(which dies with us, as a worker's does).
 
-    journal_backend.py HV_PATH REFS PORT IMAGE JOURNAL new|resume c|python
+    journal_backend.py HV_PATH REFS PORT IMAGE JOURNAL new|resume c|python|nbd|qsd [URI]
 
 Prints "ready" once it serves (after resuming what the journal holds).
 """
@@ -12,25 +15,41 @@ import time
 from blkif.abi import X86_64
 from blkif.backend.backing import Store
 from blkif.backend.engine import RingEngine
-from blkif.backend.ring_service import RingServer
 from blkif.backend.journal import Journal
+from blkif.backend.nbd_ring import NbdRingServer
+from blkif.backend.nbd_store import NbdStore
+from blkif.backend.ring_service import RingServer
+from blkif.backend.storage_daemon import StorageDaemon
 from blkif.platform import open_platform
 from blkif.request import Limits
 
 SECTORS = 4096
 
 
-def main(hv_path, refs, port, image, journal_path, mode, engine):
+def open_store(engine, image, uri):
+    if engine == "nbd":
+        return NbdStore(uri)
+    if engine == "qsd":
+        daemon = StorageDaemon(image, "qcow2", image + ".sock")
+        daemon.start()
+        return NbdStore(daemon.uri)
+    return Store(image)
+
+
+SERVERS = {"c": RingEngine, "python": RingServer, "nbd": NbdRingServer, "qsd": NbdRingServer}
+
+
+def main(hv_path, refs, port, image, journal_path, mode, engine, uri=None):
     platform = open_platform("sim", domid=0, path=hv_path)
     mapping = platform.map_grants(1, [int(r) for r in refs.split(",")])
     bound = platform.evtchn_bind_interdomain(1, int(port))
-    store = Store(image)
+    store = open_store(engine, image, uri)
     if mode == "resume":
         journal = Journal.open(journal_path)
     else:
         journal = Journal.create(journal_path, {"ring_bytes": [len(mapping.buffer)]})
     store.flush_failed = journal.flush_failed
-    server = (RingEngine if engine == "c" else RingServer)(
+    server = SERVERS[engine](
         platform, 1, mapping.buffer, bound, X86_64,
         Limits(sectors=SECTORS, max_indirect_segments=32), store,
         persistent=True, label="journal test",

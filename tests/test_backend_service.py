@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backend_fixtures import RawFrontend, Service, error_node
+from helpers import require_tool
 from blkif.abi import X86_32, X86_64, constants as c, ffi
 from blkif.backend import service as service_mod
 from blkif.negotiate import FrontendWants
@@ -368,12 +369,19 @@ def test_an_upgrade_restart_leaves_every_vbd_connected(hv, tmp_path):
         assert svc.close() == 0, svc.output()
 
 
-def test_the_python_engine_restarts_live_too(hv, tmp_path):
-    """--engine python journals its rings as the C engine does: a killed
-    worker's successor and the next service after an upgrade resume."""
-    svc = Service(hv, tmp_path, "--engine", "python")
+@pytest.mark.parametrize("options,fmt", [(["--engine", "python"], None), ([], "qcow2")],
+                         ids=["python-engine", "qcow2-through-nbd"])
+def test_the_other_datapaths_restart_live_too(hv, tmp_path, options, fmt):
+    """--engine python, and an image's NBD ring server, journal their rings
+    as the C engine does: a killed worker's successor (with a new storage
+    daemon for the image) and the next service after an upgrade resume."""
+    if fmt:
+        require_tool("qemu-img")
+        require_tool("qemu-storage-daemon")
+    svc = Service(hv, tmp_path, *options)
+    image = tmp_path / ("disk.%s" % (fmt or "img"))
     try:
-        domid, devid = svc.new_vbd(tmp_path / "disk.img")
+        domid, devid = svc.new_vbd(image, fmt=fmt)
         fe = RawFrontend(svc, domid, devid)
         fe.connect(wants=FrontendWants(1, 1, 32, True))
         q = fe.queues[0]
@@ -401,6 +409,8 @@ def test_the_python_engine_restarts_live_too(hv, tmp_path):
         fe.shutdown()
     finally:
         assert svc.close() == 0, svc.output()
+    if fmt:
+        subprocess.run(["qemu-img", "check", "-q", str(image)], check=True)
 
 
 def test_without_live_restart_a_killed_worker_closes_its_vbd_only(hv, tmp_path):

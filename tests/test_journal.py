@@ -2,8 +2,10 @@
 while a frontend keeps its ring full of verified writes, reads and flushes.
 
 Each backend is ``journal_backend.py``, the C engine or the Python ring
-server with a journal (or the two taking turns: one format); each successor
-resumes from what its predecessor left.  The frontend checks the
+server with a journal (or the two taking turns: one format), or the NBD ring
+server on an nbdkit export that outlives every backend (remote storage) or
+on a qcow2 image through a qemu-storage-daemon that dies with each backend;
+each successor resumes from what its predecessor left.  The frontend checks the
 blkif contract throughout: every request is answered exactly once and OKAY,
 a read returns the last write answered to its block, and at the end the
 image holds exactly the writes answered.  ``BLKIF_KILLS`` sets the number
@@ -19,6 +21,7 @@ import time
 
 import pytest
 
+from helpers import require_tool, start_nbdkit
 from blkif.abi import X86_64, constants as c, ffi
 from blkif.backend.journal import Journal
 from blkif.platform import open_platform
@@ -32,11 +35,12 @@ KILLS = int(os.environ.get("BLKIF_KILLS", "20"))
 
 
 class Backend:
-    def __init__(self, hv, fe, image, journal, mode, engine):
+    def __init__(self, hv, fe, image, journal, mode, engine, uri=None):
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "journal_backend.py"), hv.path,
              ",".join(map(str, fe.ring_pages.refs)), str(fe.port.port), str(image),
-             str(journal), mode, engine], stdout=subprocess.PIPE, text=True)
+             str(journal), mode, engine] + ([uri] if uri else []),
+            stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         assert line == "ready\n", "the backend did not start (%r)" % line
 
@@ -122,17 +126,52 @@ def _left_in(journal_path):
     return left
 
 
-@pytest.mark.parametrize("engines", [("c",), ("python",), ("c", "python")],
-                         ids=["c", "python", "taking-turns"])
+@pytest.fixture
+def storage(tmp_path, request):
+    """(image the backend opens, NBD URI or None, a function giving the raw
+    disk at the end) for ``request.param``, the backend kind."""
+    raw = tmp_path / "disk.img"
+    raw.write_bytes(bytes(4096 * BLOCKS))
+    if request.param == "nbd":
+        require_tool("nbdkit")
+        sock = tmp_path / "nbdkit.sock"
+        server = start_nbdkit(sock, "file", str(raw))
+        yield raw, "nbd+unix:///?socket=%s" % sock, raw.read_bytes
+        server.terminate()
+        server.wait()
+        return
+    if request.param == "qsd":
+        require_tool("qemu-storage-daemon")
+        qcow2 = tmp_path / "disk.qcow2"
+        subprocess.run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(qcow2),
+                        str(4096 * BLOCKS)], check=True)
+
+        def contents():
+            check = subprocess.run(["qemu-img", "check", str(qcow2)], capture_output=True,
+                                   text=True)
+            assert check.returncode == 0, check.stdout + check.stderr
+            subprocess.run(["qemu-img", "convert", "-O", "raw", str(qcow2), str(raw)],
+                           check=True)
+            return raw.read_bytes()
+        yield qcow2, None, contents
+        return
+    yield raw, None, raw.read_bytes
+
+
+@pytest.mark.parametrize("engines,storage", [
+    (("c",), "file"), (("python",), "file"), (("c", "python"), "file"),
+    (("nbd",), "nbd"), (("qsd",), "qsd")],
+    ids=["c", "python", "taking-turns", "nbd", "qsd-qcow2"], indirect=["storage"])
 @pytest.mark.parametrize("seed", [int.from_bytes(os.urandom(4), "little")])
-def test_a_backend_killed_at_random_points_loses_and_repeats_nothing(tmp_path, seed, engines):
-    image, journal = tmp_path / "disk.img", tmp_path / "journal"
-    image.write_bytes(bytes(4096 * BLOCKS))
+def test_a_backend_killed_at_random_points_loses_and_repeats_nothing(tmp_path, seed, engines,
+                                                                      storage):
+    image, uri, contents = storage
+    journal = tmp_path / "journal"
     rng = random.Random(seed)
     carried = 0
     with SimHypervisor() as hv:
         fe = Frontend(hv, seed)
-        backend = Backend(hv, fe, image, journal, "new", engines[0])
+        backend = Backend(hv, fe, image, journal, "new", engines[0], uri)
         try:
             for kill in range(KILLS + 1):
                 deadline = time.monotonic() + (rng.uniform(0.0, 0.05) if kill < KILLS else 30)
@@ -146,14 +185,14 @@ def test_a_backend_killed_at_random_points_loses_and_repeats_nothing(tmp_path, s
                     backend.kill()
                     carried += _left_in(journal)
                     backend = Backend(hv, fe, image, journal, "resume",
-                                      engines[(kill + 1) % len(engines)])
+                                      engines[(kill + 1) % len(engines)], uri)
             assert not fe.inflight, "never answered: %s" % sorted(fe.inflight)
         except AssertionError as exc:
             raise AssertionError("seed %d: %s" % (seed, exc)) from None
         finally:
             backend.kill()
         fe.close()
-    disk = image.read_bytes()
+    disk = contents()
     for block, payload in fe.model.items():
         assert disk[block * 4096:(block + 1) * 4096] == payload, "seed %d: block %d" % (
             seed, block)

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -113,3 +114,23 @@ def test_it_dies_with_the_process_that_started_it(tmp_path, image):
                 break  # dead, waiting for init to reap it
         assert time.monotonic() < deadline, "qemu-storage-daemon outlived its worker"
         time.sleep(0.02)
+
+
+def test_a_successor_waits_for_the_image_lock_of_its_predecessor(tmp_path, image):
+    """A killed worker's daemon still holds the image's lock while it writes
+    out its caches: the next one waits for it instead of failing."""
+    first = StorageDaemon(str(image), "qcow2", str(tmp_path / "a.nbd"), label="a")
+    first.start()
+    second = StorageDaemon(str(image), "qcow2", str(tmp_path / "b.nbd"), label="b")
+    stopper = threading.Timer(0.5, first.stop)
+    stopper.start()
+    try:
+        started = time.monotonic()
+        second.start()
+        assert time.monotonic() - started >= 0.4  # it waited for the lock
+        assert second.poll() is None and second.starts == 1
+    finally:
+        stopper.join()
+        second.stop()
+    with open(second.log_path) as log:
+        assert "Is another process using the image" in log.read()

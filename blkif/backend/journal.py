@@ -138,7 +138,6 @@ class RingJournal:
 
     def __init__(self, region, size, abi):
         self.j, self.size, self.abi = region, size, abi
-        self._entry = None  # the entry of the request in hand
 
     def start(self, at):
         """A new journal for a ring whose next request is at index ``at``."""
@@ -152,7 +151,7 @@ class RingJournal:
     def resume(self, rsp_prod):
         """What a predecessor left: (req_cons, rsp_prod_pvt, {entry: request
         bytes} of the requests taken and not answered, which stay TAKEN until
-        :meth:`retake` and :meth:`answered`).  JournalError if the region is
+        :meth:`answered`).  JournalError if the region is
         not this ring's or does not add up."""
         j = self.j
         if j.magic != lib.ENG_JOURNAL_MAGIC or j.size != self.size or j.abi != self.abi:
@@ -174,22 +173,18 @@ class RingJournal:
         j.rsp_prod_pvt = rsp
         return cons, rsp, taken
 
-    def retake(self, entry):
-        """The request a predecessor left in ``entry`` is in hand again."""
-        self._entry = self.j.entries[entry]
-
-    def take(self, raw, ring_index, entry=0):
-        """Request bytes ``raw`` taken from ring index ``ring_index``."""
+    def take(self, raw, ring_index, entry):
+        """Request bytes ``raw``, taken from ring index ``ring_index``, kept in
+        entry ``entry`` (one per request in flight) until :meth:`answered`."""
         en = self.j.entries[entry]
         ffi.memmove(en.request, raw, len(raw))
         en.ring_index = ring_index
         en.state = lib.JOURNAL_TAKEN
         self.j.req_cons = (ring_index + 1) & 0xFFFFFFFF
-        self._entry = en
 
-    def answered(self, at):
-        """The request in hand was answered in response slot ``at``."""
-        en, self._entry = self._entry, None
+    def answered(self, entry, at):
+        """The request kept in ``entry`` was answered in response slot ``at``."""
+        en = self.j.entries[entry]
         en.answer = at
         en.state = lib.JOURNAL_ANSWERED
         self.j.rsp_prod_pvt = (at + 1) & 0xFFFFFFFF

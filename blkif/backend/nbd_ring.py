@@ -21,6 +21,13 @@ what they have replied to); a BARRIER waits until nothing is in flight, then
 flush, its data, flush.  An indirect request is answered with its
 ``indirect_op``.
 
+With a journal region (live restart) every request taken is kept in its own
+entry until answered (:class:`~blkif.backend.journal.RingJournal`, the C
+engine's format), and a server made with ``resume`` first starts again what
+its killed predecessor had in flight.  An image's qemu-storage-daemon gets
+SIGTERM when its worker dies and writes out its caches on the way; the
+successor starts its own.
+
 When the connection dies, what is in flight completes with an error, every
 new request is answered BLKIF_RSP_ERROR, ``on_storage(message)`` tells the
 VBD (error node, ``blkif stats``), and the connection is retried with a
@@ -58,12 +65,14 @@ DRAIN_TIMEOUT = 30.0
 
 
 class _Op:
-    """A request on its way: the NBD steps left, its read buffer, when it was taken."""
+    """A request on its way: the NBD steps left, its read buffer, when it was
+    taken, its journal entry."""
 
-    __slots__ = ("req", "steps", "buf", "taken")
+    __slots__ = ("req", "steps", "buf", "taken", "entry")
 
-    def __init__(self, req, steps, taken):
+    def __init__(self, req, steps, taken, entry):
         self.req, self.steps, self.buf, self.taken = req, steps, None, taken
+        self.entry = entry
 
 
 class NbdRingServer(RingServer):
@@ -83,6 +92,10 @@ class NbdRingServer(RingServer):
         self._reported = None  # the storage failure we told the VBD about
         self._retry_at = 0.0
         self._retry = FIRST_RETRY
+        # Journal entries, one per request in flight (those a predecessor
+        # left are taken until their requests are answered again).
+        self._free_entries = [i for i in range(self.ring.size - 1, -1, -1)
+                              if i not in self._recover]
 
     # -- the loop ---------------------------------------------------------
 
@@ -122,6 +135,8 @@ class NbdRingServer(RingServer):
         """Submit what is on the ring, answer what has completed; returns how many taken."""
         ring = self.ring
         taken = 0
+        if self._recover:
+            taken += self._resume_taken()
         while True:
             while self._held is None and ring.pending_requests():
                 self._take_one()
@@ -193,23 +208,46 @@ class NbdRingServer(RingServer):
     # -- requests ---------------------------------------------------------
 
     def _take_one(self):
+        at = self.ring.req_cons
+        raw = self.decoder.copy(self.ring)
+        entry = self._free_entries.pop()
+        if self.journal is not None:
+            self.journal.take(raw, at, entry)
+        self._begin(entry)
+
+    def _resume_taken(self):
+        """Start again what a killed predecessor had taken and not answered
+        (its journal's entries); returns how many."""
+        count = len(self._recover)
+        for entry, raw in sorted(self._recover.items()):
+            self.decoder.load(raw)
+            self.stats.resumed += 1
+            self._begin(entry)
+        self._recover = {}
+        return count
+
+    def _begin(self, entry):
+        """Decode the request just copied (or loaded) and start it."""
         stats = self.stats
         taken = time.monotonic_ns()
         stats.requests += 1
         stats.in_flight += 1
+        req = None
         try:
-            req = self.decoder.take(self.ring)
+            req = self.decoder.decode()
             stats.ops[OP_NAMES[req.kind]] += 1
             if req.kind != req.operation:
                 stats.indirect += 1
             if req.kind != BLKIF_OP_DISCARD and req.grefs is None:
                 self._read_indirect(req)
         except RequestError as err:
+            self._entry = entry
             self._fail(err, taken)
+            self._free_entries.append(entry)
             return
         except PlatformError as exc:
             log.warning("%s: request id %d: %s", self.label, req.id, exc)
-            self._answer_one(req, BLKIF_RSP_ERROR, taken)
+            self._answer_one(req, BLKIF_RSP_ERROR, taken, entry)
             return
         kind = req.kind
         steps = []
@@ -221,7 +259,7 @@ class NbdRingServer(RingServer):
             steps.append(self._read if kind == BLKIF_OP_READ else self._write)
         if kind == BLKIF_OP_WRITE_BARRIER and req.grefs:
             steps.append(self._flush)
-        op = _Op(req, steps, taken)
+        op = _Op(req, steps, taken, entry)
         if kind == BLKIF_OP_WRITE_BARRIER and self._submitted:
             self._held = op  # nothing more is taken until the ring is idle
         else:
@@ -279,7 +317,7 @@ class NbdRingServer(RingServer):
                 self.stats.write_bytes += req.nr_sectors * SECTOR_SIZE
             status = (BLKIF_RSP_OKAY if not err else
                       BLKIF_RSP_EOPNOTSUPP if err == errno.EOPNOTSUPP else BLKIF_RSP_ERROR)
-            self._answer_one(req, status, op.taken, count_error=False)
+            self._answer_one(req, status, op.taken, op.entry, count_error=False)
 
     def _copy_out(self, op):
         """A completed read's data into the granted pages; 0 or an errno."""
@@ -301,9 +339,11 @@ class NbdRingServer(RingServer):
                       OP_NAMES[req.kind], req.nr_sectors, req.sector_number,
                       errno.errorcode.get(err, err))
 
-    def _answer_one(self, req, status, taken, count_error=True):
+    def _answer_one(self, req, status, taken, entry, count_error=True):
         if count_error and status != BLKIF_RSP_OKAY:
             self.stats.errors += 1
-        self.responses.put(self.ring, req.id, req.kind, status)
+        self._entry = entry
+        self._put_response(req.id, req.kind, status)
+        self._free_entries.append(entry)
         self.stats.in_flight -= 1
         self.stats.observe(time.monotonic_ns() - taken)

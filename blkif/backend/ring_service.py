@@ -78,6 +78,7 @@ class RingServer:
         self.ring = BackRing(ring_buffer, abi)
         self.journal = None  # a RingJournal over ``journal``, the ring's region
         self._recover = {}  # journal entry -> request bytes a predecessor left unanswered
+        self._entry = 0  # the journal entry of the request in hand
         if journal is not None:
             self.journal = RingJournal(journal, self.ring.size, engine_abi(abi))
             if resume:
@@ -187,7 +188,7 @@ class RingServer:
         need not be ring order: answers may have come out of order)."""
         count = len(self._recover)
         for entry, raw in sorted(self._recover.items()):
-            self.journal.retake(entry)
+            self._entry = entry
             self.decoder.load(raw)
             self.stats.resumed += 1
             self._handle_one(resumed=True)
@@ -206,7 +207,8 @@ class RingServer:
             at = self.ring.req_cons
             raw = self.decoder.copy(self.ring)
             if self.journal is not None:
-                self.journal.take(raw, at)
+                self._entry = 0  # one request in hand: the first entry
+                self.journal.take(raw, at, 0)
         try:
             req = self.decoder.decode()
         except RequestError as err:
@@ -237,7 +239,7 @@ class RingServer:
         at = self.ring.rsp_prod_pvt
         self.responses.put(self.ring, id, operation, status)
         if self.journal is not None:
-            self.journal.answered(at)
+            self.journal.answered(self._entry, at)
 
     def _execute(self, req):
         kind = req.kind

@@ -8,7 +8,9 @@ accepts connections or raises StoreError with the daemon's own message),
 polls it every tick (:meth:`poll`), starts it again when it died, and stops
 it with the VBD (:meth:`stop`).  The daemon gets SIGTERM when the worker's
 main thread dies (``setpriv --pdeathsig``), so a killed worker leaves none
-behind; its messages go to ``<socket>.log``.
+behind (QEMU writes out its caches on SIGTERM: the writes it answered are in
+the image); a successor's daemon waits until that one has let go of the
+image's lock.  Its messages go to ``<socket>.log``.
 
 Both nodes open with ``discard=unmap``, so a TRIM punches holes in the
 image where the format can; ``read-only`` VBDs export read-only.
@@ -31,6 +33,7 @@ START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 EXPORT = "disk"
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1
+LOCKED = "Is another process using the image"  # QEMU's image lock is held
 
 
 def daemon_argv(image, driver, socket_path, writable, direct=False, device=False):
@@ -79,19 +82,19 @@ class StorageDaemon:
         setpriv = shutil.which("setpriv")
         if setpriv:  # die with the worker's main thread
             argv = [setpriv, "--pdeathsig", "TERM", "--"] + argv
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                         stderr=logf, start_new_session=True)
-        self.starts += 1
         deadline = time.monotonic() + START_TIMEOUT
+        self.starts += 1
+        self._spawn(argv)
         while not self._accepts():
             if self.proc.poll() is not None:
                 message = self._last_message() or "exit status %d" % self.proc.returncode
                 self.proc = None
+                if LOCKED in message and time.monotonic() < deadline:
+                    # A killed worker's daemon is still writing out its caches
+                    # (it got SIGTERM with its worker): wait for it.
+                    time.sleep(0.05)
+                    self._spawn(argv)
+                    continue
                 raise StoreError("qemu-storage-daemon cannot serve %s: %s" % (self.image, message))
             if time.monotonic() > deadline:
                 self.stop()
@@ -100,6 +103,15 @@ class StorageDaemon:
             time.sleep(0.02)
         log.info("%s: qemu-storage-daemon pid %d serves %s (%s) on %s", self.label,
                  self.proc.pid, self.image, self.driver, self.socket_path)
+
+    def _spawn(self, argv):
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
+                                         stderr=logf, start_new_session=True)
 
     def _accepts(self):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

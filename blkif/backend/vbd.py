@@ -28,7 +28,8 @@ Its life follows Linux blkback:
   error node under ``/local/domain/<backend>/error/<backend path>``, the rings
   released and Closing.  Only this VBD stops.
 - Live restart: with a journal directory (``BackendOptions.journal_dir``),
-  a connection served by either engine is journaled (:mod:`blkif.backend.journal`).  A
+  a connection is journaled (:mod:`blkif.backend.journal`), whatever serves it
+  (either engine, or the NBD ring server of an image or NBD VBD).  A
   worker that finds the VBD Connected and its predecessor's journal matching
   the frontend's nodes resumes instead of closing: the same rings and
   channels, the requests in flight answered once, no renegotiation.
@@ -218,8 +219,9 @@ class Vbd:
         self.changed()
 
     def _journal_path(self):
-        """Both engines journal their rings; an NBD VBD's ring server does not."""
-        if self.options.journal_dir is None or self.storage.is_nbd:
+        """Where this VBD's rings are journaled (every engine and the NBD
+        ring server journal); None without a journal directory."""
+        if self.options.journal_dir is None:
             return None
         return journal_path(self.options.journal_dir, self.domid, self.devid)
 
@@ -261,15 +263,18 @@ class Vbd:
         return True
 
     def _use_journal(self, journal):
-        """Journal the connection; the store's flush-failed flag lives there too."""
+        """Journal the connection; a file store's flush-failed flag lives there
+        too (an NBD store's flushes are its server's)."""
         self.journal = journal
-        self.store.flush_failed = journal.flush_failed
+        if not self.storage.is_nbd:
+            self.store.flush_failed = journal.flush_failed
 
     def _end_journal(self):
         """Stop journaling: the flag back in the store, the journal unmapped."""
         journal, self.journal = self.journal, None
         if journal is not None:
-            self.store.flush_failed = ffi.new("int *", journal.flush_failed[0])
+            if not self.storage.is_nbd:
+                self.store.flush_failed = ffi.new("int *", journal.flush_failed[0])
             journal.close()
         return journal
 
@@ -396,12 +401,12 @@ class Vbd:
             conn = Connection.read(node_reader(self.xs, self.frontend), self.offer)
             path = self._journal_path()
             if path:
-                flag = self.store.flush_failed[0]
                 self._use_journal(Journal.create(path, {
                     "offer": dataclasses.asdict(self.offer), "frontend": conn.nodes(),
                     "params": self.store.path,
                     "ring_bytes": [len(q.ring_refs) * PAGE_SIZE for q in conn.queues]}))
-                self.journal.flush_failed[0] = flag
+                if not self.storage.is_nbd:
+                    self.journal.flush_failed[0] = self.store.flush_failed[0]
             self._attach(conn)
         except (RemoteProtocolError, PlatformError, JournalError, OSError) as exc:
             self.fatal("connecting rings: %s" % exc)
@@ -460,7 +465,9 @@ class Vbd:
                                            conn.abi, limits, self.store,
                                            persistent=conn.persistent, label=label,
                                            max_grants=self.options.max_persistent_grants,
-                                           on_storage=self.storage_changed)
+                                           on_storage=self.storage_changed,
+                                           journal=self.journal and self.journal.region(i),
+                                           resume=resume)
                 elif self.options.engine == "python":
                     server = RingServer(self.platform, self.domid, mapping.buffer, port,
                                         conn.abi, limits, self.store,
