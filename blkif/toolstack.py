@@ -22,6 +22,10 @@ from blkif.backend.params import ParamsError, parse_params
 from blkif.errors import BlkifError, UsageError
 from xenstore import XenbusState
 
+# Backend nodes of an online resize of an image (the VBD's worker grows it).
+RESIZE_REQUEST = "blkif-resize-request"  # the new size in bytes, from the toolstack
+RESIZE_RESULT = "blkif-resize-result"  # "ok" or "error: why", from the worker
+
 _XVD = re.compile(r"^xvd([a-z]+)(\d*)$")
 _SD_HD = re.compile(r"^(sd|hd)([a-z]+)(\d*)$")
 _DP = re.compile(r"^d(\d+)(?:p(\d+))?$")
@@ -187,12 +191,15 @@ def parse_size(text):
     return size
 
 
-def resize(xs, domid, vdev, size, backend_domid=0):
-    """Grow a VBD's raw image file to ``size`` bytes; returns its path.
+def resize(xs, domid, vdev, size, backend_domid=0, timeout=10.0):
+    """Grow a VBD's image to ``size`` bytes; returns its path.
 
-    A running ``blkif serve`` notices within a second and tells a connected
-    frontend.  Block devices are grown with their own tools (lvextend, ...),
-    other image formats with ``qemu-img resize``; shrinking is refused.
+    A raw file is truncated here: a running ``blkif serve`` notices within a
+    second and tells a connected frontend.  An image of another format is
+    grown by the VBD's worker under its qemu-storage-daemon (which holds the
+    image's lock): asked in the backend's RESIZE_REQUEST node, answered in
+    RESIZE_RESULT within ``timeout`` s.  Block devices are grown with their
+    own tools (lvextend, ...); NBD exports cannot be; shrinking is refused.
     """
     devid = vdev_to_devid(vdev)
     back = find_backend(xs, backend_domid, domid, devid)
@@ -203,9 +210,11 @@ def resize(xs, domid, vdev, size, backend_domid=0):
         target = parse_params(params)
     except ParamsError as exc:
         raise UsageError("VBD %s of domain %d: %s" % (vdev, domid, exc)) from None
+    if target.kind == "image":
+        return _grow_image(xs, back, "%s of domain %d" % (vdev, domid), target, size, timeout)
     if target.kind != "file":
-        raise UsageError("VBD %s of domain %d is %s: online resize is for raw files and block "
-                         "devices (docs/storage.md)" % (vdev, domid, target))
+        raise UsageError("VBD %s of domain %d is %s: an NBD export cannot be grown from here "
+                         "(docs/storage.md)" % (vdev, domid, target))
     path = target.path
     try:
         st = os.stat(path)
@@ -220,6 +229,32 @@ def resize(xs, domid, vdev, size, backend_domid=0):
                          "refused" % (path, st.st_size, size))
     os.truncate(path, size)
     return path
+
+
+def _grow_image(xs, back, name, target, size, timeout):
+    """Ask the worker serving ``back`` to grow its image; its path once done."""
+    have = int(xs.read_str(back + "/sectors", "0") or 0) * 512
+    if size < have:
+        raise UsageError("%s has %d bytes: shrinking it to %d would lose the guest's data; "
+                         "refused" % (name, have, size))
+    result = back + "/" + RESIZE_RESULT
+    xs.rm(result)
+    with xs.watch(result) as watch:
+        xs.write(back + "/" + RESIZE_REQUEST, str(size))
+        deadline = time.monotonic() + timeout
+        answer = xs.read_str(result, None)
+        while answer is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                xs.rm(back + "/" + RESIZE_REQUEST)
+                raise BlkifError("%s: no worker of blkif serve grew %s within %.0f s (is the "
+                                 "service running?)" % (name, target.path, timeout))
+            watch.get(timeout=remaining)
+            answer = xs.read_str(result, None)
+    xs.rm(result)
+    if answer != "ok":
+        raise BlkifError("%s: %s" % (name, answer))
+    return target.path
 
 
 def list_vbds(xs, backend_domid=0):
@@ -287,8 +322,9 @@ def add_arguments(parser):
     destroy_p = sub.add_parser("destroy", help="remove a VBD's nodes")
     destroy_p.add_argument("--domid", type=int, required=True)
     destroy_p.add_argument("--vdev", required=True)
-    resize_p = sub.add_parser("resize", help="grow a VBD's raw image; blkif serve tells "
-                                             "the frontend")
+    resize_p = sub.add_parser("resize", help="grow a VBD's image (raw, or qcow2 and the "
+                                             "other formats under their daemon); blkif serve "
+                                             "tells the frontend")
     resize_p.add_argument("--domid", type=int, required=True)
     resize_p.add_argument("--vdev", required=True)
     resize_p.add_argument("--size", required=True, type=_size_arg,
@@ -315,7 +351,7 @@ def run(args):
         elif args.action == "destroy":
             destroy(xs, args.domid, args.vdev, args.backend_domid)
         elif args.action == "resize":
-            resize(xs, args.domid, args.vdev, args.size, args.backend_domid)
+            resize(xs, args.domid, args.vdev, args.size, args.backend_domid, args.timeout)
             print(_wait_published(xs, args.domid, args.vdev, args.size, args.timeout,
                                   args.backend_domid))
         else:

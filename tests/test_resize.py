@@ -2,6 +2,7 @@
 plus SIGHUP) grows the image under a running ``blkif serve``; our frontend,
 connected in its own domain, sees the new size and uses the new sectors."""
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -11,8 +12,9 @@ import time
 import pytest
 
 from backend_fixtures import sim_service
+from helpers import require_tool
 from blkif import toolstack
-from blkif.errors import LocalProtocolError, UsageError
+from blkif.errors import BlkifError, LocalProtocolError, UsageError
 from blkif.frontend import BlockDevice, FrontendOptions
 from blkif.platform import open_platform
 from xenstore import Xenstore, domain_socket_path
@@ -100,6 +102,54 @@ def test_a_store_that_shrank_is_not_published(service, tmp_path):
         assert dev.size == 8 * MIB
 
 
+def test_an_image_grows_under_its_daemon_with_io_in_flight(service, tmp_path):
+    """qcow2 through its qemu-storage-daemon: the worker removes the export,
+    resizes the node, exports it again and reconnects, holding the ring's
+    I/O back meanwhile; the frontend sees the new size, loses nothing, and
+    the image is clean."""
+    require_tool("qemu-storage-daemon")
+    image = tmp_path / "disk.qcow2"
+    domid, devid = service.new_vbd(image, size=8 * MIB, fmt="qcow2")
+    with _device(service, domid) as dev:
+        data = os.urandom(MIB)
+        writes = [dev.submit_write(i * MIB, data) for i in range(8)]  # in flight
+        run = _blkif(service, "vbd", "resize", "--domid", str(domid), "--vdev", "xvda",
+                     "--size", "16M")
+        assert run.returncode == 0, run.stderr
+        assert "%d sectors, published to its frontend" % (16 * MIB // 512) in run.stdout
+        for handle in writes:
+            handle.result()
+        assert _wait_size(dev, 16 * MIB) == 16 * MIB
+        dev.write(16 * MIB - 4096, b"e" * 4096)  # the last page, new
+        assert dev.read(16 * MIB - 4096, 4096) == b"e" * 4096
+        assert dev.read(0, MIB) == data and dev.read(7 * MIB, MIB) == data
+        run = _blkif(service, "vbd", "resize", "--domid", str(domid), "--vdev", "xvda",
+                     "--size", "12M")
+        assert run.returncode == 2 and "shrinking it" in run.stderr
+    assert "grown to %d bytes under its qemu-storage-daemon" % (16 * MIB) in service.output()
+    info = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(image)],
+                          capture_output=True, text=True, check=True).stdout
+    assert json.loads(info)["virtual-size"] == 16 * MIB
+    toolstack.destroy(service.dom0, domid, "xvda")
+    deadline = time.monotonic() + 10  # the worker stops its daemon: the image is free
+    while subprocess.run(["qemu-img", "check", "-q", str(image)]).returncode != 0:
+        assert time.monotonic() < deadline, "qemu-img check never passed"
+        time.sleep(0.2)
+
+
+def test_growing_an_image_nobody_serves_times_out(service, tmp_path):
+    image = tmp_path / "lonely.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
+    domid, other = 999, 7  # a backend domain no service of ours serves
+    toolstack.create(service.dom0, domid, "xvdb", "qcow2:%s" % image, backend_domid=other)
+    with pytest.raises(BlkifError, match="no worker of blkif serve grew"):
+        toolstack.resize(service.dom0, domid, "xvdb", 16 * MIB, backend_domid=other,
+                         timeout=0.5)
+    back = toolstack.backend_path(other, domid, toolstack.vdev_to_devid("xvdb"))
+    assert service.dom0.read_str(back + "/" + toolstack.RESIZE_REQUEST, None) is None
+    toolstack.destroy(service.dom0, domid, "xvdb", backend_domid=other)
+
+
 @pytest.mark.parametrize("argv,text", [
     (["--size", "4M"], "shrinking it"),
     (["--size", "12345"], "not a positive multiple of 512"),
@@ -132,9 +182,8 @@ def test_resize_refuses_devices_and_other_formats(tmp_path):
     image.write_bytes(bytes(4096))
     toolstack.resize(Xs("aio:%s" % image), 1, "xvda", 8192)
     assert image.stat().st_size == 8192
-    for params in ("qcow2:%s" % image, "nbd://storage1/vm7"):  # docs/storage.md
-        with pytest.raises(UsageError, match="online resize is for raw files and block devices"):
-            toolstack.resize(Xs(params), 1, "xvda", 1 << 20)
+    with pytest.raises(UsageError, match="an NBD export cannot be grown"):
+        toolstack.resize(Xs("nbd://storage1/vm7"), 1, "xvda", 1 << 20)
     with pytest.raises(UsageError, match="unknown disk format 'vdi'"):
         toolstack.resize(Xs("vdi:%s" % image), 1, "xvda", 1 << 20)
 

@@ -63,6 +63,7 @@ class NbdStore:
         self._writes_flushed = 0  # how many of them a FLUSH answered OK covers
         self._lost_writes = False  # the next FLUSH must fail: see _lost
         self._connect()
+        self.sectors = self.size // SECTOR_SIZE  # as published; current_size() is the export's
         h = self.handle
         self.writable = writable and not h.is_read_only()
         self.can_flush = h.can_flush()
@@ -74,13 +75,10 @@ class NbdStore:
         self.logical_block_size = SECTOR_SIZE
         self.physical_block_size = SECTOR_SIZE
 
-    @property
-    def sectors(self):
-        return self.size // SECTOR_SIZE
-
     def current_size(self):
         """The export's size: fixed for a connection (NBD tells no growth;
-        a server that comes back bigger is refused), so never an online resize."""
+        a server that comes back bigger is refused, unless :meth:`reopen`ed
+        after growing an image on purpose)."""
         return self.size
 
     def _connect(self):
@@ -114,6 +112,17 @@ class NbdStore:
         """Connect again after :attr:`down`; StoreError while the server is away."""
         self._connect()
         log.info("reconnected to %s", self.path)
+
+    def reopen(self):
+        """Connect again to an export whose size changed on purpose (an online
+        resize of its image): the new size is taken.  StoreError (and
+        :attr:`down` set, for the ring server to retry) if it cannot be."""
+        self.handle, self.size = None, None
+        try:
+            self._connect()
+        except StoreError as exc:
+            self.down = str(exc)
+            raise
 
     # -- the ring server's asynchronous interface ---------------------------
 

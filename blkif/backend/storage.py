@@ -89,6 +89,18 @@ class Storage:
                 log.info("%s: storage is back: %s", self.label, store.path)
                 self.error = None
 
+    def grow(self, size):
+        """Grow an image to ``size`` bytes under its daemon (online resize);
+        the caller holds the rings' I/O back meanwhile.  The store then has
+        the new size.  StoreError if this is no image or QEMU refused."""
+        if self.daemon is None:
+            raise StoreError("%s is not an image served by qemu-storage-daemon" % self.target)
+        self.store.close()  # the export goes: no connection may hold it
+        try:
+            self.daemon.grow(size)
+        finally:
+            self.store.reopen()
+
     def _restart_daemon(self, now):
         try:
             self.daemon.start()

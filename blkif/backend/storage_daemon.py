@@ -26,6 +26,7 @@ import subprocess
 import time
 
 from blkif.backend.backing import StoreError
+from blkif.backend.qmp import Qmp, QmpError
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,19 @@ STOP_TIMEOUT = 5.0
 EXPORT = "disk"
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1
 LOCKED = "Is another process using the image"  # QEMU's image lock is held
+QMP = ".qmp"  # the monitor's socket: the export's path with this added
+EXPORT_GONE_TIMEOUT = 10.0
+
+
+def export_options(writable):
+    """The NBD export of node ``disk`` (``--export``, QMP ``block-export-add``)."""
+    return {"type": "nbd", "id": "export", "node-name": EXPORT, "name": EXPORT,
+            "writable": writable}
 
 
 def daemon_argv(image, driver, socket_path, writable, direct=False, device=False):
-    """qemu-storage-daemon's arguments for one image exported as ``disk``."""
+    """qemu-storage-daemon's arguments for one image exported as ``disk``, with
+    a QMP monitor on ``<socket_path>.qmp``."""
     protocol = {
         "driver": "host_device" if device else "file", "node-name": "file",
         "filename": image, "discard": "unmap", "read-only": not writable,
@@ -46,18 +56,18 @@ def daemon_argv(image, driver, socket_path, writable, direct=False, device=False
     fmt = {"driver": driver, "node-name": EXPORT, "file": "file", "discard": "unmap",
            "read-only": not writable}
     server = {"addr": {"type": "unix", "path": socket_path}}
-    export = {"type": "nbd", "id": "export", "node-name": EXPORT, "name": EXPORT,
-              "writable": writable}
     return ["qemu-storage-daemon",
             "--blockdev", json.dumps(protocol), "--blockdev", json.dumps(fmt),
-            "--nbd-server", json.dumps(server), "--export", json.dumps(export)]
+            "--nbd-server", json.dumps(server), "--export", json.dumps(export_options(writable)),
+            "--chardev", "socket,id=qmp,path=%s%s,server=on,wait=off" % (socket_path, QMP),
+            "--monitor", "chardev=qmp"]
 
 
 class StorageDaemon:
     """A qemu-storage-daemon serving ``image`` (QEMU driver ``driver``) on ``socket_path``."""
 
     def __init__(self, image, driver, socket_path, writable=True, direct=False, label=""):
-        if len(socket_path.encode()) > SUN_PATH_MAX:
+        if len(socket_path.encode()) + len(QMP) > SUN_PATH_MAX:
             raise StoreError("socket path %s is too long for a Unix socket; use a shorter "
                              "--state-dir" % socket_path)
         self.image, self.driver, self.socket_path = image, driver, socket_path
@@ -104,11 +114,15 @@ class StorageDaemon:
         log.info("%s: qemu-storage-daemon pid %d serves %s (%s) on %s", self.label,
                  self.proc.pid, self.image, self.driver, self.socket_path)
 
+    def _remove_sockets(self):
+        for path in (self.socket_path, self.socket_path + QMP):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
     def _spawn(self, argv):
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
+        self._remove_sockets()
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
                                          stderr=logf, start_new_session=True)
@@ -151,8 +165,29 @@ class StorageDaemon:
     def pid(self):
         return self.proc.pid if self.proc else None
 
+    def grow(self, size):
+        """Grow the image to ``size`` bytes while the daemon serves it (online
+        resize).  The export holds its node at a fixed size (it unshares
+        'resize'), so it is removed, the node resized and the export added
+        again; the caller has closed its NBD connection and holds its I/O
+        back meanwhile.  QmpError says what QEMU refused."""
+        with Qmp(self.socket_path + QMP) as qmp:
+            qmp.execute("block-export-del", id="export")
+            deadline = time.monotonic() + EXPORT_GONE_TIMEOUT
+            while any(e["id"] == "export" for e in qmp.execute("query-block-exports")):
+                if time.monotonic() > deadline:
+                    raise QmpError("the export of %s was not removed within %.0f s"
+                                   % (self.image, EXPORT_GONE_TIMEOUT))
+                time.sleep(0.01)
+            try:
+                qmp.execute("block_resize", **{"node-name": EXPORT, "size": size})
+            finally:
+                qmp.execute("block-export-add", **export_options(self.writable))
+        log.info("%s: %s grown to %d bytes under its qemu-storage-daemon", self.label,
+                 self.image, size)
+
     def stop(self):
-        """SIGTERM, then SIGKILL after STOP_TIMEOUT; removes the socket."""
+        """SIGTERM, then SIGKILL after STOP_TIMEOUT; removes the sockets."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -162,7 +197,4 @@ class StorageDaemon:
                 log.warning("%s: qemu-storage-daemon ignored SIGTERM; killing it", self.label)
                 proc.kill()
                 proc.wait()
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
+        self._remove_sockets()

@@ -63,6 +63,7 @@ from blkif.negotiate import (MAX_QUEUES, BackendOffer, Connection, DiskInfo, bac
                              node_reader)
 from blkif.platform import PlatformError
 from blkif.request import Limits
+from blkif.toolstack import RESIZE_REQUEST, RESIZE_RESULT
 from xenstore import BadValue, XenbusState, XenstoreError
 
 log = logging.getLogger(__name__)
@@ -309,6 +310,43 @@ class Vbd:
                     self._switch(S.Connected, txn)  # blkfront re-reads the size
         return True
 
+    def _resize_requested(self):
+        """``blkif vbd resize`` of an image VBD asks in RESIZE_REQUEST (bytes):
+        grow the image under its daemon with the rings' I/O held back, publish
+        the new size, answer in RESIZE_RESULT ("ok" or "error: why")."""
+        node = "%s/%s" % (self.path, RESIZE_REQUEST)
+        text = self.xs.read_str(node, None)
+        if text is None:
+            return
+        self.xs.rm(node)
+        try:
+            size = int(text)
+            if self.target.kind != "image":
+                raise StoreError("%s is not an image: a raw file grows by itself (blkif vbd "
+                                 "resize truncates it) and an NBD export cannot" % self.target)
+            if size % SECTOR_SIZE or size < self.store.sectors * SECTOR_SIZE:
+                raise StoreError("%d bytes is not a whole number of sectors above the %d "
+                                 "the disk has" % (size, self.store.sectors * SECTOR_SIZE))
+            self._holding_rings(lambda: self.storage.grow(size))
+            self.check_size()
+            answer = "ok"
+        except (ValueError, StoreError) as exc:
+            log.error("%s: growing %s to %s bytes: %s", self.label, self.target, text, exc)
+            answer = "error: %s" % exc
+        self.xs.write("%s/%s" % (self.path, RESIZE_RESULT), answer)
+
+    def _holding_rings(self, action):
+        """``action()`` while no ring takes a request: every request taken is
+        answered first; the rings are served again after, whatever happens."""
+        for server in self.servers:
+            server.stop()
+            server.drain()
+        try:
+            action()
+        finally:
+            for server in self.servers:
+                server.start(self.ring_failed)
+
     def ring_failed(self, message):
         """From a ring's thread: its frontend broke the ring; shut down soon."""
         self._failures.append(message)
@@ -363,6 +401,7 @@ class Vbd:
             return
         if self.storage is None:
             return  # nothing offered until the storage opens (tick)
+        self._resize_requested()
         own = self.xs.read_state(self.path + "/state")
         if own != self.state and own in (S.Closing, S.Closed):
             # The toolstack (libxl on ``xl destroy``) asks us to close.
