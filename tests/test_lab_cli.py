@@ -219,11 +219,13 @@ def test_guest_reports_a_resize_that_dom0_recognises(tmp_path):
 
     from blkif.lab.initramfs import GUEST_INIT
 
-    size = tmp_path / "size"
-    size.write_text("131072\n")
     idle = re.search(r"^idle\(\) \{\n.*?^\}\n", GUEST_INIT, re.S | re.M).group(0)
-    script = 'say() { echo "LAB $*"; }\n' + idle.replace("/sys/block/xvda/size", str(size)) \
-        + "idle\n"
+    for disk in ("xvda", "xvdb"):
+        (tmp_path / disk).mkdir()
+        (tmp_path / disk / "size").write_text("131072\n")
+    size = tmp_path / "xvdb" / "size"
+    script = ('say() { echo "LAB $*"; }\nDISKS="xvda xvdb"\n'
+              + idle.replace("/sys/block/", str(tmp_path) + "/") + "idle\n")
     proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(0.8)
@@ -232,8 +234,9 @@ def test_guest_reports_a_resize_that_dom0_recognises(tmp_path):
     finally:
         proc.kill()
     console = proc.communicate()[0]
-    assert console == "LAB VALUE resized_sectors=139264\n"
-    assert phases.resize_seen(console, 139264)[0] == "pass"
-    assert phases.resize_seen(console, 140000) == (
-        "fail", "the guest's /sys/block/xvda/size became 139264, want 140000")
-    assert phases.resize_seen("", 139264)[1].endswith("never changed, want 139264")
+    assert console == "LAB VALUE resized_xvdb=139264\n"
+    assert phases.resize_seen(console, 139264, "xvdb")[0] == "pass"
+    assert phases.resize_seen(console, 140000, "xvdb") == (
+        "fail", "the guest's /sys/block/xvdb/size became 139264, want 140000")
+    assert phases.resize_seen(console, 139264)[1].endswith(
+        "/sys/block/xvda/size never changed, want 139264")

@@ -220,13 +220,16 @@ for a in $(cat /proc/cmdline); do
 done
 say() { echo "LAB $*"; }
 check() { say "CHECK $1 $2 $3"; [ "$2" = pass ] || FAILED=1; }
-# Idle until destroyed, saying each new size of /dev/xvda (dom0 checks online resize).
+# Idle until destroyed, saying each new size of each disk (dom0 checks online resize).
 idle() {
-  s=$(cat /sys/block/xvda/size 2>/dev/null)
+  for d in $DISKS; do eval "s_$d=\$(cat /sys/block/$d/size 2>/dev/null)"; done
   while :; do
     sleep 0.5
-    n=$(cat /sys/block/xvda/size 2>/dev/null)
-    [ "$n" = "$s" ] || { say "VALUE resized_sectors=$n"; s=$n; }
+    for d in $DISKS; do
+      n=$(cat /sys/block/$d/size 2>/dev/null)
+      eval "s=\$s_$d"
+      [ "$n" = "$s" ] || { say "VALUE resized_$d=$n"; eval "s_$d=\$n"; }
+    done
   done
 }
 finish() { say "DONE rc=$FAILED"; idle; }

@@ -176,14 +176,14 @@ def image_matches(path, md5s, zeroed=None):
         len(md5s), path, ", discarded MiB zeros" if zeroed is not None else "")
 
 
-def resize_seen(console, sectors):
+def resize_seen(console, sectors, vdev=VDEV):
     """(status, detail): did the guest's console (its init reports each new
-    size of /dev/xvda) show blkfront taking ``sectors``?"""
-    seen = workload.parse_console(console).values.get("resized_sectors")
+    size of each disk) show blkfront taking ``sectors`` for ``vdev``?"""
+    seen = workload.parse_console(console).values.get("resized_" + vdev)
     if seen == str(sectors):
-        return "pass", "/sys/block/xvda/size in the guest is %d after the resize" % sectors
-    return "fail", "the guest's /sys/block/xvda/size %s, want %d" % (
-        "never changed" if seen is None else "became " + seen, sectors)
+        return "pass", "/sys/block/%s/size in the guest is %d after the resize" % (vdev, sectors)
+    return "fail", "the guest's /sys/block/%s/size %s, want %d" % (
+        vdev, "never changed" if seen is None else "became " + seen, sectors)
 
 
 def stats_vbds(stats, domid):
@@ -622,22 +622,24 @@ class Lab:
         self.backend_stats_row(phase, domid, queues, host)
         self.resize_row(phase, domid)
 
-    def resize_row(self, phase, domid):
-        """Online resize: ``blkif vbd resize`` grows the image under the
-        running guest; Linux blkfront must take the new size."""
+    def resize_row(self, phase, domid, vdev=VDEV, guest=None):
+        """Online resize: ``blkif vbd resize`` grows ``vdev``'s image under
+        the running guest (``guest``, default lab-PHASE-1); Linux blkfront
+        must take the new size."""
         start = time.monotonic()
         size = DISK_BYTES + RESIZE_GROWTH
-        self.sh("%s: blkif vbd resize" % phase, "%s -m blkif vbd resize --domid %d --vdev %s "
-                "--size %d" % (self.python, domid, VDEV, size))
-        log = self.console_log("lab-%s-1" % phase)
+        self.sh("%s: blkif vbd resize %s" % (phase, vdev), "%s -m blkif vbd resize --domid %d "
+                "--vdev %s --size %d" % (self.python, domid, vdev, size))
+        log = self.console_log(guest or "lab-%s-1" % phase)
         deadline = time.monotonic() + 20
         while True:
             with open(log, errors="replace") as f:
-                status, detail = resize_seen(f.read(), size // 512)
+                status, detail = resize_seen(f.read(), size // 512, vdev)
             if status == "pass" or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        self.report.add(phase, "online resize", status, detail, time.monotonic() - start)
+        self.report.add(phase, "online resize" + ("" if vdev == VDEV else " " + vdev), status,
+                        detail, time.monotonic() - start)
 
     def backend_released_row(self, phase, domid):
         start = time.monotonic()

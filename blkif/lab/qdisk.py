@@ -6,7 +6,9 @@ device, served by the kernel's xen-blkback (loaded), and xvdb
 ``blkif-device-model``, served by ``blkif serve`` with its default
 ``--types auto`` (qdisk only, since xen-blkback is loaded).  The guest runs
 the verified workload and mkfs/e2fsck on both disks.  While it runs, both
-VBDs must be Connected and the device model ``running``; ``xl destroy`` must
+VBDs must be Connected and the device model ``running``; ``blkif vbd resize``
+grows the qcow2 image under its daemon and the guest's blkfront must see the
+new size of xvdb; ``xl destroy`` must
 remove both VBDs (the qdisk one without a handshake), end the device model
 and leave nothing held by the service.  The host then runs ``qemu-img
 check`` on the image and compares both disks' bytes with what the guest read.
@@ -156,6 +158,7 @@ class QdiskRun:
         out = lab.sh("%s: nodes" % PHASE, NODES.format(domid=domid, vbd=phases.DEVID,
                                                        qdisk=QDISK_DEVID)).out
         lab.report.add(PHASE, "both backends Connected", *both_connected(out, domid))
+        lab.resize_row(PHASE, domid, QDISK_VDEV, GUEST)  # the qcow2 grows under its daemon
         lab.destroy(PHASE, GUEST, domid)
         start = time.monotonic()
         lab.sh("%s: qdisk cleanup" % PHASE, GONE.format(domid=domid, qcow2=QCOW2_IMAGE))
