@@ -11,6 +11,7 @@ import time
 import pytest
 
 from blkif.backend.backing import StoreError
+from blkif.backend.qmp import QmpError
 from blkif.backend.storage_daemon import StorageDaemon, daemon_argv
 from helpers import require_tool
 from xenstore_fixtures import ROOT
@@ -134,3 +135,33 @@ def test_a_successor_waits_for_the_image_lock_of_its_predecessor(tmp_path, image
         second.stop()
     with open(second.log_path) as log:
         assert "Is another process using the image" in log.read()
+
+
+def test_grow_resizes_the_image_under_the_daemon_over_qmp(tmp_path, image):
+    daemon = StorageDaemon(str(image), "qcow2", str(tmp_path / "d.nbd"), label="t")
+    daemon.start()
+    try:
+        daemon.grow(16 << 20)
+        assert _virtual_size(daemon.uri) == 16 << 20  # exported again, at the new size
+    finally:
+        daemon.stop()
+    assert not (tmp_path / "d.nbd.qmp").exists()
+    assert _virtual_size(str(image)) == 16 << 20
+
+
+def test_what_qemu_refuses_is_said_and_the_export_stays(tmp_path, image):
+    daemon = StorageDaemon(str(image), "qcow2", str(tmp_path / "d.nbd"), writable=False,
+                           label="t")
+    daemon.start()
+    try:
+        with pytest.raises(QmpError, match="block_resize: Image is read-only"):
+            daemon.grow(16 << 20)
+        assert _virtual_size(daemon.uri) == 8 << 20
+    finally:
+        daemon.stop()
+
+
+def _virtual_size(target):
+    info = subprocess.run(["qemu-img", "info", "-U", "--output=json", target],
+                          capture_output=True, text=True, check=True).stdout
+    return json.loads(info)["virtual-size"]
