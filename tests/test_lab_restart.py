@@ -24,3 +24,21 @@ def test_the_guest_init_runs_every_round_and_checks_the_kernel_log():
     assert "seq %d" % restart.ROUNDS in init and "{rounds}" not in init
     assert "LAB DONE" not in init and 'say "DONE rc=$FAILED"' in init
     assert "--verify=crc32c" in restart.FIO_ROUND and "--fdatasync=8" in restart.FIO_ROUND
+
+
+def test_the_qcow2_phase_serves_an_image_our_toolstack_names(tmp_path):
+    from types import SimpleNamespace
+
+    from blkif.lab import cli, phases
+    lab = SimpleNamespace(workdir=str(tmp_path), logs=str(tmp_path / "logs"))
+    raw, qcow2 = restart.RestartRun(lab), restart.RestartRun(lab, "restart-qcow2")
+    assert (raw.image, raw.qcow2) == (restart.IMAGE, False)
+    assert (qcow2.image, qcow2.qcow2, qcow2.phase) == (restart.QCOW2_IMAGE, True,
+                                                      "restart-qcow2")
+    assert qcow2.log.endswith("serve-restart-qcow2.log")
+    assert "restart-qcow2" in phases.OPTIONAL_PHASES
+    assert cli.parse_only("restart-qcow2") >= {"boot", "dom0", "restart-qcow2"}
+    body = restart.DESTROY_UNKNOWN.format(name="g", python="py", domid=3, vdev="xvda",
+                                          back="/local/domain/0/backend/vbd/3")
+    assert body.splitlines()[:2] == ["xl destroy g", "py -m blkif vbd destroy --domid 3 "
+                                                     "--vdev xvda"]

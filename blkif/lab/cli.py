@@ -176,26 +176,29 @@ def _run_locked(args, chosen, workdir):
         print("lab: %s: %s ..." % (phase, check), file=progress, flush=True)
         return lab.timed(phase, check, fn, *fn_args)
 
-    perf_run = restart_run = None
+    perf_run = None
+    restart_runs = []
     try:
         step("setup", "packages", ensure_packages,
-             dict(PACKAGES, **PERF_PACKAGES) if args.perf or chosen & {"restart", "conformance"}
+             dict(PACKAGES, **PERF_PACKAGES)
+             if args.perf or chosen & {"restart", "restart-qcow2", "conformance"}
              else PACKAGES)
         step("setup", "build", lab.build, seed)
         if args.perf:
             perf_run = perf.PerfRun(lab, args.perf_runtime, args.perf_serve_options)
             step("setup", "perf guest", perf_run.build)
             chosen = {"boot", "dom0", "perf"}
-        if "restart" in chosen:
-            restart_run = restart.RestartRun(lab)
-            step("setup", "restart guest", restart_run.build)
+        restart_runs = [restart.RestartRun(lab, phase) for phase in restart.FORMATS
+                        if phase in chosen]
+        if restart_runs:  # one guest initramfs for both
+            step("setup", "restart guest", restart_runs[0].build)
         step("boot", "xen+dom0 to agent", lab.boot)
         if "dom0" in chosen:
             step("dom0", "xen tools up", lab.setup_dom0)
         if "perf" in chosen:
             step("perf", "blkback, qdisk and blkif serve under fio", perf_run.run)
-        if "restart" in chosen:
-            step("restart", "blkif serve restarted under fio", restart_run.run)
+        for run in restart_runs:
+            step(run.phase, "blkif serve restarted under fio", run.run)
         if "baseline" in chosen:
             step("baseline", "linux blkback vs linux blkfront", lab.baseline)
         if "qdisk" in chosen:

@@ -38,7 +38,7 @@ from blkif.lab import capacity, control, initramfs, qemu, workload
 
 PHASES = ("boot", "dom0", "baseline", "backend", "frontend", "qdisk")
 # Only with --only: each outlasts make lab's budget.
-OPTIONAL_PHASES = ("conformance", "restart")
+OPTIONAL_PHASES = ("conformance", "restart", "restart-qcow2")
 XEN_BIN = "/usr/lib/xen-4.17/bin"
 DISK_BYTES = 64 << 20
 RESIZE_GROWTH = 4 << 20  # the backend phase grows its image by this under the guest

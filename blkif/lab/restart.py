@@ -11,6 +11,11 @@ every round's verify passes, the guest's kernel log has no I/O error, neither
 state was written with anything but Connected once both were, and the
 service logged a resumed connection for each worker that took over.
 
+Phase ``restart-qcow2`` does the same on a qcow2 image, the VBD made with
+``blkif vbd create --target qcow2:...`` (served through a qemu-storage-daemon
+that dies with each killed worker), and then runs ``qemu-img check`` on the
+image once the service has stopped.
+
 Only :class:`RestartRun` talks to the lab; the rest is pure.
 """
 import json
@@ -24,7 +29,9 @@ GAP = 4.0  # seconds of serving between a successor's resume and the next restar
 ROUNDS = 16  # fio rounds the guest runs (~10 s each under TCG); the restarts land inside
 RESUME_TIMEOUT = 90  # a cold worker start in the emulated dom0 takes up to ~15 s
 IMAGE = "/run/lab/restart.img"
+QCOW2_IMAGE = "/run/lab/restart.qcow2"
 IMAGE_BYTES = 64 << 20
+FORMATS = {"restart": "raw", "restart-qcow2": "qcow2"}  # phase -> the VBD's image
 RAMDISK = "/run/lab/guest-restart.cpio.gz"
 STATES_LOG = "/run/lab/restart-states.log"
 FIO_ROUND = ("--name=restart --filename=/dev/xvda --direct=1 --ioengine=libaio "
@@ -108,11 +115,13 @@ def rounds_done(text):
 class RestartRun:
     """The restart phase on a booted lab (``phases.Lab``)."""
 
-    def __init__(self, lab):
-        self.lab = lab
+    def __init__(self, lab, phase="restart"):
+        self.lab, self.phase = lab, phase
+        self.qcow2 = FORMATS[phase] == "qcow2"
+        self.image = QCOW2_IMAGE if self.qcow2 else IMAGE
         self.ramdisk = os.path.join(lab.workdir, "guest-restart.cpio.gz")
         self.pidfile = os.path.join(lab.workdir, "ctl", "serve.pid")
-        self.log = os.path.join(lab.logs, "serve-restart.log")
+        self.log = os.path.join(lab.logs, "serve-%s.log" % phase)
 
     def build(self):
         version = initramfs.find_kernel()[0]
@@ -125,7 +134,7 @@ class RestartRun:
                                              log=self.log, pidfile=self.pidfile))
 
     def _worker_pid(self, domid):
-        out = self.lab.sh("restart: service.json", "cat %s/service.json"
+        out = self.lab.sh("%s: service.json" % self.phase, "cat %s/service.json"
                           % phases.STATE_DIR).out
         for worker in json.loads(out[out.index("{"):])["workers"]:
             if worker["domid"] == domid and worker["status"] == "running":
@@ -133,10 +142,12 @@ class RestartRun:
         return None
 
     def run(self):
-        lab = self.lab
-        name = "restart"
-        lab.sh("restart: image", "mkdir -p /run/lab && cp %s %s && rm -f %s && truncate -s %d %s"
-               " && : > %s && rm -f %s" % (self.ramdisk, RAMDISK, IMAGE, IMAGE_BYTES, IMAGE,
+        lab, phase = self.lab, self.phase
+        name = phase
+        make = ("qemu-img create -q -f qcow2 {image} {size}" if self.qcow2
+                else "truncate -s {size} {image}").format(image=self.image, size=IMAGE_BYTES)
+        lab.sh("%s: image" % phase, "mkdir -p /run/lab && cp %s %s && rm -f %s && %s"
+               " && : > %s && rm -f %s" % (self.ramdisk, RAMDISK, self.image, make,
                                            self.log, STATES_LOG),
                timeout=300)
         script = os.path.join(lab.workdir, "hotplug-connected.sh")
@@ -146,16 +157,20 @@ class RestartRun:
         watcher = os.path.join(lab.workdir, "ctl", "states.pid")
         if os.path.exists(watcher):
             os.unlink(watcher)
-        self._start_serve("restart: start blkif serve")
+        self._start_serve("%s: start blkif serve" % phase)
         try:
             cfg = os.path.join(lab.workdir, "guests", name + ".cfg")
+            disks = [] if self.qcow2 else phases.backend_disk_spec(self.image, script)
             with open(cfg, "w") as f:
-                f.write(phases.xl_config(name, lab.kernel, RAMDISK,
-                                         phases.backend_disk_spec(IMAGE, script),
+                f.write(phases.xl_config(name, lab.kernel, RAMDISK, disks,
                                          "console=hvc0 quiet", memory=512, vcpus=1))
-            lab.sh("restart: xl create", "xl create %s" % cfg, phases.TIMEOUTS["create"])
-            domid = int(lab.sh("restart: xl domid", "xl domid %s" % name).out.strip())
-            lab.sh("restart: state watcher", STATES_WATCH.format(
+            lab.sh("%s: xl create" % phase, "xl create %s" % cfg, phases.TIMEOUTS["create"])
+            domid = int(lab.sh("%s: xl domid" % phase, "xl domid %s" % name).out.strip())
+            if self.qcow2:  # our toolstack writes the nodes libxl would
+                lab.sh("%s: blkif vbd create" % phase, "%s -m blkif vbd create --domid %d "
+                       "--vdev %s --target qcow2:%s" % (lab.python, domid, phases.VDEV,
+                                                        self.image))
+            lab.sh("%s: state watcher" % phase, STATES_WATCH.format(
                 back="/local/domain/0/backend/vbd/%d/%d" % (domid, phases.DEVID),
                 front="/local/domain/%d/device/vbd/%d" % (domid, phases.DEVID),
                 log=STATES_LOG, pidfile=watcher))
@@ -163,30 +178,49 @@ class RestartRun:
             self._wait(console, lambda text: "LAB RESTART BEGIN" in text, 300, "fio to start")
             done = self._restarts(domid, console)
             guest = self._wait(console, lambda text: "LAB DONE" in text, 900, "fio to finish")
-            finished = float(lab.sh("restart: clock", "date +%s.%N").out.split()[-1])
+            finished = float(lab.sh("%s: clock" % phase, "date +%s.%N").out.split()[-1])
             report = workload.parse_console(guest)
             for check, passed, detail in report.checks:
-                lab.report.add("restart", "guest %s" % check, "pass" if passed else "fail",
+                lab.report.add(phase, "guest %s" % check, "pass" if passed else "fail",
                                detail)
-            lab.report.add("restart", "restarts inside fio",
+            lab.report.add(phase, "restarts inside fio",
                            "fail" if done is None else "pass",
                            "fio finished before the restarts did" if done is None else
                            "%d worker kills and 1 service restart, all while fio ran (%d of %d "
                            "rounds done by then)" % (KILLS, done, ROUNDS))
-            states = lab.sh("restart: states", "cat %s" % STATES_LOG).out
-            lab.report.add("restart", "never left Connected",
-                           *states_verdict(states, finished))
+            states = lab.sh("%s: states" % phase, "cat %s" % STATES_LOG).out
+            lab.report.add(phase, "never left Connected", *states_verdict(states, finished))
             resumed = self._resumed()
-            lab.report.add("restart", "successors resumed", "pass" if resumed == KILLS + 1
+            lab.report.add(phase, "successors resumed", "pass" if resumed == KILLS + 1
                            else "fail", "%d of %d successors resumed the connection"
                            % (resumed, KILLS + 1))
-            lab.destroy("restart", name, domid)
+            if self.qcow2:
+                self._destroy_and_check(name, domid)
+            else:
+                lab.destroy(phase, name, domid)
         finally:
             lab.cleanup_sh("kill -- $(sed 's/^/-/' %s) 2>/dev/null; rm -f %s %s"
                            % (watcher, watcher, STATES_LOG))
             lab.cleanup_sh(phases.SERVE_STOP.format(pidfile=self.pidfile))
-            lab.cleanup_sh("rm -f %s %s" % (IMAGE, RAMDISK))
-        return "%d kills and a service restart under fio" % KILLS
+            lab.cleanup_sh("rm -f %s %s" % (self.image, RAMDISK))
+        return "%d kills and a service restart under fio%s" % (
+            KILLS, " on a qcow2 image" if self.qcow2 else "")
+
+    def _destroy_and_check(self, name, domid):
+        """The guest and the VBD our toolstack made go, the service stops (its
+        worker's daemon writes out the image), and the image must be clean."""
+        lab, phase, start = self.lab, self.phase, time.monotonic()
+        back = "/local/domain/0/backend/vbd/%d" % domid
+        lab.sh("%s: destroy" % phase, DESTROY_UNKNOWN.format(
+            name=name, python=lab.python, domid=domid, vdev=phases.VDEV, back=back),
+            phases.TIMEOUTS["destroy"])
+        lab.sh("%s: stop blkif serve" % phase, phases.SERVE_STOP.format(pidfile=self.pidfile))
+        check = lab.sh("%s: qemu-img check" % phase, "qemu-img check %s" % self.image,
+                       check=False)
+        lab.report.add(phase, "qemu-img check after the kills",
+                       "pass" if check.rc == 0 else "fail",
+                       check.out.strip().splitlines()[-1] if check.out.strip() else
+                       "exit status %d" % check.rc, time.monotonic() - start)
 
     def _restarts(self, domid, console):
         """The kills, and the upgrade restart half way; the fio rounds
@@ -196,10 +230,10 @@ class RestartRun:
             time.sleep(GAP)
             resumed = self._resumed()
             if i == KILLS // 2:
-                lab.sh("restart: upgrade stop", "pid=$(cat {p}); kill -USR1 $pid; "
+                lab.sh("%s: upgrade stop" % self.phase, "pid=$(cat {p}); kill -USR1 $pid; "
                        "for i in $(seq 100); do kill -0 $pid 2>/dev/null || exit 0; sleep 0.2; "
                        "done; exit 1".format(p=self.pidfile))
-                self._start_serve("restart: start blkif serve again")
+                self._start_serve("%s: start blkif serve again" % self.phase)
             else:
                 self._kill_worker(domid)
             self._wait_resumed(resumed)
@@ -213,12 +247,12 @@ class RestartRun:
         while pid is None and time.monotonic() < deadline:
             pid = self._worker_pid(domid)
         if pid is None:
-            raise phases.StepFailed("restart: kill", "no running worker for d%d" % domid)
-        self.lab.sh("restart: kill worker %d" % pid, "kill -KILL %d" % pid)
+            raise phases.StepFailed("%s: kill" % self.phase, "no running worker for d%d" % domid)
+        self.lab.sh("%s: kill worker %d" % (self.phase, pid), "kill -KILL %d" % pid)
 
     def _resumed(self):
         """Connections the service's workers have resumed so far (its log)."""
-        out = self.lab.sh("restart: serve log", "grep -c 'resumed the connection' %s || true"
+        out = self.lab.sh("%s: serve log" % self.phase, "grep -c 'resumed the connection' %s || true"
                           % self.log).out
         return int(out.strip().splitlines()[-1])
 
@@ -228,12 +262,12 @@ class RestartRun:
         deadline = time.monotonic() + RESUME_TIMEOUT
         while self._resumed() <= before:
             if time.monotonic() > deadline:
-                raise phases.StepFailed("restart: successor",
+                raise phases.StepFailed("%s: successor" % self.phase,
                                         "no worker resumed within %d s" % RESUME_TIMEOUT)
             time.sleep(1)
 
     def _wait(self, console, ready, timeout, what):
-        deadline = time.monotonic() + self.lab.budget(timeout, "restart: " + what)
+        deadline = time.monotonic() + self.lab.budget(timeout, "%s: %s" % (self.phase, what))
         while time.monotonic() < deadline:
             if os.path.exists(console):
                 with open(console, errors="replace") as f:
@@ -241,8 +275,15 @@ class RestartRun:
                 if ready(text):
                     return text
             time.sleep(0.5)
-        raise phases.StepFailed("restart: " + what, "not within %d s" % timeout)
+        raise phases.StepFailed("%s: %s" % (self.phase, what), "not within %d s" % timeout)
 
 
+# A guest whose disk libxl does not know (our toolstack made it): the guest,
+# then the VBD's nodes; the worker sees them go and stops.
+DESTROY_UNKNOWN = """xl destroy {name}
+{python} -m blkif vbd destroy --domid {domid} --vdev {vdev}
+for i in $(seq 150); do xenstore-exists {back} || exit 0; sleep 0.2; done
+echo backend nodes still there; exit 1
+"""
 # Appending: the upgrade starts the service a second time into the same log.
 SERVE_START = phases.SERVE_ALONE.replace("> {log}", ">> {log}", 1)
