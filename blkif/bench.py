@@ -372,8 +372,10 @@ def _cpu_seconds(start):
 def _c_frontend(dev, pattern, params, data, emit):
     """The pattern through the queues' C fast path (blkif.frontend.fastpath),
     as fio drives blkfront in a Linux guest: (latencies, seconds, CPU seconds)."""
-    fast = [FastQueue(queue) for queue in dev.queues]
+    fast = []
     try:
+        for queue in dev.queues:
+            fast.append(FastQueue(queue))
         def run(seconds):
             return run_pattern(
                 fast, BLKIF_OP_READ if pattern.op == "read" else BLKIF_OP_WRITE,

@@ -246,6 +246,10 @@ def _grow_image(xs, back, name, target, size, timeout):
         while answer is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if xs.read_str(back + "/" + RESIZE_REQUEST, None) is None:
+                    raise BlkifError("%s: the worker took the request but did not answer "
+                                     "within %.0f s; it may still finish (blkif serve's log "
+                                     "says)" % (name, timeout))
                 xs.rm(back + "/" + RESIZE_REQUEST)
                 raise BlkifError("%s: no worker of blkif serve grew %s within %.0f s (is the "
                                  "service running?)" % (name, target.path, timeout))
@@ -343,8 +347,12 @@ def run(args):
 
     with Xenstore.open(args.xenstore) as xs:
         if args.action == "create":
-            if not os.path.exists(args.target):
-                raise UsageError("target %s does not exist" % args.target)
+            try:
+                named = parse_params(args.target)
+            except ParamsError as exc:
+                raise UsageError(str(exc)) from None
+            if named.kind != "nbd" and not os.path.exists(named.path):
+                raise UsageError("target %s does not exist" % named.path)
             devid = create(xs, args.domid, args.vdev, args.target, args.mode,
                            args.backend_domid, args.kind)
             print(backend_path(args.backend_domid, args.domid, devid, args.kind))

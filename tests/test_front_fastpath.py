@@ -212,13 +212,24 @@ def test_c_queue_builds_and_takes_exactly_as_the_python_queue(abi, order, indire
         cq.close()
 
 
-def test_a_request_too_big_for_the_queue_is_refused_before_the_ring():
+def test_what_the_python_queue_would_refuse_never_reaches_the_ring():
     py, cq, fast = _twins(X86_64, 0, 0, pool_pages=64)
     with pytest.raises(LocalProtocolError, match="does not fit"):
         fast.put(1, c.BLKIF_OP_READ, 0, 12 * c.PAGE_SIZE)
     with pytest.raises(LocalProtocolError, match="does not fit"):
         fast.put(1, c.BLKIF_OP_READ, 100, 4096)
+    for args, words in [((1, 9, 0, 4096), "operation 9 is not"),
+                        ((1, c.BLKIF_OP_FLUSH_DISKCACHE, 0, 4096), "of 4096 bytes"),
+                        ((1, c.BLKIF_OP_READ, 0, 0), "of 0 bytes"),
+                        ((1, c.BLKIF_OP_WRITE, 0, 8192, b"short"), "data holds fewer"),
+                        ((1, c.BLKIF_OP_WRITE, 0, 4096), "needs its data"),
+                        ((1, c.BLKIF_OP_READ, 0, 4096, None, bytearray(512)), "dest holds")]:
+        with pytest.raises(LocalProtocolError, match=words):
+            fast.put(*args)
     assert fast.in_flight == 0 and cq.ring.sring.req_prod == 0
+    assert fast.put(1, c.BLKIF_OP_READ, 0, 4096, None, bytearray(4096))
+    with pytest.raises(LocalProtocolError, match="in flight"):
+        run_pattern([fast], c.BLKIF_OP_READ, 4096, 1, False, 1 << 20, 0, 0.1, 1)
     fast.close()
     for q in (py, cq):
         q.close()

@@ -1,5 +1,6 @@
 """Live restart at the engine: a backend process killed at random points
-while a frontend keeps its ring full of verified writes, reads and flushes.
+while a frontend keeps its ring full of verified writes, barriers, reads and
+flushes.
 
 Each backend is ``journal_backend.py``, the C engine or the Python ring
 server with a journal (or the two taking turns: one format), or the NBD ring
@@ -81,10 +82,12 @@ class Frontend:
             page = (rid * 4096, rid * 4096 + 4096)
             segs = [(self.data.refs[rid], 0, 7)]
             if choice < 0.6:
+                # A write, one in eight of them a barrier (all before it done first).
+                op = c.BLKIF_OP_WRITE_BARRIER if choice < 0.16 else c.BLKIF_OP_WRITE
                 payload = self.rng.randbytes(4096)
                 self.data.buffer[page[0]:page[1]] = payload
-                self.enc.rw(self.ring, c.BLKIF_OP_WRITE, rid, block * 8, segs)
-                self.inflight[rid] = (c.BLKIF_OP_WRITE, block, payload)
+                self.enc.rw(self.ring, op, rid, block * 8, segs)
+                self.inflight[rid] = (op, block, payload)
             else:
                 self.enc.rw(self.ring, c.BLKIF_OP_READ, rid, block * 8, segs)
                 self.inflight[rid] = (c.BLKIF_OP_READ, block, None)
@@ -99,7 +102,7 @@ class Frontend:
                 assert rid in self.inflight, "response for id %d not in flight" % rid
                 want_op, block, payload = self.inflight.pop(rid)
                 assert (op, status) == (want_op, c.BLKIF_RSP_OKAY), (rid, op, status)
-                if op == c.BLKIF_OP_WRITE:
+                if op in (c.BLKIF_OP_WRITE, c.BLKIF_OP_WRITE_BARRIER):
                     self.model[block] = payload
                 elif op == c.BLKIF_OP_READ:
                     got = bytes(self.data.buffer[rid * 4096:rid * 4096 + 4096])
@@ -174,18 +177,20 @@ def test_a_backend_killed_at_random_points_loses_and_repeats_nothing(tmp_path, s
         backend = Backend(hv, fe, image, journal, "new", engines[0], uri)
         try:
             for kill in range(KILLS + 1):
-                deadline = time.monotonic() + (rng.uniform(0.0, 0.05) if kill < KILLS else 30)
+                deadline = time.monotonic() + rng.uniform(0.0, 0.05)
                 while time.monotonic() < deadline:
                     fe.submit()
                     fe.port.wait(0.002)
                     fe.collect()
-                    if kill == KILLS and not fe.inflight:
-                        break  # the last backend answered everything
                 if kill < KILLS:
                     backend.kill()
                     carried += _left_in(journal)
                     backend = Backend(hv, fe, image, journal, "resume",
                                       engines[(kill + 1) % len(engines)], uri)
+            deadline = time.monotonic() + 30  # the last backend answers everything
+            while fe.inflight and time.monotonic() < deadline:
+                fe.port.wait(0.01)
+                fe.collect()
             assert not fe.inflight, "never answered: %s" % sorted(fe.inflight)
         except AssertionError as exc:
             raise AssertionError("seed %d: %s" % (seed, exc)) from None

@@ -90,6 +90,17 @@ def test_cli(xenstored, tmp_path):  # noqa: F811
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "vda" in bad.stderr
     missing = _cli(xenstored, "create", "--domid", "1", "--vdev", "xvdc", "--target", "/nope")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    missing = _cli(xenstored, "create", "--domid", "1", "--vdev", "xvdc", "--target",
+                   "qcow2:/nope.qcow2")
+    assert missing.returncode == 2 and "target /nope.qcow2 does not exist" in missing.stderr
+    qcow2 = _cli(xenstored, "create", "--domid", "1", "--vdev", "xvdc", "--target",
+                 "qcow2:%s" % image)  # a format prefix, as libxl writes params
+    assert qcow2.returncode == 0, qcow2.stderr
+    uri = _cli(xenstored, "create", "--domid", "1", "--vdev", "xvdd", "--target",
+               "nbd://storage1/vm7")  # nothing local to look for
+    assert uri.returncode == 0, uri.stderr
+    for vdev in ("xvdc", "xvdd"):
+        assert _cli(xenstored, "destroy", "--domid", "1", "--vdev", vdev).returncode == 0
     assert _cli(xenstored, "destroy", "--domid", "1", "--vdev", "xvda").returncode == 0
 
 

@@ -149,10 +149,10 @@ class RingJournal:
         j.magic = lib.ENG_JOURNAL_MAGIC
 
     def resume(self, rsp_prod):
-        """What a predecessor left: (req_cons, rsp_prod_pvt, {entry: request
-        bytes} of the requests taken and not answered, which stay TAKEN until
-        :meth:`answered`).  JournalError if the region is
-        not this ring's or does not add up."""
+        """What a predecessor left: (req_cons, rsp_prod_pvt, [(entry, request
+        bytes)] of the requests taken and not answered, oldest on the ring
+        first, which stay TAKEN until :meth:`answered`).  JournalError if the
+        region is not this ring's or does not add up."""
         j = self.j
         if j.magic != lib.ENG_JOURNAL_MAGIC or j.size != self.size or j.abi != self.abi:
             raise JournalError("the journal is not of this ring (size %d, abi %d)"
@@ -161,17 +161,18 @@ class RingJournal:
         for en in j.entries[0:self.size]:
             if en.state == lib.JOURNAL_ANSWERED and en.answer == rsp:
                 rsp = (rsp + 1) & 0xFFFFFFFF  # killed between its answer and rsp_prod_pvt
-        taken = {}
+        taken = []  # (age on the ring, entry, request bytes)
         for i, en in enumerate(j.entries[0:self.size]):
             if en.state == lib.JOURNAL_TAKEN and en.ring_index != cons:
-                taken[i] = bytes(ffi.buffer(en.request))
+                taken.append(((cons - en.ring_index) & 0xFFFFFFFF, i,
+                              bytes(ffi.buffer(en.request))))
             else:
                 en.state = lib.JOURNAL_FREE
         if (cons - rsp) & 0xFFFFFFFF != len(taken) or (rsp - rsp_prod) & 0xFFFFFFFF > self.size:
             raise JournalError("the journal is inconsistent (req_cons %d, rsp_prod_pvt %d, %d "
                                "requests, rsp_prod %d)" % (cons, rsp, len(taken), rsp_prod))
         j.rsp_prod_pvt = rsp
-        return cons, rsp, taken
+        return cons, rsp, [(entry, raw) for _, entry, raw in sorted(taken, reverse=True)]
 
     def take(self, raw, ring_index, entry):
         """Request bytes ``raw``, taken from ring index ``ring_index``, kept in

@@ -94,8 +94,8 @@ class NbdRingServer(RingServer):
         self._retry = FIRST_RETRY
         # Journal entries, one per request in flight (those a predecessor
         # left are taken until their requests are answered again).
-        self._free_entries = [i for i in range(self.ring.size - 1, -1, -1)
-                              if i not in self._recover]
+        left = {entry for entry, _ in self._recover}
+        self._free_entries = [i for i in range(self.ring.size - 1, -1, -1) if i not in left]
 
     # -- the loop ---------------------------------------------------------
 
@@ -135,10 +135,10 @@ class NbdRingServer(RingServer):
         """Submit what is on the ring, answer what has completed; returns how many taken."""
         ring = self.ring
         taken = 0
-        if self._recover:
-            taken += self._resume_taken()
         while True:
-            while self._held is None and ring.pending_requests():
+            if self._recover and self._held is None:
+                taken += self._resume_taken()
+            while self._held is None and not self._recover and ring.pending_requests():
                 self._take_one()
                 taken += 1
             if self._held is not None and not self._submitted:
@@ -154,8 +154,12 @@ class NbdRingServer(RingServer):
                 self.stats.notifies += 1
             if self._done:  # a barrier's next step, or a command refused at once
                 continue
-            if self._held is not None or not ring.final_check_for_requests():
-                break  # the held barrier starts when the last reply comes
+            if self._held is not None:
+                if not self._submitted:
+                    continue  # the last reply came: the held barrier starts now
+                break  # it starts when the last reply comes
+            if not ring.final_check_for_requests():
+                break
         if self.grants is not None:
             self.grants.purge()
             self.grants.clean()
@@ -216,14 +220,16 @@ class NbdRingServer(RingServer):
         self._begin(entry)
 
     def _resume_taken(self):
-        """Start again what a killed predecessor had taken and not answered
-        (its journal's entries); returns how many."""
-        count = len(self._recover)
-        for entry, raw in sorted(self._recover.items()):
+        """Start again, in ring order, what a killed predecessor had taken and
+        not answered (its journal's entries), until a barrier must wait for
+        the rest: returns how many were started."""
+        count = 0
+        while self._recover and self._held is None:
+            entry, raw = self._recover.pop(0)
             self.decoder.load(raw)
             self.stats.resumed += 1
             self._begin(entry)
-        self._recover = {}
+            count += 1
         return count
 
     def _begin(self, entry):
@@ -241,8 +247,7 @@ class NbdRingServer(RingServer):
             if req.kind != BLKIF_OP_DISCARD and req.grefs is None:
                 self._read_indirect(req)
         except RequestError as err:
-            self._entry = entry
-            self._fail(err, taken)
+            self._fail(err, taken, entry)
             self._free_entries.append(entry)
             return
         except PlatformError as exc:
@@ -342,8 +347,7 @@ class NbdRingServer(RingServer):
     def _answer_one(self, req, status, taken, entry, count_error=True):
         if count_error and status != BLKIF_RSP_OKAY:
             self.stats.errors += 1
-        self._entry = entry
-        self._put_response(req.id, req.kind, status)
+        self._put_response(req.id, req.kind, status, entry)
         self._free_entries.append(entry)
         self.stats.in_flight -= 1
         self.stats.observe(time.monotonic_ns() - taken)

@@ -59,6 +59,7 @@ class NbdStore:
         self.handle = None
         self.down = None  # why the connection is gone, or None
         self.size = None
+        self._resized = False  # the next connection may bring another size (reopen)
         self._writes_done = 0  # writes answered OK so far
         self._writes_flushed = 0  # how many of them a FLUSH answered OK covers
         self._lost_writes = False  # the next FLUSH must fail: see _lost
@@ -95,10 +96,10 @@ class NbdStore:
             size = h.get_size()
         except nbd.Error as exc:
             raise StoreError("cannot connect to %s: %s" % (self.path, _reason(exc))) from None
-        if self.size is not None and size != self.size:
+        if self.size is not None and size != self.size and not self._resized:
             raise StoreError("%s came back with %d bytes instead of %d; refusing it"
                              % (self.path, size, self.size))
-        self.handle, self.size, self.down = h, size, None
+        self.handle, self.size, self.down, self._resized = h, size, None, False
 
     @staticmethod
     def _wait(h, timeout):
@@ -115,9 +116,10 @@ class NbdStore:
 
     def reopen(self):
         """Connect again to an export whose size changed on purpose (an online
-        resize of its image): the new size is taken.  StoreError (and
-        :attr:`down` set, for the ring server to retry) if it cannot be."""
-        self.handle, self.size = None, None
+        resize of its image): the new size is taken.  StoreError if it cannot
+        be; then :attr:`down` says so, and the next :meth:`reconnect` (the ring
+        server's retries) takes the new size."""
+        self.handle, self._resized = None, True
         try:
             self._connect()
         except StoreError as exc:

@@ -77,7 +77,7 @@ class RingServer:
         self.store = store
         self.ring = BackRing(ring_buffer, abi)
         self.journal = None  # a RingJournal over ``journal``, the ring's region
-        self._recover = {}  # journal entry -> request bytes a predecessor left unanswered
+        self._recover = []  # (journal entry, request bytes) a predecessor left unanswered
         self._entry = 0  # the journal entry of the request in hand
         if journal is not None:
             self.journal = RingJournal(journal, self.ring.size, engine_abi(abi))
@@ -187,12 +187,12 @@ class RingServer:
         """Do and answer what a killed predecessor had taken (journal order
         need not be ring order: answers may have come out of order)."""
         count = len(self._recover)
-        for entry, raw in sorted(self._recover.items()):
+        for entry, raw in self._recover:  # in ring order
             self._entry = entry
             self.decoder.load(raw)
             self.stats.resumed += 1
             self._handle_one(resumed=True)
-        self._recover = {}
+        self._recover = []
         if self.ring.push_responses():
             self.port.notify()
             self.stats.notifies += 1
@@ -228,18 +228,20 @@ class RingServer:
         stats.in_flight -= 1
         stats.observe(time.monotonic_ns() - taken)
 
-    def _fail(self, err, taken):
+    def _fail(self, err, taken, entry=None):
         log.warning("%s: %s", self.label, err)
         self.stats.errors += 1
         self.stats.in_flight -= 1
-        self._put_response(err.id, err.operation, err.status)
+        self._put_response(err.id, err.operation, err.status, entry)
         self.stats.observe(time.monotonic_ns() - taken)
 
-    def _put_response(self, id, operation, status):
+    def _put_response(self, id, operation, status, entry=None):
+        """The response, and its request's journal entry (``entry``, default
+        the one request in hand) freed."""
         at = self.ring.rsp_prod_pvt
         self.responses.put(self.ring, id, operation, status)
         if self.journal is not None:
-            self.journal.answered(self._entry, at)
+            self.journal.answered(self._entry if entry is None else entry, at)
 
     def _execute(self, req):
         kind = req.kind

@@ -98,8 +98,13 @@ class Storage:
         self.store.close()  # the export goes: no connection may hold it
         try:
             self.daemon.grow(size)
-        finally:
-            self.store.reopen()
+        except StoreError as exc:
+            try:
+                self.store.reopen()
+            except StoreError:
+                pass  # down: the ring server retries, the tick restarts the daemon
+            raise exc
+        self.store.reopen()
 
     def _restart_daemon(self, now):
         try:

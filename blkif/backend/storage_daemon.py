@@ -168,11 +168,16 @@ class StorageDaemon:
     def grow(self, size):
         """Grow the image to ``size`` bytes while the daemon serves it (online
         resize).  The export holds its node at a fixed size (it unshares
-        'resize'), so it is removed, the node resized and the export added
-        again; the caller has closed its NBD connection and holds its I/O
-        back meanwhile.  QmpError says what QEMU refused."""
-        with Qmp(self.socket_path + QMP) as qmp:
-            qmp.execute("block-export-del", id="export")
+        'resize'), so it is removed (the caller has closed its NBD connection
+        and holds its I/O back), the node resized and the export added again.
+
+        QmpError says what QEMU refused.  If the export could not be put
+        back, the daemon is stopped too: :class:`Storage` starts it again,
+        exported from its command line, at whatever size the image has."""
+        qmp, exported, refused = Qmp(self.socket_path + QMP), True, None
+        try:
+            qmp.execute("block-export-del", id="export", mode="hard")  # no client is left
+            exported = False
             deadline = time.monotonic() + EXPORT_GONE_TIMEOUT
             while any(e["id"] == "export" for e in qmp.execute("query-block-exports")):
                 if time.monotonic() > deadline:
@@ -181,8 +186,18 @@ class StorageDaemon:
                 time.sleep(0.01)
             try:
                 qmp.execute("block_resize", **{"node-name": EXPORT, "size": size})
-            finally:
-                qmp.execute("block-export-add", **export_options(self.writable))
+            except QmpError as exc:
+                refused = exc
+            qmp.execute("block-export-add", **export_options(self.writable))
+            exported = True
+        finally:
+            qmp.close()
+            if not exported:
+                log.error("%s: the export of %s could not be put back; restarting "
+                          "qemu-storage-daemon", self.label, self.image)
+                self.stop()
+        if refused is not None:
+            raise refused
         log.info("%s: %s grown to %d bytes under its qemu-storage-daemon", self.label,
                  self.image, size)
 

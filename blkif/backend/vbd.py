@@ -325,8 +325,8 @@ class Vbd:
                 raise StoreError("%s is not an image: a raw file grows by itself (blkif vbd "
                                  "resize truncates it) and an NBD export cannot" % self.target)
             if size % SECTOR_SIZE or size < self.store.sectors * SECTOR_SIZE:
-                raise StoreError("%d bytes is not a whole number of sectors above the %d "
-                                 "the disk has" % (size, self.store.sectors * SECTOR_SIZE))
+                raise StoreError("%d bytes is not a whole number of sectors of at least "
+                                 "the %d the disk has" % (size, self.store.sectors * SECTOR_SIZE))
             self._holding_rings(lambda: self.storage.grow(size))
             self.check_size()
             answer = "ok"
@@ -340,8 +340,13 @@ class Vbd:
         answered first; the rings are served again after, whatever happens."""
         for server in self.servers:
             server.stop()
-            server.drain()
         try:
+            for server in self.servers:
+                server.drain()
+                left = server.counters().in_flight
+                if left:
+                    raise StoreError("%d requests still in flight after draining; not "
+                                     "touching the storage under them" % left)
             action()
         finally:
             for server in self.servers:

@@ -18,7 +18,6 @@ from blkif.errors import BlkifError, LocalProtocolError, RemoteProtocolError
 from blkif.platform import EventChannelClosed
 
 PORT_KINDS = {"evtchn": lib.FQ_PORT_XEN, "socket": lib.FQ_PORT_SOCKET}
-TAKE_BATCH = 64
 
 
 class FastQueue:
@@ -51,7 +50,8 @@ class FastQueue:
         self._q = lib.fq_new(cfg, err, len(err))
         if self._q == ffi.NULL:
             raise LocalProtocolError(ffi.string(err).decode())
-        self._done = ffi.new("struct fq_done[]", TAKE_BATCH)
+        self._done = ffi.new("struct fq_done[]", lib.FQ_TAKE_BATCH)
+        self._dests = {}  # tag -> where a read in flight lands (kept alive till taken)
 
     def _error(self):
         return ffi.string(lib.fq_error(self._q)).decode()
@@ -68,9 +68,18 @@ class FastQueue:
     def put(self, tag, op, offset, length, data=None, dest=None):
         """One request (FrontQueue._put); False if it does not fit now.
         ``data`` is a write's bytes; a read's land in ``dest`` when taken."""
-        return self._check(lib.fq_put(self._q, tag, op, offset, length,
-                                      ffi.NULL if data is None else ffi.from_buffer(data),
-                                      ffi.NULL if dest is None else ffi.from_buffer(dest))) == 0
+        for name, buf in (("data", data), ("dest", dest)):
+            if buf is not None and memoryview(buf).nbytes < length:
+                raise LocalProtocolError("%s holds fewer than %d bytes" % (name, length))
+        if op == BLKIF_OP_WRITE and data is None:
+            raise LocalProtocolError("a write needs its data")
+        src = ffi.NULL if data is None else ffi.from_buffer(data)
+        into = ffi.NULL if dest is None else ffi.from_buffer(dest, require_writable=True)
+        if not self._check(lib.fq_put(self._q, tag, op, offset, length, src, into)) == 0:
+            return False
+        if dest is not None:
+            self._dests[tag] = into
+        return True
 
     def push(self):
         """Publish the requests put; notify the backend if the ring says so."""
@@ -80,9 +89,11 @@ class FastQueue:
         """Every response there is: [(tag, status)] (FrontQueue.complete)."""
         done = []
         while True:
-            n = self._check(lib.fq_take(self._q, self._done, TAKE_BATCH))
+            n = self._check(lib.fq_take(self._q, self._done, lib.FQ_TAKE_BATCH))
             done += [(self._done[i].tag, self._done[i].status) for i in range(n)]
-            if n < TAKE_BATCH:
+            if n < lib.FQ_TAKE_BATCH:
+                for tag, _ in done:
+                    self._dests.pop(tag, None)
                 return done
 
     @property
@@ -94,8 +105,10 @@ class FastQueue:
         return lib.fq_notifies(self._q)
 
     def close(self):
-        """Hand the ring back to the Python queue.  With requests still in
-        flight (a run that failed) the ring is only fit to be torn down."""
+        """Hand the ring back to the Python queue: its positions (the Python
+        queue's ids and pages are all free, in its own order).  With requests
+        still in flight (a run that failed) the ring is only fit to be torn
+        down."""
         if self._q == ffi.NULL:
             return
         self.queue.ring.req_prod_pvt = lib.fq_req_prod_pvt(self._q)
@@ -125,8 +138,10 @@ def run_pattern(queues, op, block_size, depth, random, disk_bytes, seed, seconds
     an error or none finishing for ``timeout`` s."""
     if op not in (BLKIF_OP_READ, BLKIF_OP_WRITE):
         raise LocalProtocolError("operation %d is not a read or a write" % op)
-    if len(queues) > lib.FQ_MAX_QUEUES:
-        raise LocalProtocolError("%d queues: at most %d" % (len(queues), lib.FQ_MAX_QUEUES))
+    if not 0 < len(queues) <= lib.FQ_MAX_QUEUES:
+        raise LocalProtocolError("%d queues: 1 to %d" % (len(queues), lib.FQ_MAX_QUEUES))
+    if any(q.in_flight for q in queues):
+        raise LocalProtocolError("a queue has requests in flight")
     job = ffi.new("struct fq_job *")
     job.op, job.random, job.depth = op, bool(random), depth
     job.block_size, job.disk_bytes, job.seed = block_size, disk_bytes, seed

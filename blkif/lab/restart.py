@@ -215,8 +215,8 @@ class RestartRun:
             name=name, python=lab.python, domid=domid, vdev=phases.VDEV, back=back),
             phases.TIMEOUTS["destroy"])
         lab.sh("%s: stop blkif serve" % phase, phases.SERVE_STOP.format(pidfile=self.pidfile))
-        check = lab.sh("%s: qemu-img check" % phase, "qemu-img check %s" % self.image,
-                       check=False)
+        check = lab.sh("%s: qemu-img check" % phase, DAEMON_GONE.format(image=self.image)
+                       + "qemu-img check %s" % self.image, check=False)
         lab.report.add(phase, "qemu-img check after the kills",
                        "pass" if check.rc == 0 else "fail",
                        check.out.strip().splitlines()[-1] if check.out.strip() else
@@ -284,6 +284,12 @@ DESTROY_UNKNOWN = """xl destroy {name}
 {python} -m blkif vbd destroy --domid {domid} --vdev {vdev}
 for i in $(seq 150); do xenstore-exists {back} || exit 0; sleep 0.2; done
 echo backend nodes still there; exit 1
+"""
+# The worker's daemon exits on its own once the worker has (SIGTERM from
+# --pdeathsig), after writing out the image: wait for it.
+DAEMON_GONE = """for i in $(seq 100); do
+  pgrep -f 'qemu-storage-daemon.*{image}' > /dev/null || break; sleep 0.2
+done
 """
 # Appending: the upgrade starts the service a second time into the same log.
 SERVE_START = phases.SERVE_ALONE.replace("> {log}", ">> {log}", 1)

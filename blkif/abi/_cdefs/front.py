@@ -67,6 +67,7 @@ CDEF = """
 #define FQ_PORT_XEN ...
 #define FQ_PORT_SOCKET ...
 #define FQ_MAX_QUEUES ...
+#define FQ_TAKE_BATCH ...
 """ + TYPES + """
 struct fq;
 struct fq *fq_new(const struct fq_config *cfg, char *err, size_t errlen);
@@ -75,7 +76,6 @@ int fq_put(struct fq *q, uint64_t tag, uint8_t op, uint64_t offset, uint64_t len
            const char *data, char *dest);
 int fq_push(struct fq *q);
 int fq_take(struct fq *q, struct fq_done *out, unsigned max);
-int fq_wait(struct fq **qs, uint32_t nq, int timeout_ms);
 int fq_run(struct fq **qs, uint32_t nq, const struct fq_job *job, struct fq_transfer *t,
            struct fq_result *res);
 uint32_t fq_req_prod_pvt(struct fq *q);

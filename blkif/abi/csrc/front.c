@@ -46,6 +46,8 @@
 
 #define FQ_OP_READ 0
 #define FQ_OP_WRITE 1
+#define FQ_OP_BARRIER 2
+#define FQ_OP_FLUSH 3
 #define FQ_OP_DISCARD 5
 #define FQ_OP_INDIRECT 6
 #define FQ_PAGE 4096
@@ -174,6 +176,12 @@ static void fq_discard(struct fq *q, char *slot, uint32_t id, uint64_t sector,
 static int fq_put(struct fq *q, uint64_t tag, uint8_t op, uint64_t offset, uint64_t length,
                   const char *data, char *dest)
 {
+    int transfer = op == FQ_OP_READ || op == FQ_OP_WRITE;
+    if (!transfer && op != FQ_OP_DISCARD && op != FQ_OP_BARRIER && op != FQ_OP_FLUSH)
+        return fq_fail(q, FQ_INVALID, "operation %u is not one a frontend sends", op);
+    if ((transfer && !length) || (!transfer && op != FQ_OP_DISCARD && length))
+        return fq_fail(q, FQ_INVALID, "operation %u of %llu bytes", op,
+                       (unsigned long long)length);
     uint32_t npages = op == FQ_OP_DISCARD ? 0 : (uint32_t)((length + FQ_PAGE - 1) / FQ_PAGE);
     if (offset % FQ_SECTOR || length % FQ_SECTOR ||
         (op != FQ_OP_DISCARD && length > (uint64_t)q->cfg.segments * FQ_PAGE))
@@ -454,13 +462,21 @@ static int fq_run(struct fq **qs, uint32_t nq, const struct fq_job *job,
 {
     struct fq_done done[FQ_TAKE_BATCH];
     uint32_t busy[FQ_MAX_QUEUES] = {0}, next_queue = 0, in_flight = 0;
+    memset(res, 0, sizeof *res);
+    if (!nq || nq > FQ_MAX_QUEUES)
+        return FQ_INVALID; /* no queue to say it on: fq_run's wrapper checks first */
+    for (uint32_t i = 0; i < nq; i++)
+        if (qs[i]->nids != qs[i]->size || qs[i]->cfg.segments != qs[0]->cfg.segments)
+            return fq_fail(qs[0], FQ_INVALID, "queue %u is busy or unlike the first", i);
+    if (!job->block_size || job->block_size % FQ_SECTOR || !job->depth ||
+        job->disk_bytes < job->block_size ||
+        (job->op != FQ_OP_READ && job->op != FQ_OP_WRITE))
+        return fq_fail(qs[0], FQ_INVALID, "nothing to run: blocks of %llu bytes on %llu, "
+                       "depth %u, operation %u", (unsigned long long)job->block_size,
+                       (unsigned long long)job->disk_bytes, job->depth, job->op);
     uint64_t chunk = (uint64_t)qs[0]->cfg.segments * FQ_PAGE;
     uint64_t blocks = job->disk_bytes / job->block_size, seq = 0, rng = job->seed | 1;
     uint32_t parts = (uint32_t)((job->block_size + chunk - 1) / chunk);
-    memset(res, 0, sizeof *res);
-    if (!nq || nq > FQ_MAX_QUEUES || !blocks || !job->depth)
-        return fq_fail(qs[0], FQ_INVALID, "nothing to run: %u queues, %llu blocks, "
-                       "depth %u", nq, (unsigned long long)blocks, job->depth);
     for (uint32_t i = 0; i < job->depth; i++)
         t[i].active = 0;
     int64_t start = fq_now_ns(), end = start + job->duration_ns, last_done = start;
@@ -507,12 +523,16 @@ static int fq_run(struct fq **qs, uint32_t nq, const struct fq_job *job,
         }
         if (!in_flight)
             break;
-        uint32_t finished = 0;
+        uint32_t finished = 0, took = 0;
         for (uint32_t i = 0; i < nq; i++) {
             int n;
             while ((n = fq_take(qs[i], done, FQ_TAKE_BATCH)) > 0) {
                 now = fq_now_ns();
+                took += n;
                 for (int k = 0; k < n; k++) {
+                    if (done[k].tag >= job->depth)
+                        return fq_fail(qs[0], FQ_RING_ERROR, "an answer for transfer %llu, "
+                                       "not one of ours", (unsigned long long)done[k].tag);
                     struct fq_transfer *x = &t[done[k].tag];
                     if (done[k].status)
                         x->status = done[k].status;
@@ -540,15 +560,13 @@ static int fq_run(struct fq **qs, uint32_t nq, const struct fq_job *job,
             }
         }
         now = fq_now_ns();
-        if (finished) {
+        if (finished)
             last_done = now;
-            continue;
-        }
+        if (took)
+            continue; /* freed slots and pages: more parts may go out */
         if (now - last_done > job->timeout_ns)
             return fq_fail(qs[0], FQ_TIMEOUT, "no transfer finished for %lld ms "
                            "(%u in flight)", (long long)(now - last_done) / 1000000, in_flight);
-        if (in_flight < job->depth && now < end)
-            continue; /* room for more: start them */
         int rc = fq_wait(qs, nq, 100);
         res->waits++;
         if (rc < 0)
