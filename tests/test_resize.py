@@ -137,6 +137,20 @@ def test_an_image_grows_under_its_daemon_with_io_in_flight(service, tmp_path):
         time.sleep(0.2)
 
 
+def test_what_qemu_refuses_is_said_and_the_vbd_serves_on(service, tmp_path):
+    require_tool("qemu-storage-daemon")
+    image = tmp_path / "ro.qcow2"
+    domid, devid = service.new_vbd(image, mode="r", size=8 * MIB, fmt="qcow2")
+    worker = service.worker_pid(domid, devid)
+    with _device(service, domid) as dev:
+        run = _blkif(service, "vbd", "resize", "--domid", str(domid), "--vdev", "xvda",
+                     "--size", "16M")
+        assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1
+        assert "block_resize: Image is read-only" in run.stderr, run.stderr
+        assert dev.read(0, 4096) == bytes(4096) and dev.size == 8 * MIB
+    assert service.worker_pid(domid, devid) == worker
+
+
 def test_growing_an_image_nobody_serves_times_out(service, tmp_path):
     image = tmp_path / "lonely.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
