@@ -278,12 +278,13 @@ class RestartRun:
         raise phases.StepFailed("%s: %s" % (self.phase, what), "not within %d s" % timeout)
 
 
-# A guest whose disk libxl does not know (our toolstack made it): the guest,
-# then the VBD's nodes; the worker sees them go and stops.
-DESTROY_UNKNOWN = """xl destroy {name}
-{python} -m blkif vbd destroy --domid {domid} --vdev {vdev}
-for i in $(seq 150); do xenstore-exists {back} || exit 0; sleep 0.2; done
-echo backend nodes still there; exit 1
+# A guest whose disk libxl does not know (our toolstack made it): first the
+# VBD's nodes (the worker sees them go, unmaps the guest's grants and stops),
+# then the guest (Xen cannot finish a domain whose grants are still mapped).
+DESTROY_UNKNOWN = """{python} -m blkif vbd destroy --domid {domid} --vdev {vdev}
+for i in $(seq 150); do xenstore-exists {back} || break; sleep 0.2; done
+xenstore-exists {back} && {{ echo backend nodes still there; exit 1; }}
+xl destroy {name}
 """
 # The worker's daemon exits on its own once the worker has (SIGTERM from
 # --pdeathsig), after writing out the image: wait for it.
