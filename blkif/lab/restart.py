@@ -210,10 +210,10 @@ class RestartRun:
         """The guest and the VBD our toolstack made go, the service stops (its
         worker's daemon writes out the image), and the image must be clean."""
         lab, phase, start = self.lab, self.phase, time.monotonic()
-        back = "/local/domain/0/backend/vbd/%d" % domid
+        back = "/local/domain/0/backend/vbd/%d/%d" % (domid, phases.DEVID)
         lab.sh("%s: destroy" % phase, DESTROY_UNKNOWN.format(
             name=name, python=lab.python, domid=domid, vdev=phases.VDEV, back=back),
-            phases.TIMEOUTS["destroy"])
+            2 * phases.TIMEOUTS["destroy"])  # a cold Python start in dom0 comes first
         lab.sh("%s: stop blkif serve" % phase, phases.SERVE_STOP.format(pidfile=self.pidfile))
         check = lab.sh("%s: qemu-img check" % phase, DAEMON_GONE.format(image=self.image)
                        + "qemu-img check %s" % self.image, check=False)
