@@ -413,6 +413,30 @@ def test_the_other_datapaths_restart_live_too(hv, tmp_path, options, fmt):
         subprocess.run(["qemu-img", "check", "-q", str(image)], check=True)
 
 
+def test_a_successor_notifies_the_frontend_once(hv, tmp_path):
+    """A worker killed between publishing responses and notifying would leave
+    the frontend waiting forever (the lab's qcow2 restart run hung so): the
+    successor sends one event as it resumes, whatever the ring holds."""
+    svc = Service(hv, tmp_path)
+    try:
+        domid, devid = svc.new_vbd(tmp_path / "disk.img")
+        fe = RawFrontend(svc, domid, devid)
+        fe.connect(wants=FrontendWants(1, 1, 32, True))
+        q = fe.queues[0]
+        assert fe.run(q, [q.submit_write(0, os.urandom(4096))])
+        q.port.clear()  # every event so far taken: the ring is idle
+        assert not q.port.wait(0.5)
+        os.kill(svc.worker_pid(domid, devid), signal.SIGKILL)
+        assert q.port.wait(30), "the successor never notified the frontend"
+        deadline = time.monotonic() + 10  # it logs right after
+        while "resumed the connection" not in svc.output():
+            assert time.monotonic() < deadline, svc.output()
+            time.sleep(0.05)
+        fe.shutdown()
+    finally:
+        assert svc.close() == 0, svc.output()
+
+
 def test_without_live_restart_a_killed_worker_closes_its_vbd_only(hv, tmp_path):
     svc = Service(hv, tmp_path, "--no-live-restart")
     try:

@@ -259,6 +259,11 @@ class Vbd:
             journal.remove()
             return False
         self._connected(conn)
+        # The predecessor may have died between publishing responses and
+        # notifying: the frontend would wait for them forever.  One event
+        # more is harmless (blkfront looks at the ring and finds what is there).
+        for _, port in self._rings:
+            port.notify()
         log.info("%s: resumed the connection (blkif stats counts the requests carried "
                  "over as resumed)", self.label)
         return True
