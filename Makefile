@@ -13,7 +13,7 @@ APT_LAB := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-uti
            linux-image-amd64 busybox-static cpio e2fsprogs qemu-utils qemu-system-common \
            python3-libnbd
 BUILD_INPUTS := setup.cfg setup.py pyproject.toml blkif/abi/_cffi_build.py $(wildcard blkif/abi/_cdefs/*.py) \
-                $(wildcard blkif/abi/csrc/*.c)
+                $(wildcard blkif/abi/csrc/*.c) $(wildcard blkif/abi/csrc/*.h)
 
 .PHONY: test demo lab bench fuzz apt-test apt-lab clean
 

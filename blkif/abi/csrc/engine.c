@@ -47,6 +47,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "sring.h"
+
 #define ENG_ABI_X86_64 0
 #define ENG_ABI_X86_32 1
 #define ENG_PORT_XEN 0    /* a /dev/xen/evtchn fd bound to one port */
@@ -1459,23 +1461,14 @@ static struct engine *eng_new(const struct eng_config *cfg, char *err, size_t er
     e->cfg = *cfg;
     e->done_fd = e->stop_fd = -1;
     e->barrier_waiting = -1;
-    if (cfg->abi == ENG_ABI_X86_32) {
-        e->slot_size = sizeof(union blkif_x86_32_sring_entry);
-        e->request_size = sizeof(struct blkif_x86_32_request);
-        e->response_size = sizeof(struct blkif_x86_32_response);
-    } else {
-        e->slot_size = sizeof(union blkif_x86_64_sring_entry);
-        e->request_size = sizeof(struct blkif_x86_64_request);
-        e->response_size = sizeof(struct blkif_x86_64_response);
-    }
-    uint32_t raw = (uint32_t)((cfg->ring_bytes - 64) / e->slot_size);
-    e->size = 1;
-    while (e->size * 2 <= raw)
-        e->size *= 2;
+    struct sring_layout l = sring_layout(cfg->abi == ENG_ABI_X86_32, cfg->ring_bytes);
+    e->slot_size = l.slot_size, e->request_size = l.request_size;
+    e->response_size = l.response_size, e->size = l.size;
+    uint32_t raw = l.raw;
     struct blkif_sring_header *h = cfg->sring;
     e->req_prod = &h->req_prod, e->req_event = &h->req_event;
     e->rsp_prod = &h->rsp_prod, e->rsp_event = &h->rsp_event;
-    e->slots = (char *)cfg->sring + 64;
+    e->slots = (char *)cfg->sring + SRING_HEADER;
     /* BACK_RING_ATTACH: pick up where the ring is. */
     e->req_cons = e->rsp_prod_pvt = e->rsp_pushed = *e->rsp_prod;
     if (raw < 1 || (uint32_t)(*e->req_prod - e->req_cons) > e->size) {

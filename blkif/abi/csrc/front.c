@@ -31,6 +31,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "sring.h"
+
 #define FQ_OK 0
 #define FQ_FULL 1
 #define FQ_RING_ERROR (-1)
@@ -357,16 +359,10 @@ static struct fq *fq_new(const struct fq_config *cfg, char *err, size_t errlen)
         return NULL;
     }
     q->cfg = *cfg;
-    if (cfg->abi == FQ_ABI_X86_32) {
-        q->slot_size = sizeof(union blkif_x86_32_sring_entry);
-        q->response_size = sizeof(struct blkif_x86_32_response);
-    } else {
-        q->slot_size = sizeof(union blkif_x86_64_sring_entry);
-        q->response_size = sizeof(struct blkif_x86_64_response);
-    }
-    uint32_t raw = cfg->ring_bytes > 64 ? (uint32_t)((cfg->ring_bytes - 64) / q->slot_size) : 0;
+    struct sring_layout l = sring_layout(cfg->abi == FQ_ABI_X86_32, cfg->ring_bytes);
+    q->slot_size = l.slot_size, q->response_size = l.response_size, q->size = l.size;
     uint32_t max_segs = cfg->ind_pages ? cfg->ind_pages * FQ_SEGS_PER_PAGE : FQ_MAX_DIRECT;
-    if (!raw || !cfg->segments || cfg->segments > max_segs ||
+    if (!l.size || !cfg->segments || cfg->segments > max_segs ||
         cfg->ind_pages > FQ_MAX_INDIRECT_PAGES || cfg->pool_pages < cfg->segments) {
         snprintf(err, errlen, "bad queue: %u-byte ring, %u segments, %u indirect pages, "
                  "%u pool pages", (unsigned)cfg->ring_bytes, cfg->segments, cfg->ind_pages,
@@ -374,13 +370,10 @@ static struct fq *fq_new(const struct fq_config *cfg, char *err, size_t errlen)
         free(q);
         return NULL;
     }
-    q->size = 1;
-    while (q->size * 2 <= raw)
-        q->size *= 2;
     struct blkif_sring_header *h = cfg->sring;
     q->req_prod = &h->req_prod, q->req_event = &h->req_event;
     q->rsp_prod = &h->rsp_prod, q->rsp_event = &h->rsp_event;
-    q->slots = (char *)cfg->sring + 64;
+    q->slots = (char *)cfg->sring + SRING_HEADER;
     q->req_prod_pvt = cfg->req_prod_pvt, q->rsp_cons = cfg->rsp_cons;
     q->free_pages = calloc(cfg->pool_pages, sizeof *q->free_pages);
     q->pages = calloc((size_t)q->size * cfg->segments, sizeof *q->pages);
