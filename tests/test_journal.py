@@ -204,3 +204,17 @@ def test_a_backend_killed_at_random_points_loses_and_repeats_nothing(tmp_path, s
     print("seed %d: %d kills, %d requests answered, %d carried over by a successor"
           % (seed, KILLS, fe.answered, carried))
     assert fe.answered > KILLS and carried > 0, "seed %d: the kills hit nothing" % seed
+
+
+def test_a_new_journal_carries_a_failed_flush_and_ends_with_it(tmp_path):
+    """A file store's flush-failed flag moves into each new journal (shared
+    with the engines and a successor) and back out at its end."""
+    from types import SimpleNamespace
+
+    from blkif.backend.vbd import Vbd
+    store = SimpleNamespace(flush_failed=ffi.new("int *", 1))  # an earlier flush failed
+    vbd = SimpleNamespace(storage=SimpleNamespace(is_nbd=False), store=store, journal=None)
+    journal = Journal.create(str(tmp_path / "journal"), {"ring_bytes": [4096]})
+    Vbd._use_journal(vbd, journal, new=True)
+    assert journal.flush_failed[0] == 1 and store.flush_failed == journal.flush_failed
+    assert Vbd._end_journal(vbd) is journal and store.flush_failed[0] == 1

@@ -248,7 +248,6 @@ class NbdRingServer(RingServer):
                 self._read_indirect(req)
         except RequestError as err:
             self._fail(err, taken, entry)
-            self._free_entries.append(entry)
             return
         except PlatformError as exc:
             log.warning("%s: request id %d: %s", self.label, req.id, exc)
@@ -324,6 +323,11 @@ class NbdRingServer(RingServer):
                       BLKIF_RSP_EOPNOTSUPP if err == errno.EOPNOTSUPP else BLKIF_RSP_ERROR)
             self._answer_one(req, status, op.taken, op.entry, count_error=False)
 
+    def _put_response(self, id, operation, status, entry=None):
+        """As the reference's; the request's journal entry is free again."""
+        super()._put_response(id, operation, status, entry)
+        self._free_entries.append(entry)
+
     def _copy_out(self, op):
         """A completed read's data into the granted pages; 0 or an errno."""
         try:
@@ -348,6 +352,5 @@ class NbdRingServer(RingServer):
         if count_error and status != BLKIF_RSP_OKAY:
             self.stats.errors += 1
         self._put_response(req.id, req.kind, status, entry)
-        self._free_entries.append(entry)
         self.stats.in_flight -= 1
         self.stats.observe(time.monotonic_ns() - taken)

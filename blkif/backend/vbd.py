@@ -268,11 +268,14 @@ class Vbd:
                  "over as resumed)", self.label)
         return True
 
-    def _use_journal(self, journal):
+    def _use_journal(self, journal, new=False):
         """Journal the connection; a file store's flush-failed flag lives there
-        too (an NBD store's flushes are its server's)."""
+        too (carried into a ``new`` journal; an NBD store's flushes are its
+        server's)."""
         self.journal = journal
         if not self.storage.is_nbd:
+            if new:
+                journal.flush_failed[0] = self.store.flush_failed[0]
             self.store.flush_failed = journal.flush_failed
 
     def _end_journal(self):
@@ -453,9 +456,8 @@ class Vbd:
                 self._use_journal(Journal.create(path, {
                     "offer": dataclasses.asdict(self.offer), "frontend": conn.nodes(),
                     "params": self.store.path,
-                    "ring_bytes": [len(q.ring_refs) * PAGE_SIZE for q in conn.queues]}))
-                if not self.storage.is_nbd:
-                    self.journal.flush_failed[0] = self.store.flush_failed[0]
+                    "ring_bytes": [len(q.ring_refs) * PAGE_SIZE for q in conn.queues]}),
+                    new=True)
             self._attach(conn)
         except (RemoteProtocolError, PlatformError, JournalError, OSError) as exc:
             self.fatal("connecting rings: %s" % exc)
