@@ -385,7 +385,7 @@ def _c_frontend(dev, pattern, params, data, emit):
         run(WARMUP)
         emit({"label": params["name"], "fraction": 0.0, "mark": "measure"})
         cpu = os.times()
-        latencies, seconds, _ = run(params["duration"])
+        latencies, seconds = run(params["duration"])
         used = _cpu_seconds(cpu)
         emit({"label": params["name"], "fraction": 1.0})
     finally:

@@ -287,12 +287,12 @@ def test_run_pattern_writes_reach_the_image_and_reads_come_back(served, block, d
     queues, image, engines, failures = served
     data = os.urandom(block)
     fast = [FastQueue(q) for q in queues]
-    latencies, seconds, _ = run_pattern(fast, c.BLKIF_OP_WRITE, block, depth, False, SIZE,
-                                        seed=1, seconds=0.5, timeout=10, data=data)
+    latencies, seconds = run_pattern(fast, c.BLKIF_OP_WRITE, block, depth, False, SIZE,
+                                     seed=1, seconds=0.5, timeout=10, data=data)
     assert len(latencies) >= SIZE // block, "every block written at least once"
     assert 0 < max(latencies) <= seconds
-    latencies, _, _ = run_pattern(fast, c.BLKIF_OP_READ, block, depth, True, SIZE,
-                                  seed=2, seconds=0.3, timeout=10)
+    latencies, _ = run_pattern(fast, c.BLKIF_OP_READ, block, depth, True, SIZE,
+                               seed=2, seconds=0.3, timeout=10)
     assert latencies and all(x > 0 for x in latencies)
     for f in fast:
         f.close()

@@ -133,7 +133,7 @@ def run_pattern(queues, op, block_size, depth, random, disk_bytes, seed, seconds
     answered: ``random`` offsets or sequential ones (wrapping) on a disk of
     ``disk_bytes``; a write sends ``data``.
 
-    Returns (latencies in seconds, elapsed seconds, waits).  Raises what
+    Returns (latencies in seconds, elapsed seconds).  Raises what
     :meth:`FastQueue.take` raises, or BlkifError for a transfer answered with
     an error or none finishing for ``timeout`` s."""
     if op not in (BLKIF_OP_READ, BLKIF_OP_WRITE):
@@ -166,5 +166,4 @@ def run_pattern(queues, op, block_size, depth, random, disk_bytes, seed, seconds
         raise BlkifError(queues[0]._error())
     queues[0]._check(rc)
     n = min(result.ios, cap)
-    return ([x / 1e9 for x in ffi.unpack(latencies, n)], result.elapsed_ns / 1e9,
-            result.waits)
+    return [x / 1e9 for x in ffi.unpack(latencies, n)], result.elapsed_ns / 1e9

@@ -40,9 +40,8 @@ struct fq_job {                       /* a pattern for fq_run */
 };
 
 struct fq_result {
-    uint64_t ios, waits, failed_offset;
+    uint64_t ios;                     /* transfers finished */
     int64_t elapsed_ns;
-    int16_t status;                   /* a failed transfer's answer */
 };
 
 struct fq_transfer {                  /* fq_run's state per transfer in flight */

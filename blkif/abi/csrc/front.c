@@ -447,7 +447,7 @@ static int fq_wait(struct fq **qs, uint32_t nq, int timeout_ms)
  * job->duration_ns, then until all are answered; each transfer's latency
  * (submission to completion) goes into job->latency_ns.  The queues must be
  * idle and share one segments limit.  Errors: FQ_IO_ERROR (a transfer was
- * answered with an error; res->status, res->failed_offset), FQ_TIMEOUT (none
+ * answered with an error), FQ_TIMEOUT (none
  * finished for job->timeout_ns), FQ_RING_ERROR, FQ_CHANNEL_CLOSED,
  * FQ_INVALID; the message is fq_error(qs[0]). */
 static int fq_run(struct fq **qs, uint32_t nq, const struct fq_job *job,
@@ -531,12 +531,10 @@ static int fq_run(struct fq **qs, uint32_t nq, const struct fq_job *job,
                         x->status = done[k].status;
                     if (++x->done < x->parts)
                         continue;
-                    if (x->status) {
-                        res->status = x->status, res->failed_offset = x->offset;
+                    if (x->status)
                         return fq_fail(qs[0], FQ_IO_ERROR, "transfer at %llu answered "
                                        "with status %d", (unsigned long long)x->offset,
                                        x->status);
-                    }
                     if (res->ios < job->latency_cap)
                         job->latency_ns[res->ios] = (uint64_t)(now - x->started);
                     res->ios++;
@@ -561,7 +559,6 @@ static int fq_run(struct fq **qs, uint32_t nq, const struct fq_job *job,
             return fq_fail(qs[0], FQ_TIMEOUT, "no transfer finished for %lld ms "
                            "(%u in flight)", (long long)(now - last_done) / 1000000, in_flight);
         int rc = fq_wait(qs, nq, 100);
-        res->waits++;
         if (rc < 0)
             return rc;
     }
