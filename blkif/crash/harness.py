@@ -16,6 +16,12 @@ of a round in flight or between rounds, and recovers:
   closes the old connection; the frontend fails what was in flight (those
   writes become *unsure*) and attaches again.  The image file is then
   checked and taken as the truth, and the whole disk read back must match.
+- ``powercut``: as ``reattach``, on a disk with a volatile write cache
+  (:mod:`blkif.crash.volatile`) whose power is cut right after each kill:
+  what no flush made durable may be lost, so only the flush clause holds
+  (:meth:`DiskModel.power_cut`).  A SIGKILL alone leaves the kernel's page
+  cache, so only this mode shows that a flush answered OKAY was really
+  synced, after every write it covers.
 
 A VBD gets at most :data:`KILLS_PER_VBD` kills (the supervisor gives up on
 one that crashes too often, by design); then it is destroyed and a new one,
@@ -31,6 +37,7 @@ import time
 
 from blkif import toolstack
 from blkif.crash.model import SECTOR, DiskModel, Violation
+from blkif.crash.volatile import VolatileDisk
 from blkif.errors import BlkifError
 from blkif.frontend import BlockDevice, FrontendOptions
 from blkif.frontend.transfer import BlockIOError
@@ -46,19 +53,27 @@ TIMEOUT = 30.0
 
 class CrashRig:
     """The sandbox, one VBD on a blank image of ``sectors`` sectors, and our
-    frontend attached to it; a context manager."""
+    frontend attached to it; a context manager.  ``disk``: ``"volatile"``
+    (or ``"lying"``, whose flushes do nothing) puts the image on a
+    :class:`VolatileDisk`."""
 
-    def __init__(self, sectors=4096, serve_options=(), workdir=None):
+    def __init__(self, sectors=4096, serve_options=(), workdir=None, disk=None):
         self.sandbox = Sandbox(workdir, serve_options)
-        self.sectors = sectors
+        self.sectors, self.disk_kind = sectors, disk
         self.domid = 0
-        self.dev = self.xs = self.platform = None
+        self.dev = self.xs = self.platform = self.disk = None
         self.kills_here = 0
 
     def __enter__(self):
         self.sandbox.__enter__()
         try:
-            self.image = self.sandbox.make_image("disk.img", self.sectors * SECTOR, None)
+            if self.disk_kind:
+                self.disk = VolatileDisk(self.sandbox.path("durable.img"),
+                                         self.sandbox.path("volatile"), self.sectors * SECTOR,
+                                         lying=self.disk_kind == "lying")
+                self.image = self.disk.image
+            else:
+                self.image = self.sandbox.make_image("disk.img", self.sectors * SECTOR, None)
             self.new_vbd()
         except BaseException:
             self.__exit__()
@@ -69,7 +84,11 @@ class CrashRig:
         try:
             self.detach()
         finally:
-            self.sandbox.__exit__(*exc)
+            try:
+                self.sandbox.__exit__(*exc)
+            finally:
+                if self.disk is not None:
+                    self.disk.close()
 
     def new_vbd(self):
         """A new guest domain with a VBD on the image, attached."""
@@ -105,7 +124,7 @@ class CrashRig:
         raise AssertionError("no running worker for %d/%d" % (self.domid, devid))
 
     def kill_worker(self):
-        """SIGKILL the VBD's worker; returns once it is dead (a zombie or gone)."""
+        """SIGKILL the VBD's worker; returns once every thread of it is dead."""
         pid = self.worker_pid()
         os.kill(pid, signal.SIGKILL)
         self.kills_here += 1
@@ -121,11 +140,21 @@ class CrashRig:
 
 
 def _alive(pid):
+    """Whether any thread of ``pid`` still runs.  A killed leader turns zombie
+    before its other threads (io_uring's workers among them) have finished
+    the I/O they had started; only then is the process done with the disk."""
     try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        tasks = os.listdir("/proc/%d/task" % pid)
     except OSError:
         return False
+    for tid in tasks:
+        try:
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in "ZX":
+                    return True
+        except OSError:
+            pass
+    return False
 
 
 class Workload:
@@ -189,15 +218,21 @@ class Workload:
         self.account(self.submit(self.plan()), may_fail=False)
 
 
-def run(seed, iterations, mode="live", serve_options=(), log=print, sectors=4096):
+MODES = ("live", "reattach", "powercut")
+
+
+def run(seed, iterations, mode="live", serve_options=(), log=print, sectors=4096,
+        lying_disk=False):
     """``iterations`` kills under the workload; a summary dict.  A broken
-    contract raises :class:`Violation` naming the seed and the iteration."""
+    contract raises :class:`Violation` naming the seed and the iteration.
+    ``lying_disk`` (powercut only): flushes that sync nothing, which must fail."""
     rng = random.Random(seed)
     model = DiskModel(sectors)
     started = time.monotonic()
-    if mode == "reattach":
+    if mode != "live":
         serve_options = list(serve_options) + ["--no-live-restart"]
-    with CrashRig(sectors, serve_options) as rig:
+    disk = ("lying" if lying_disk else "volatile") if mode == "powercut" else None
+    with CrashRig(sectors, serve_options, disk=disk) as rig:
         work = Workload(rig, rng, model)
         for i in range(iterations):
             try:
@@ -212,10 +247,11 @@ def run(seed, iterations, mode="live", serve_options=(), log=print, sectors=4096
                        model.flushes_answered))
         rig.detach()
         rig.sandbox.stop_cleanly()  # every process exits 0, the killed workers aside
+        lost = rig.disk.counters()["sectors_lost"] if rig.disk else None
     return {"seed": seed, "mode": mode, "kills": iterations, "vbds": rig.domid,
             "writes_answered": model.writes_answered, "writes_unsure": work.unanswered,
             "flushes_answered": model.flushes_answered, "sectors": sectors,
-            "seconds": round(time.monotonic() - started, 1)}
+            "sectors_lost_to_cuts": lost, "seconds": round(time.monotonic() - started, 1)}
 
 
 def _iteration(rig, work, rng, mode):
@@ -230,17 +266,22 @@ def _iteration(rig, work, rng, mode):
         sent = work.submit(work.plan())
         time.sleep(rng.choice((0.0, rng.random() * 0.0005, rng.random() * 0.003)))
         rig.kill_worker()
-    work.account(sent, may_fail=mode == "reattach")
-    if mode == "reattach":
+    if mode == "powercut":
+        rig.disk.cut(rng.randrange(1 << 32))
+    work.account(sent, may_fail=mode != "live")
+    if mode == "live":
+        if not rig.dev.connected:
+            raise Violation("live restart", "the device disconnected")
+        work.model.check(rig.image_bytes(), 0, "the image")
+    else:
         deadline = time.monotonic() + TIMEOUT
         while rig.dev.connected and time.monotonic() < deadline:
             rig.dev.poll(0.05)  # the frontend sees its backend go
         rig.dev.wait_connected(TIMEOUT)
-        work.model.settle(rig.image_bytes())
-    else:
-        if not rig.dev.connected:
-            raise Violation("live restart", "the device disconnected")
-        work.model.check(rig.image_bytes(), 0, "the image")
+        if mode == "powercut":
+            work.model.power_cut(rig.disk.durable())
+        else:
+            work.model.settle(rig.image_bytes())
     _read_back(rig.dev, work.model)
 
 

@@ -101,9 +101,31 @@ class DiskModel:
                             % (what, s, write_id, self.answered[s],
                                sorted(self.unsure.get(s, ()))))
 
+    def power_cut(self, image):
+        """After a power cut: every sector of ``image`` (bytes) must hold what
+        the last answered flush covered or a later write to it (a disk may
+        have written any of those back); then the image is the truth, durable."""
+        for s in range(self.sectors):
+            got = image[s * SECTOR:(s + 1) * SECTOR]
+            write_id = _TAG.unpack_from(got)[0]
+            if got != sector_bytes(write_id, s) or write_id >= self.next_id:
+                raise Violation("torn or foreign sector",
+                                "the image after a power cut: sector %d holds bytes no "
+                                "write put there" % s)
+            if write_id < self.flushed[s]:
+                raise Violation("flushed write lost",
+                                "the image after a power cut: sector %d holds write %d; "
+                                "write %d was answered before an answered flush"
+                                % (s, write_id, self.flushed[s]))
+        self._adopt(image)
+        self.flushed = array("Q", self.answered)
+
     def settle(self, image):
         """After a crash: check the whole ``image`` (bytes), then take it as the truth."""
         self.check(image, 0, "the image")
+        self._adopt(image)
+
+    def _adopt(self, image):
         for s in range(self.sectors):
             self.answered[s] = _TAG.unpack_from(image, s * SECTOR)[0]
         self.unsure.clear()
