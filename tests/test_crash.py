@@ -13,7 +13,7 @@ from blkif.crash import DiskModel, Violation, run
 from blkif.crash.harness import SECTOR, CrashRig
 from blkif.crash.model import payload, sector_bytes
 from blkif.crash.volatile import VolatileDisk
-from tests.helpers import require
+from helpers import require
 
 
 def require_fuse():
