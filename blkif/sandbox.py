@@ -424,6 +424,9 @@ def add_arguments(parser):
     parser.add_argument("--no-live-restart", action="store_true",
                         help="no journal of the connections (blkif serve "
                              "--no-live-restart)")
+    parser.add_argument("--bounce-buffer", type=int, metavar="MIB",
+                        help="the C engine's bounce buffer per ring (blkif serve "
+                             "--bounce-buffer)")
     parser.add_argument("--workdir", metavar="DIR",
                         help="keep the processes' logs, sockets and image here "
                              "(default: a temporary directory, removed)")
@@ -457,6 +460,8 @@ def setup(args):
         serve += ["--engine", args.engine]
     if args.no_live_restart:
         serve.append("--no-live-restart")
+    if args.bounce_buffer is not None:
+        serve += ["--bounce-buffer", str(args.bounce_buffer)]
     return serve, front
 
 

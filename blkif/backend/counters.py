@@ -25,7 +25,8 @@ KINDS = (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_D
 COUNTERS = ("requests", "indirect", "errors", "read_bytes", "write_bytes", "batches",
             "notifies", "events", "spurious_events", "grant_hits", "grant_misses",
             "grant_evictions", "grant_purged", "mapped_grants",
-            "resumed")  # requests a killed predecessor had taken, answered by us
+            "resumed",  # requests a killed predecessor had taken, answered by us
+            "bounced")  # transfers copied through the C engine's bounce buffer
 GAUGES = ("in_flight", "persistent_grants")
 LATENCY_BUCKETS = 17
 LATENCY_UNIT_NS = 32_000  # the first bucket's bound

@@ -84,13 +84,14 @@ class RingEngine:
     :meth:`close`); ``port`` the bound event channel; ``store`` the open
     backing store.  ``io`` is "io_uring" or "threads"; io_uring falls back to
     threads where the kernel refuses it (the reason is in :attr:`io_note`).
+    ``bounce_pages``: the ring's bounce buffer (engine.c), 0 for none.
     ``journal`` is the ring's region of a :class:`~blkif.backend.journal.Journal`
     (kept mapped until :meth:`close`), ``resume`` to carry on from what a
     killed predecessor left in it.
     """
 
     def __init__(self, platform, domid, ring_buffer, port, abi, limits, store,
-                 persistent=False, label="", io="io_uring",
+                 persistent=False, label="", io="io_uring", bounce_pages=0,
                  max_grants=MAX_PERSISTENT_GRANTS,
                  grant_unused_seconds=PERSISTENT_GRANT_UNUSED_SECONDS,
                  journal=None, resume=False):
@@ -121,6 +122,7 @@ class RingEngine:
         cfg.grant_unused_seconds = grant_unused_seconds
         cfg.io_mode = IO_MODES[io]
         cfg.io_threads = IO_THREADS
+        cfg.bounce_pages = bounce_pages
         device = platform.grant_device()
         cfg.gntdev_fd = -1 if device is None else device
         cfg.domid = domid

@@ -82,6 +82,7 @@ class BackendOptions:
     max_queues: int = min(os.cpu_count() or 1, MAX_QUEUES)  # Linux: one per CPU
     persistent: bool = True
     direct: bool = False
+    bounce_mib: int = 0  # per ring: the C engine's bounce buffer (engine.c)
     max_persistent_grants: int = MAX_PERSISTENT_GRANTS  # per ring
     engine: str = "c"  # "c" (blkif.backend.engine) or "python" (ring_service)
     io: str = "io_uring"  # the C engine's I/O: "io_uring" or "threads"
@@ -531,6 +532,7 @@ class Vbd:
                                         conn.abi, limits, self.store,
                                         persistent=conn.persistent, label=label,
                                         io=self.options.io,
+                                        bounce_pages=self.options.bounce_mib << 8,
                                         max_grants=self.options.max_persistent_grants,
                                         journal=self.journal and self.journal.region(i),
                                         resume=resume)

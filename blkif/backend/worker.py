@@ -86,6 +86,11 @@ OPTIONS = (
                                           "max_persistent_grants; each pins a page of dom0 "
                                           "memory)" % MAX_PERSISTENT_GRANTS)),
     ("--direct", dict(action="store_true", help="open backing stores with O_DIRECT")),
+    ("--bounce-buffer", dict(type=_bounded(0, 1024), default=BackendOptions.bounce_mib,
+                             metavar="MIB",
+                             help="per ring, MiB of the C engine's own memory that transfers "
+                                  "are copied through instead of doing I/O on granted pages "
+                                  "(0: none; default %d)" % BackendOptions.bounce_mib)),
     ("--engine", dict(choices=("c", "python"), default="c",
                       help="the datapath: c (the C engine, default) or python (the "
                            "readable reference, one request at a time)")),
@@ -129,6 +134,7 @@ def backend_options(args):
         persistent=not args.no_persistent,
         max_persistent_grants=args.max_persistent_grants,
         direct=args.direct,
+        bounce_mib=args.bounce_buffer,
         engine=args.engine,
         io=args.io,
         run_dir=args.state_dir or status.default_state_dir(),

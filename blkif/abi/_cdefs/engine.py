@@ -30,7 +30,7 @@ struct eng_stats {
     uint64_t op_read, op_write, op_barrier, op_flush, op_discard;
     uint64_t events, spurious_events;
     uint64_t grant_hits, grant_misses, grant_evictions, grant_purged, mapped_grants;
-    uint64_t in_flight, persistent_grants, resumed;
+    uint64_t in_flight, persistent_grants, resumed, bounced;
     uint64_t latency[17], latency_ns; /* counters.py: bucket i under 32 us << i */
     int64_t last_io_errno, last_map_errno;
 };
@@ -66,6 +66,7 @@ struct eng_config {
     uint32_t max_grants, grant_unused_seconds;
     int io_mode;
     uint32_t io_threads;
+    uint32_t bounce_pages;            /* the ring's bounce buffer (0: none), see engine.c */
     int gntdev_fd;                    /* maps grants itself through it; -1: eng_map_grants */
     uint16_t domid;                   /* the frontend's, for gntdev */
     struct eng_journal *journal;      /* NULL: none; else room for the ring's size */

@@ -357,6 +357,8 @@ struct pending {
     uint32_t mapped;         /* pages taken by map_pages, to give back */
     uint64_t token;          /* a per-request mapping, 0 if none */
     uintptr_t base;
+    uint32_t bounce_at, bounce_n; /* its pages of the bounce buffer, if bounce_n */
+    uint32_t segment_iovs;   /* iov[0..segment_iovs): the granted pages; the bounce iovec follows */
     struct part parts[MAX_PARTS];
     uint32_t nparts, outstanding;
     int16_t status;
@@ -400,6 +402,8 @@ struct engine {
     uint64_t full_misses;    /* grants a full cache could not keep since then */
     uint32_t *scratch;       /* the grefs a full cache could not keep, of one request */
     struct ioctl_gntdev_map_grant_ref *map_op; /* room for the most grants of a request */
+    char *bounce;            /* cfg.bounce_pages pages, and a bit per page in use */
+    uint64_t *bounce_used;
     int recover;             /* journal entries to take again in the first round */
     struct eng_stats stats;
     char error[256];
@@ -960,10 +964,84 @@ static int grow(struct pending *p, uint32_t n)
     return 0;
 }
 
+/* -- the bounce buffer ---------------------------------------------------------
+ *
+ * With O_DIRECT, the kernel pins a transfer's pages for each I/O (get_user_pages).
+ * In a PV dom0 granted pages are special mappings that only its slow path can
+ * pin, page by page: for a MiB of reads that cost more than the I/O itself in
+ * the lab.  With cfg.bounce_pages, a transfer that fits goes through the ring's
+ * own buffer instead, one iovec of ordinary memory: its data is copied from the
+ * granted pages before a write and to them after a read.  A transfer that finds
+ * no room goes straight to the granted pages as without it. */
+
+static int bounce_take(struct engine *e, uint32_t n, uint32_t *at)
+{
+    uint32_t run = 0;
+    for (uint32_t i = 0; i < e->cfg.bounce_pages; i++) {
+        if (e->bounce_used[i / 64] >> (i % 64) & 1) {
+            run = 0;
+            if (e->bounce_used[i / 64] == ~0ull)
+                i |= 63; /* a full word: on to the next */
+            continue;
+        }
+        if (++run == n) {
+            *at = i + 1 - n;
+            for (uint32_t k = *at; k <= i; k++)
+                e->bounce_used[k / 64] |= 1ull << (k % 64);
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static void bounce_give(struct engine *e, uint32_t at, uint32_t n)
+{
+    for (uint32_t k = at; k < at + n; k++)
+        e->bounce_used[k / 64] &= ~(1ull << (k % 64));
+}
+
+/* Copy between the granted pages (iov[0..segment_iovs)) and the bounce pages. */
+static void bounce_copy(struct pending *p, int to_bounce)
+{
+    char *at = p->iov[p->segment_iovs].iov_base;
+    for (uint32_t i = 0; i < p->segment_iovs; i++) {
+        if (to_bounce)
+            memcpy(at, p->iov[i].iov_base, p->iov[i].iov_len);
+        else
+            memcpy(p->iov[i].iov_base, at, p->iov[i].iov_len);
+        at += p->iov[i].iov_len;
+    }
+}
+
+/* Route a mapped transfer through the bounce buffer if it fits there now. */
+static void bounce_prepare(struct engine *e, struct pending *p)
+{
+    struct eng_request *r = &p->req;
+    uint32_t n = (uint32_t)((r->nr_sectors * SECTOR + PAGE - 1) / PAGE);
+    uint32_t nv = p->parts[p->nparts - 1].iov_at + p->parts[p->nparts - 1].iov_count;
+    if (!e->bounce || n > e->cfg.bounce_pages || grow(p, nv + 1) < 0 ||
+        bounce_take(e, n, &p->bounce_at) < 0)
+        return;
+    p->bounce_n = n;
+    p->segment_iovs = nv;
+    p->iov[nv] = (struct iovec){e->bounce + (size_t)p->bounce_at * PAGE, r->nr_sectors * SECTOR};
+    p->parts[0] = (struct part){nv, 1, p->parts[0].offset, r->nr_sectors * SECTOR};
+    p->nparts = 1;
+    if (r->kind != OP_READ)
+        bounce_copy(p, 1);
+    e->stats.bounced++;
+}
+
 static void finish(struct engine *e, int32_t index)
 {
     struct pending *p = &e->pending[index];
     struct eng_request *r = &p->req;
+    if (p->bounce_n) {
+        if (p->status == RSP_OKAY && r->kind == OP_READ)
+            bounce_copy(p, 0);
+        bounce_give(e, p->bounce_at, p->bounce_n);
+        p->bounce_n = 0;
+    }
     unmap_pages(e, p);
     if (p->status == RSP_OKAY && r->kind == OP_READ)
         e->stats.read_bytes += r->nr_sectors * SECTOR;
@@ -1125,6 +1203,7 @@ static int prepare_transfer(struct engine *e, struct pending *p)
         return -1;
     p->mapped = r->nr_segments;
     p->nparts = build_parts(p, p->pages);
+    bounce_prepare(e, p);
     return 0;
 }
 
@@ -1441,6 +1520,8 @@ static void eng_free(struct engine *e)
         free(e->pending[i].iov);
     }
     free(e->pending);
+    free(e->bounce);
+    free(e->bounce_used);
     free(e->scratch);
     free(e->map_op);
     free(e->cache.entries);
@@ -1490,6 +1571,12 @@ static struct engine *eng_new(const struct eng_config *cfg, char *err, size_t er
     e->map_op = malloc(sizeof *e->map_op + most * sizeof e->map_op->refs[0]);
     if (!e->scratch || !e->map_op || (cfg->persistent && cache_init(&e->cache, cfg->max_grants) < 0))
         goto nomem;
+    if (cfg->bounce_pages) {
+        e->bounce_used = calloc((cfg->bounce_pages + 63) / 64, sizeof *e->bounce_used);
+        if (!e->bounce_used || posix_memalign((void **)&e->bounce, PAGE,
+                                              (size_t)cfg->bounce_pages * PAGE))
+            goto nomem;
+    }
     e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     int rc = e->stop_fd < 0 ? -errno : io_start(e);
     if (rc < 0) {
