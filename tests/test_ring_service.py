@@ -24,7 +24,10 @@ from helpers import require, require_tool, start_nbdkit
 
 SECTORS = 4096  # 2 MiB image
 OKAY, ERROR, NOTSUP = c.BLKIF_RSP_OKAY, c.BLKIF_RSP_ERROR, c.BLKIF_RSP_EOPNOTSUPP
-SERVERS = ["c-io_uring", "c-threads", "python", "nbd"]
+SERVERS = ["c-io_uring", "c-threads", "c-bounce", "python", "nbd"]
+# c-bounce: the engine's bounce buffer, 16 pages: room for a direct request, not a
+# large indirect one (it then goes to the granted pages), and full at times.
+BOUNCE_PAGES = 16
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,8 @@ class Rig:
             self.failures = []
             self.server.start(self.failures.append)
         elif self.threaded:
+            if server == "c-bounce":
+                server, options = "c-io_uring", dict(options, bounce_pages=BOUNCE_PAGES)
             self.server = RingEngine(self.back, 1, self.mapping.buffer, self.bport, abi,
                                      self.limits, self.store, persistent=persistent,
                                      label="t", io=server[2:], **options)

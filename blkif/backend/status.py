@@ -77,6 +77,8 @@ def _row(vbd, worker):
     ops = c["ops"]
     neg = vbd.get("negotiated") or {}
     io = "%s/%s" % (neg["engine"], neg["io"]) if "io" in neg else "-"
+    if neg.get("bounce_mib"):
+        io += "+bounce"
     return "%-6d %-6d %-10s %-8s %8d %8d %8d %6d %6d %10d %10d %6d %6d %7d %-12s" % (
         vbd["domid"], vbd["devid"], vbd["state"], worker.get("status", "-"),
         c["requests"], ops.get("read", 0), ops.get("write", 0),

@@ -487,10 +487,14 @@ class Vbd:
             "engine": "python" if self.storage.is_nbd else self.options.engine,
             "io": self.servers[0].io_mode,
         }
+        if self.negotiated["engine"] == "c":
+            self.negotiated["bounce_mib"] = self.options.bounce_mib
         log.info("%s: connected: %s, %d queue(s) of %d ring page(s), persistent grants %s, "
-                 "%s engine (%s)", self.label, conn.abi.protocol, len(conn.queues),
+                 "%s engine (%s%s)", self.label, conn.abi.protocol, len(conn.queues),
                  1 << conn.ring_page_order, "on" if conn.persistent else "off",
-                 self.negotiated["engine"], self.servers[0].io_note)
+                 self.negotiated["engine"], self.servers[0].io_note,
+                 "; bounce buffer %d MiB per ring" % self.negotiated["bounce_mib"]
+                 if self.negotiated.get("bounce_mib") else "")
         for server in self.servers:
             server.start(self.ring_failed)
 

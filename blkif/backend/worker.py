@@ -86,11 +86,10 @@ OPTIONS = (
                                           "max_persistent_grants; each pins a page of dom0 "
                                           "memory)" % MAX_PERSISTENT_GRANTS)),
     ("--direct", dict(action="store_true", help="open backing stores with O_DIRECT")),
-    ("--bounce-buffer", dict(type=_bounded(0, 1024), default=BackendOptions.bounce_mib,
-                             metavar="MIB",
+    ("--bounce-buffer", dict(type=_bounded(0, 1024), default=0, metavar="MIB",
                              help="per ring, MiB of the C engine's own memory that transfers "
-                                  "are copied through instead of doing I/O on granted pages "
-                                  "(0: none; default %d)" % BackendOptions.bounce_mib)),
+                                  "are copied through instead of doing O_DIRECT on granted "
+                                  "pages, which a PV dom0 pins one by one (default 0: none)")),
     ("--engine", dict(choices=("c", "python"), default="c",
                       help="the datapath: c (the C engine, default) or python (the "
                            "readable reference, one request at a time)")),
