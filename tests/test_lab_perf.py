@@ -54,6 +54,22 @@ def test_ratio_table_judges_each_job_on_its_figure():
     assert len(text.splitlines()) == 2 * (2 + len(perf.JOBS))
 
 
+def test_each_backend_takes_the_same_average_place_in_a_boot():
+    """Later guests of a boot run slower: the mirrored order gives every
+    backend two turns whose places add up to the same."""
+    places = {b: [i for i, t in enumerate(perf.TURNS) if t == b] for b in perf.BACKENDS}
+    assert all(len(p) == 2 for p in places.values())
+    assert len({sum(p) for p in places.values()}) == 1
+
+
+def test_a_backends_figures_are_the_mean_of_its_turns():
+    first = {"read-1m-qd8": {"mb_per_s": 100.0, "iops": 95.0}, "write-1m-qd8": {"mb_per_s": 1.0}}
+    second = {"read-1m-qd8": {"mb_per_s": 50.0, "iops": 48.0}}
+    assert perf.mean_figures([first, second]) == {
+        "read-1m-qd8": {"mb_per_s": 75.0, "iops": 71.5}}  # write failed in one turn: left out
+    assert perf.mean_figures([]) == {}
+
+
 def test_disk_specs_and_jobs():
     assert perf.disk_spec("blkback", "/dev/loop0", "/s") == "phy:/dev/loop0,xvda,w"
     assert "backendtype=qdisk" in perf.disk_spec("qdisk", "/dev/loop0", "/s")
