@@ -230,9 +230,10 @@ class PerfRun:
             for config, params in CONFIGS.items():
                 for backend in TURNS:
                     self.switch_to(backend)
-                    verify = backend == "blkif" and config == "B" and not turns[config][backend]
+                    turn = len(turns[config][backend]) + 1
+                    verify = backend == "blkif" and config == "B" and turn == 1
                     turns[config][backend].append(self.guest(
-                        backend, config, params, disk_spec(backend, loop, script), verify))
+                        backend, config, turn, params, disk_spec(backend, loop, script), verify))
         finally:
             lab.cleanup_sh(phases.SERVE_STOP.format(pidfile=self.pidfile))
             lab.cleanup_sh("losetup -d %s; rm -f %s %s" % (loop, IMAGE, RAMDISK))
@@ -263,9 +264,9 @@ class PerfRun:
         if backend == "blkback":
             lab.sh("perf: load xen-blkback", "modprobe xen-blkback")
 
-    def guest(self, backend, config, params, disk, verify):
+    def guest(self, backend, config, turn, params, disk, verify):
         lab = self.lab
-        name = "perf-%s-%s" % (backend, config)
+        name = "perf-%s-%s-%d" % (backend, config, turn)  # its own console log
         extra = "console=hvc0 quiet labblk=%s labverify=%d" % (params["blkfront"], verify)
         # Under TCG a guest of config B takes minutes to load blkfront (it
         # grants ~1 GiB), and each job's start and JSON add to its runtime.
@@ -279,7 +280,7 @@ class PerfRun:
         for job, _ in JOBS:
             if job in fio and "jobs" in fio[job]:
                 figures[job] = job_figures(fio[job])
-        lab.report.add("perf", "%s %s" % (backend, config), "pass" if len(figures) == len(JOBS)
+        lab.report.add("perf", "%s %s #%d" % (backend, config, turn), "pass" if len(figures) == len(JOBS)
                        else "fail", " ".join("%s=%s" % (j, f[metric(j)[0]])
                                              for j, f in figures.items()))
         lab.destroy("perf", name, domid, backend_domid=0,

@@ -968,8 +968,8 @@ static int grow(struct pending *p, uint32_t n)
  *
  * With O_DIRECT, the kernel pins a transfer's pages for each I/O (get_user_pages).
  * In a PV dom0 granted pages are special mappings that only its slow path can
- * pin, page by page: for a MiB of reads that cost more than the I/O itself in
- * the lab.  With cfg.bounce_pages, a transfer that fits goes through the ring's
+ * pin, page by page, a large share of dom0's CPU in the lab's 1 MiB reads
+ * (docs/lab.md).  With cfg.bounce_pages, a transfer that fits goes through the ring's
  * own buffer instead, one iovec of ordinary memory: its data is copied from the
  * granted pages before a write and to them after a read.  A transfer that finds
  * no room goes straight to the granted pages as without it. */
