@@ -280,9 +280,9 @@ class PerfRun:
         for job, _ in JOBS:
             if job in fio and "jobs" in fio[job]:
                 figures[job] = job_figures(fio[job])
-        lab.report.add("perf", "%s %s #%d" % (backend, config, turn), "pass" if len(figures) == len(JOBS)
-                       else "fail", " ".join("%s=%s" % (j, f[metric(j)[0]])
-                                             for j, f in figures.items()))
+        lab.report.add("perf", "%s %s #%d" % (backend, config, turn),
+                       "pass" if len(figures) == len(JOBS) else "fail",
+                       " ".join("%s=%s" % (j, f[metric(j)[0]]) for j, f in figures.items()))
         lab.destroy("perf", name, domid, backend_domid=0,
                     kind="qdisk" if backend == "qdisk" else "vbd")
         return figures
