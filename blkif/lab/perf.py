@@ -9,8 +9,8 @@ defaults; B is 2 vCPUs with ``max_indirect_segments=512
 max_ring_page_order=4`` and 1536 MiB (blkfront preallocates a page per
 persistent grant).  Our backend's B guest also runs a crc32c-verified fio
 job.  Within a configuration each backend runs twice, in the mirrored order
-of :data:`TURNS` (blkback, qdisk, ours, ours, qdisk, blkback): guests run
-slower the later they come in a boot, whatever serves them (docs/lab.md), so
+of :data:`TURNS` (blkback, qdisk, ours, ours, qdisk, blkback): a guest may
+run slower the later it comes in a boot, whatever serves it (docs/lab.md), so
 each backend gets the same average place, and its figure is the mean of its
 two turns.  Kernel blkback is loaded for its turns and unloaded for ours; only
 ratios between backends of this one boot mean anything under TCG.
