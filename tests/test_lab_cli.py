@@ -6,6 +6,8 @@ import pytest
 from blkif.errors import UsageError
 from blkif.lab import cli, phases, workload
 
+NO_PERF = dict(perf=False, perf_configs=None, perf_jobs=None, perf_backends=None)
+
 
 def test_parse_only():
     assert cli.parse_only(None) == set(phases.PHASES)
@@ -173,7 +175,7 @@ def test_one_run_per_workdir(tmp_path):
     with open(tmp_path / "lab.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         args = argparse.Namespace(workdir=str(tmp_path), timeout=60, only="boot", seed=1,
-                                  keep=False, json=False, conformance_runs=None)
+                                  keep=False, json=False, conformance_runs=None, **NO_PERF)
         with pytest.raises(BlkifError, match="another blkif lab"):
             cli.run(args)
 
@@ -192,7 +194,24 @@ def test_conformance_runs_are_checked_before_anything_starts(tmp_path, only, run
     import argparse
 
     args = argparse.Namespace(workdir=str(tmp_path / "w"), timeout=60, only=only, seed=1,
-                              keep=False, json=False, conformance_runs=runs)
+                              keep=False, json=False, conformance_runs=runs, **NO_PERF)
+    with pytest.raises(UsageError) as info:
+        cli.run(args)
+    assert str(info.value) == error
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("perf, picks, error", [
+    (False, {"perf_jobs": "read-1m-qd8"}, "--perf-jobs goes with --perf"),
+    (True, {"perf_backends": "blkif,tapdisk"}, "unknown backend tapdisk (choose from "
+                                               "blkback,qdisk,blkif)"),
+])
+def test_perf_choices_are_checked_before_anything_starts(tmp_path, perf, picks, error):
+    import argparse
+
+    args = argparse.Namespace(workdir=str(tmp_path / "w"), timeout=60, only=None, seed=1,
+                              keep=False, json=False, conformance_runs=None,
+                              **dict(NO_PERF, perf=perf, **picks))
     with pytest.raises(UsageError) as info:
         cli.run(args)
     assert str(info.value) == error

@@ -5,6 +5,7 @@ import subprocess
 
 import pytest
 
+from blkif.errors import UsageError
 from blkif.lab import perf
 from helpers import require_tool
 
@@ -54,12 +55,40 @@ def test_ratio_table_judges_each_job_on_its_figure():
     assert len(text.splitlines()) == 2 * (2 + len(perf.JOBS))
 
 
-def test_each_backend_takes_the_same_average_place_in_a_boot():
-    """Later guests of a boot run slower: the mirrored order gives every
-    backend two turns whose places add up to the same."""
-    places = {b: [i for i, t in enumerate(perf.TURNS) if t == b] for b in perf.BACKENDS}
-    assert all(len(p) == 2 for p in places.values())
+@pytest.mark.parametrize("backends", [perf.BACKENDS, ("blkback", "blkif")])
+def test_each_backend_takes_the_same_average_place_in_a_boot(backends):
+    """A guest may run slower the later it comes in a boot: the mirrored
+    order gives every backend two turns whose places add up to the same."""
+    order = perf.turns(backends)
+    places = {b: [i for i, t in enumerate(order) if t == b] for b in backends}
+    assert all(len(p) == 2 for p in places.values()) and len(order) == 2 * len(backends)
     assert len({sum(p) for p in places.values()}) == 1
+
+
+def test_a_run_can_be_cut_down_by_name():
+    configs, jobs, backends = perf.selection("B", "write-1m-qd8,read-1m-qd8", "blkif,blkback")
+    assert list(configs) == ["B"] and configs["B"] == perf.CONFIGS["B"]
+    assert [j for j, _ in jobs] == ["read-1m-qd8", "write-1m-qd8"]  # in the table's order
+    assert backends == ("blkback", "blkif")
+    assert perf.selection() == (perf.CONFIGS, perf.JOBS, perf.BACKENDS)
+    assert perf.jobs_text(jobs).splitlines()[0].startswith("read-1m-qd8 --rw=read ")
+    for bad, message in [(("C", None, None), "unknown configuration C (choose from A,B)"),
+                         ((None, "read-2m", None), "unknown job read-2m"),
+                         ((None, None, "tapdisk,blkif"), "unknown backend tapdisk")]:
+        with pytest.raises(UsageError) as exc:
+            perf.selection(*bad)
+        assert str(exc.value).startswith(message)
+
+
+def test_a_cut_down_table_leaves_out_what_did_not_run():
+    jobs = perf.selection(jobs="read-1m-qd8")[1]
+    results = {"B": {"blkback": {"read-1m-qd8": {"mb_per_s": 80.0}},
+                     "blkif": {"read-1m-qd8": {"mb_per_s": 60.0}}}}
+    table = perf.ratio_table(results, jobs)
+    assert list(table["B"]) == ["read-1m-qd8"]
+    row = table["B"]["read-1m-qd8"]
+    assert (row["qdisk"], row["ours/blkback"], row["ours/qdisk"]) == (None, 0.75, None)
+    assert len(perf.format_ratio_table(table).splitlines()) == 3
 
 
 def test_a_backends_figures_are_the_mean_of_its_turns():

@@ -120,6 +120,15 @@ def add_arguments(parser):
     parser.add_argument("--perf-serve-options", default="", metavar="OPTIONS",
                         help="with --perf: more options for blkif serve, one string "
                              "given with = (--perf-serve-options='--direct --io threads')")
+    parser.add_argument("--perf-configs", metavar="NAMES",
+                        help="with --perf: only these of %s (default all)"
+                             % ",".join(perf.CONFIGS))
+    parser.add_argument("--perf-jobs", metavar="NAMES",
+                        help="with --perf: only these of %s (default all)"
+                             % ",".join(name for name, _ in perf.JOBS))
+    parser.add_argument("--perf-backends", metavar="NAMES",
+                        help="with --perf: only these of %s (default all)"
+                             % ",".join(perf.BACKENDS))
 
 
 class Terminated(BlkifError):
@@ -152,6 +161,11 @@ def _run(args):
                 ",".join(sorted(unknown)), ",".join(known)))
         if "conformance" not in chosen:
             raise UsageError("--conformance-runs goes with --only conformance")
+    picked = [f for f in ("configs", "jobs", "backends") if getattr(args, "perf_" + f)]
+    if picked and not args.perf:
+        raise UsageError("--perf-%s goes with --perf" % picked[0])
+    if args.perf:
+        perf.selection(args.perf_configs, args.perf_jobs, args.perf_backends)  # fail early
     workdir = os.path.abspath(args.workdir or os.path.join(phases._project_root(), "lab-work"))
     os.makedirs(workdir, exist_ok=True)
     lock = open(os.path.join(workdir, "lab.lock"), "w")
@@ -185,7 +199,8 @@ def _run_locked(args, chosen, workdir):
              else PACKAGES)
         step("setup", "build", lab.build, seed)
         if args.perf:
-            perf_run = perf.PerfRun(lab, args.perf_runtime, args.perf_serve_options)
+            perf_run = perf.PerfRun(lab, args.perf_runtime, args.perf_serve_options,
+                                    args.perf_configs, args.perf_jobs, args.perf_backends)
             step("setup", "perf guest", perf_run.build)
             chosen = {"boot", "dom0", "perf"}
         restart_runs = [restart.RestartRun(lab, phase) for phase in restart.FORMATS

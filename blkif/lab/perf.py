@@ -9,7 +9,7 @@ defaults; B is 2 vCPUs with ``max_indirect_segments=512
 max_ring_page_order=4`` and 1536 MiB (blkfront preallocates a page per
 persistent grant).  Our backend's B guest also runs a crc32c-verified fio
 job.  Within a configuration each backend runs twice, in the mirrored order
-of :data:`TURNS` (blkback, qdisk, ours, ours, qdisk, blkback): a guest may
+of :func:`turns` (blkback, qdisk, ours, ours, qdisk, blkback): a guest may
 run slower the later it comes in a boot, whatever serves it (docs/lab.md), so
 each backend gets the same average place, and its figure is the mean of its
 two turns.  Kernel blkback is loaded for its turns and unloaded for ours; only
@@ -22,6 +22,7 @@ import json
 import os
 import re
 
+from blkif.errors import UsageError
 from blkif.lab import initramfs, phases
 
 # (job, fio options); 4 KiB jobs are judged on IOPS (QD1 on latency), 1 MiB on MB/s.
@@ -45,7 +46,25 @@ CONFIGS = {
                                                  "max_ring_page_order=4"},
 }
 BACKENDS = ("blkback", "qdisk", "blkif")
-TURNS = BACKENDS + BACKENDS[::-1]
+def turns(backends):
+    """The order guests run in, per configuration: each of ``backends``
+    twice, mirrored, so each takes the same average place in the boot."""
+    return tuple(backends) + tuple(backends)[::-1]
+
+
+def select(names, known, what):
+    """The entries of ``known`` (a tuple of names, or of (name, ...)) that a
+    comma list ``names`` picks, in ``known``'s order; all of them for None.
+    UsageError names what is unknown."""
+    key = (lambda k: k[0]) if known and isinstance(known[0], tuple) else (lambda k: k)
+    if names is None:
+        return tuple(known)
+    wanted = set(names.split(","))
+    unknown = wanted - {key(k) for k in known}
+    if unknown or not wanted:
+        raise UsageError("unknown %s %s (choose from %s)" % (
+            what, ",".join(sorted(unknown)) or "''", ",".join(key(k) for k in known)))
+    return tuple(k for k in known if key(k) in wanted)
 IMAGE = "/run/lab/perf.img"
 RAMDISK = "/run/lab/guest-perf.cpio.gz"  # in dom0's tmpfs: libxl reads it at each create
 IMAGE_BYTES = 256 << 20
@@ -102,8 +121,15 @@ exec sleep 100000
 _FIO = re.compile(r"LAB FIO (\S+) (BEGIN|END)(?: rc=(\d+))?")
 
 
-def jobs_text():
-    return "".join("%s %s\n" % job for job in JOBS)
+def selection(configs=None, jobs=None, backends=None):
+    """(configurations, jobs, backends) that comma lists of names choose
+    (None: all); UsageError for a name that is none of them."""
+    return ({c: CONFIGS[c] for c in select(configs, tuple(CONFIGS), "configuration")},
+            select(jobs, JOBS, "job"), select(backends, BACKENDS, "backend"))
+
+
+def jobs_text(jobs=JOBS):
+    return "".join("%s %s\n" % job for job in jobs)
 
 
 def parse_fio_console(text):
@@ -152,7 +178,7 @@ def metric(job):
     return "iops", True
 
 
-def ratio_table(results):
+def ratio_table(results, jobs=JOBS):
     """{config: {job: {backend: figure, "ours/blkback": r, "ours/qdisk": r}}}.
 
     For latency (QD1) the ratio is ours over theirs too: lower is better there.
@@ -160,7 +186,7 @@ def ratio_table(results):
     table = {}
     for config, by_backend in results.items():
         rows = {}
-        for job, _ in JOBS:
+        for job, _ in jobs:
             figure, _ = metric(job)
             row = {b: by_backend.get(b, {}).get(job, {}).get(figure) for b in BACKENDS}
             for other in ("blkback", "qdisk"):
@@ -196,10 +222,14 @@ def disk_spec(backend, loop, script):
 
 
 class PerfRun:
-    """The perf phase on a booted lab (``phases.Lab``)."""
+    """The perf phase on a booted lab (``phases.Lab``): ``configs``, ``jobs``
+    and ``backends`` are comma lists choosing among :data:`CONFIGS`,
+    :data:`JOBS` and :data:`BACKENDS` (None: all)."""
 
-    def __init__(self, lab, runtime=10, serve_options=""):
+    def __init__(self, lab, runtime=10, serve_options="", configs=None, jobs=None,
+                 backends=None):
         self.lab, self.runtime, self.serve_options = lab, runtime, serve_options
+        self.configs, self.jobs, self.backends = selection(configs, jobs, backends)
         self.table = None
         self.ramdisk = os.path.join(lab.workdir, "guest-perf.cpio.gz")
 
@@ -207,14 +237,14 @@ class PerfRun:
         version = initramfs.find_kernel()[0]
         size = initramfs.build_perf_guest(
             self.ramdisk, version, PERF_INIT,
-            {"/etc/lab/jobs": jobs_text(),
+            {"/etc/lab/jobs": jobs_text(self.jobs),
              "/etc/lab/fio-common": FIO_COMMON.format(runtime=self.runtime),
              "/etc/lab/fio-verify": FIO_VERIFY})
         return "perf guest initramfs %d MiB (fio and its libraries)" % (size >> 20)
 
     def run(self):
         lab = self.lab
-        turns = {config: {backend: [] for backend in BACKENDS} for config in CONFIGS}
+        done = {config: {backend: [] for backend in self.backends} for config in self.configs}
         loop = lab.sh("perf: loop device", (
             "modprobe -a xen-blkback loop\nmkdir -p /run/lab\ncp %s %s\n"
             "dd if=/dev/urandom of=%s bs=1M count=%d 2>/dev/null\n"
@@ -227,25 +257,25 @@ class PerfRun:
         self.pidfile = os.path.join(lab.workdir, "ctl", "serve.pid")
         self.serving, self.starts = False, 0
         try:
-            for config, params in CONFIGS.items():
-                for backend in TURNS:
+            for config, params in self.configs.items():
+                for backend in turns(self.backends):
                     self.switch_to(backend)
-                    turn = len(turns[config][backend]) + 1
+                    turn = len(done[config][backend]) + 1
                     verify = backend == "blkif" and config == "B" and turn == 1
-                    turns[config][backend].append(self.guest(
+                    done[config][backend].append(self.guest(
                         backend, config, turn, params, disk_spec(backend, loop, script), verify))
         finally:
             lab.cleanup_sh(phases.SERVE_STOP.format(pidfile=self.pidfile))
             lab.cleanup_sh("losetup -d %s; rm -f %s %s" % (loop, IMAGE, RAMDISK))
         results = {config: {backend: mean_figures(t) for backend, t in by_backend.items()}
-                   for config, by_backend in turns.items()}
-        self.table = ratio_table(results)
+                   for config, by_backend in done.items()}
+        self.table = ratio_table(results, self.jobs)
         path = os.path.join(lab.workdir, "perf.json")
         with open(path, "w") as f:
             json.dump({"runtime": self.runtime, "serve_options": self.serve_options,
-                       "turns": turns, "results": results, "ratios": self.table},
+                       "turns": done, "results": results, "ratios": self.table},
                       f, indent=1, sort_keys=True)
-        return "%d guests; ratios in %s" % (len(TURNS) * len(CONFIGS), path)
+        return "%d guests; ratios in %s" % (2 * len(self.backends) * len(self.configs), path)
 
     def switch_to(self, backend):
         """dom0 ready for ``backend``: our service running only for ours (it
@@ -270,18 +300,18 @@ class PerfRun:
         extra = "console=hvc0 quiet labblk=%s labverify=%d" % (params["blkfront"], verify)
         # Under TCG a guest of config B takes minutes to load blkfront (it
         # grants ~1 GiB), and each job's start and JSON add to its runtime.
-        timeout = 300 + len(JOBS) * (self.runtime + 40) + (300 if verify else 0)
+        timeout = 300 + len(self.jobs) * (self.runtime + 40) + (300 if verify else 0)
         domid, _ = lab.run_guest("perf", name, disk, None, memory=params["memory"],
                                       vcpus=params["vcpus"], ramdisk=RAMDISK,
                                       extra=extra, timeout=timeout)
         with open(lab.console_log(name), errors="replace") as f:
             fio = parse_fio_console(f.read())
         figures = {}
-        for job, _ in JOBS:
+        for job, _ in self.jobs:
             if job in fio and "jobs" in fio[job]:
                 figures[job] = job_figures(fio[job])
         lab.report.add("perf", "%s %s #%d" % (backend, config, turn),
-                       "pass" if len(figures) == len(JOBS) else "fail",
+                       "pass" if len(figures) == len(self.jobs) else "fail",
                        " ".join("%s=%s" % (j, f[metric(j)[0]]) for j, f in figures.items()))
         lab.destroy("perf", name, domid, backend_domid=0,
                     kind="qdisk" if backend == "qdisk" else "vbd")
