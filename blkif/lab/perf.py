@@ -46,25 +46,6 @@ CONFIGS = {
                                                  "max_ring_page_order=4"},
 }
 BACKENDS = ("blkback", "qdisk", "blkif")
-def turns(backends):
-    """The order guests run in, per configuration: each of ``backends``
-    twice, mirrored, so each takes the same average place in the boot."""
-    return tuple(backends) + tuple(backends)[::-1]
-
-
-def select(names, known, what):
-    """The entries of ``known`` (a tuple of names, or of (name, ...)) that a
-    comma list ``names`` picks, in ``known``'s order; all of them for None.
-    UsageError names what is unknown."""
-    key = (lambda k: k[0]) if known and isinstance(known[0], tuple) else (lambda k: k)
-    if names is None:
-        return tuple(known)
-    wanted = set(names.split(","))
-    unknown = wanted - {key(k) for k in known}
-    if unknown or not wanted:
-        raise UsageError("unknown %s %s (choose from %s)" % (
-            what, ",".join(sorted(unknown)) or "''", ",".join(key(k) for k in known)))
-    return tuple(k for k in known if key(k) in wanted)
 IMAGE = "/run/lab/perf.img"
 RAMDISK = "/run/lab/guest-perf.cpio.gz"  # in dom0's tmpfs: libxl reads it at each create
 IMAGE_BYTES = 256 << 20
@@ -121,11 +102,32 @@ exec sleep 100000
 _FIO = re.compile(r"LAB FIO (\S+) (BEGIN|END)(?: rc=(\d+))?")
 
 
+def turns(backends):
+    """The order guests run in, per configuration: each of ``backends``
+    twice, mirrored, so each takes the same average place in the boot."""
+    return tuple(backends) + tuple(backends)[::-1]
+
+
+def select(names, known, what, name=lambda k: k):
+    """The entries of ``known`` whose ``name`` a comma list ``names`` picks,
+    in ``known``'s order; all of them for None.  UsageError names what is
+    unknown."""
+    if names is None:
+        return tuple(known)
+    wanted = set(names.split(","))
+    unknown = wanted - {name(k) for k in known}
+    if unknown:
+        raise UsageError("unknown %s %s (choose from %s)" % (
+            what, ",".join(sorted(unknown)) or "''", ",".join(name(k) for k in known)))
+    return tuple(k for k in known if name(k) in wanted)
+
+
 def selection(configs=None, jobs=None, backends=None):
     """(configurations, jobs, backends) that comma lists of names choose
     (None: all); UsageError for a name that is none of them."""
     return ({c: CONFIGS[c] for c in select(configs, tuple(CONFIGS), "configuration")},
-            select(jobs, JOBS, "job"), select(backends, BACKENDS, "backend"))
+            select(jobs, JOBS, "job", name=lambda job: job[0]),
+            select(backends, BACKENDS, "backend"))
 
 
 def jobs_text(jobs=JOBS):
@@ -161,12 +163,12 @@ def job_figures(fio_json):
             "mean_ms": round(lat["mean"] / 1e6, 3)}
 
 
-def mean_figures(turns):
-    """One backend's figures: each job's figures averaged over its ``turns``
-    (a list of {job: figures}); a job missing from any turn is left out."""
-    jobs = set.intersection(*(set(t) for t in turns)) if turns else set()
-    return {job: {k: round(sum(t[job][k] for t in turns) / len(turns), 3)
-                  for k in turns[0][job]} for job in sorted(jobs)}
+def mean_figures(runs):
+    """One backend's figures: each job's figures averaged over its ``runs``
+    (a list of {job: figures}, one per turn); a job missing from any is left out."""
+    jobs = set.intersection(*(set(r) for r in runs)) if runs else set()
+    return {job: {k: round(sum(r[job][k] for r in runs) / len(runs), 3)
+                  for k in runs[0][job]} for job in sorted(jobs)}
 
 
 def metric(job):
@@ -232,6 +234,8 @@ class PerfRun:
         self.configs, self.jobs, self.backends = selection(configs, jobs, backends)
         self.table = None
         self.ramdisk = os.path.join(lab.workdir, "guest-perf.cpio.gz")
+        self.pidfile = os.path.join(lab.workdir, "ctl", "serve.pid")
+        self.serving, self.starts = False, 0  # our service up; how often started
 
     def build(self):
         version = initramfs.find_kernel()[0]
@@ -254,8 +258,6 @@ class PerfRun:
         with open(script, "w") as f:
             f.write(phases.HOTPLUG_SCRIPT)
         os.chmod(script, 0o755)
-        self.pidfile = os.path.join(lab.workdir, "ctl", "serve.pid")
-        self.serving, self.starts = False, 0
         try:
             for config, params in self.configs.items():
                 for backend in turns(self.backends):
