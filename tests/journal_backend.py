@@ -1,10 +1,13 @@
 """A backend process for tests/test_journal.py: one ring served with a
 journal until it is killed, by the C engine or the Python ring server on
-the image file, or by the NBD ring server: on an NBD URI (a server that
-outlives us), or on a qcow2 image through a qemu-storage-daemon of our own
-(which dies with us, as a worker's does).
+the image file, or by the NBD ring server or the C engine through libnbd
+(c-nbd, c-qsd): on an NBD URI (a server that outlives us), or on a qcow2
+image through a qemu-storage-daemon of our own (which dies with us, as a
+worker's does).
 
-    journal_backend.py HV_PATH REFS PORT IMAGE JOURNAL new|resume c|python|nbd|qsd [URI]
+    journal_backend.py HV_PATH REFS PORT IMAGE JOURNAL new|resume ENGINE [URI]
+
+ENGINE: c, python (the image file), nbd, c-nbd (URI), qsd, c-qsd (a qcow2 IMAGE).
 
 Prints "ready" once it serves (after resuming what the journal holds).
 """
@@ -27,16 +30,17 @@ SECTORS = 4096
 
 
 def open_store(engine, image, uri):
-    if engine == "nbd":
+    if engine in ("nbd", "c-nbd"):
         return NbdStore(uri)
-    if engine == "qsd":
+    if engine in ("qsd", "c-qsd"):
         daemon = StorageDaemon(image, "qcow2", image + ".sock")
         daemon.start()
         return NbdStore(daemon.uri)
     return Store(image)
 
 
-SERVERS = {"c": RingEngine, "python": RingServer, "nbd": NbdRingServer, "qsd": NbdRingServer}
+SERVERS = {"c": RingEngine, "python": RingServer, "nbd": NbdRingServer, "qsd": NbdRingServer,
+           "c-nbd": RingEngine, "c-qsd": RingEngine}
 
 
 def main(hv_path, refs, port, image, journal_path, mode, engine, uri=None):
@@ -50,6 +54,8 @@ def main(hv_path, refs, port, image, journal_path, mode, engine, uri=None):
         journal = Journal.create(journal_path, {"ring_bytes": [len(mapping.buffer)]})
     if engine in ("c", "python"):  # a file store's flag; an NBD server's flushes are its own
         store.flush_failed = journal.flush_failed
+    if engine.startswith("c-"):
+        store.lend()  # the engine holds the connection, as Vbd has it
     server = SERVERS[engine](
         platform, 1, mapping.buffer, bound, X86_64,
         Limits(sectors=SECTORS, max_indirect_segments=32), store,

@@ -369,12 +369,14 @@ def test_an_upgrade_restart_leaves_every_vbd_connected(hv, tmp_path):
         assert svc.close() == 0, svc.output()
 
 
-@pytest.mark.parametrize("options,fmt", [(["--engine", "python"], None), ([], "qcow2")],
-                         ids=["python-engine", "qcow2-through-nbd"])
+@pytest.mark.parametrize("options,fmt", [(["--engine", "python"], None), ([], "qcow2"),
+                                         (["--engine", "python"], "qcow2")],
+                         ids=["python-engine", "qcow2-through-nbd", "qcow2-python-nbd"])
 def test_the_other_datapaths_restart_live_too(hv, tmp_path, options, fmt):
-    """--engine python, and an image's NBD ring server, journal their rings
-    as the C engine does: a killed worker's successor (with a new storage
-    daemon for the image) and the next service after an upgrade resume."""
+    """--engine python, and an image through NBD (the C engine's libnbd
+    link, or the Python NBD ring server), journal their rings as the C engine
+    does on a file: a killed worker's successor (with a new storage daemon
+    for the image) and the next service after an upgrade resume."""
     if fmt:
         require_tool("qemu-img")
         require_tool("qemu-storage-daemon")

@@ -1,7 +1,7 @@
 """A ring's service over the sim platform, for every server: the C engine
-(io_uring and its thread-pool fallback, each on its own thread), the
-Python reference, and the NBD ring server (on its thread, the image served
-by nbdkit).  A frontend domain grants a ring and data pages, the
+(io_uring and its thread-pool fallback, each on its own thread; and through
+libnbd, the image served by nbdkit), the Python reference, and the NBD ring
+server (on its thread, the image served by nbdkit).  A frontend domain grants a ring and data pages, the
 server maps them and does the I/O against a real image file; every byte is
 checked against the file on disk, every answer against what blkif.h asks."""
 import importlib.util
@@ -24,7 +24,7 @@ from helpers import require, require_tool, start_nbdkit
 
 SECTORS = 4096  # 2 MiB image
 OKAY, ERROR, NOTSUP = c.BLKIF_RSP_OKAY, c.BLKIF_RSP_ERROR, c.BLKIF_RSP_EOPNOTSUPP
-SERVERS = ["c-io_uring", "c-threads", "c-bounce", "python", "nbd"]
+SERVERS = ["c-io_uring", "c-threads", "c-bounce", "c-nbd", "python", "nbd"]
 # c-bounce: the engine's bounce buffer, 16 pages: room for a direct request, not a
 # large indirect one (it then goes to the granted pages), and full at times.
 BOUNCE_PAGES = 16
@@ -52,7 +52,9 @@ class Rig:
         self.bport = self.back.evtchn_bind_interdomain(1, self.fport.port)
         self.mapping = self.back.map_grants(1, self.ring_pages.refs)
         self.nbdkit = None
-        if server == "nbd":
+        self.storage_reports = []  # what an NBD server told on_storage
+        if server in ("nbd", "c-nbd"):
+            options = dict(options, on_storage=self.storage_reports.append)
             self.store = self._nbd_store(image, readonly)
         else:
             self.store = Store(str(image), writable=not readonly)
@@ -67,6 +69,9 @@ class Rig:
             self.server.start(self.failures.append)
         elif self.threaded:
             if server == "c-bounce":
+                server, options = "c-io_uring", dict(options, bounce_pages=BOUNCE_PAGES)
+            if server == "c-nbd":  # the engine holds the connection (Vbd does this)
+                self.store.lend()
                 server, options = "c-io_uring", dict(options, bounce_pages=BOUNCE_PAGES)
             self.server = RingEngine(self.back, 1, self.mapping.buffer, self.bport, abi,
                                      self.limits, self.store, persistent=persistent,
@@ -83,9 +88,17 @@ class Rig:
         require_tool("nbdkit")
         require(importlib.util.find_spec("nbd") is not None, "python module nbd")
         from blkif.backend.nbd_store import NbdStore
-        sock = image.parent / "nbd.sock"
-        self.nbdkit = start_nbdkit(sock, "file", str(image))
-        return NbdStore("nbd+unix:///?socket=%s" % sock, writable=not readonly)
+        self.nbd_sock, self.image = image.parent / "nbd.sock", image
+        self.start_nbdkit()
+        return NbdStore("nbd+unix:///?socket=%s" % self.nbd_sock, writable=not readonly)
+
+    def start_nbdkit(self):
+        self.nbdkit = start_nbdkit(self.nbd_sock, "file", str(self.image))
+
+    def stop_nbdkit(self):
+        self.nbdkit.kill()
+        self.nbdkit.wait()
+        self.nbd_sock.unlink()
 
     @property
     def counters(self):
@@ -279,3 +292,62 @@ def test_ring_overrun_raises_for_the_device_to_shut_down(rig):
     while not rig.failures and time.monotonic() < deadline:
         time.sleep(0.01)
     assert rig.failures and "overruns" in rig.failures[0]
+
+
+def _wait_for(what, check, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "no %s in %d s" % (what, timeout)
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("server", ["c-nbd", "nbd"])
+def test_a_lost_nbd_connection_fails_io_and_the_first_flush_after_it(hypervisor, image, server):
+    """The server goes with a write no FLUSH covered: requests fail while it is
+    away, the storage is reported lost and back, and the first FLUSH after it
+    fails (the write may be lost), the next succeeds (NbdStore's rule, which
+    nbd_link.c follows)."""
+    rig = Rig(hypervisor, image, server=server)
+    try:
+        rig.data.buffer[:4096] = b"w" * 4096
+        rig.enc.rw(rig.ring, c.BLKIF_OP_WRITE, 1, 0, [(rig.data.refs[0], 0, 7)])
+        assert rig.run() == [(1, c.BLKIF_OP_WRITE, OKAY)]
+        rig.stop_nbdkit()
+        _wait_for("report", lambda: rig.storage_reports)  # noticed while idle
+        assert "lost the connection to nbd+unix" in rig.storage_reports[0]
+        rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 2, 0, [(rig.data.refs[1], 0, 7)])
+        rig.enc.rw(rig.ring, c.BLKIF_OP_FLUSH_DISKCACHE, 3, 0, [])
+        assert rig.run() == [(2, c.BLKIF_OP_READ, ERROR), (3, c.BLKIF_OP_FLUSH_DISKCACHE, ERROR)]
+        rig.start_nbdkit()
+        _wait_for("recovery", lambda: rig.storage_reports[-1] is None)
+        rig.enc.rw(rig.ring, c.BLKIF_OP_FLUSH_DISKCACHE, 4, 0, [])
+        assert rig.run() == [(4, c.BLKIF_OP_FLUSH_DISKCACHE, ERROR)]
+        rig.enc.rw(rig.ring, c.BLKIF_OP_FLUSH_DISKCACHE, 5, 0, [])
+        rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 6, 0, [(rig.data.refs[1], 0, 7)])
+        assert rig.run() == [(5, c.BLKIF_OP_FLUSH_DISKCACHE, OKAY), (6, c.BLKIF_OP_READ, OKAY)]
+        assert rig.data.buffer[4096:8192] == b"w" * 4096
+        assert len(rig.storage_reports) == 2  # lost once, back once
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("server", ["c-nbd", "nbd"])
+def test_an_nbd_server_back_with_another_size_is_refused(hypervisor, image, server):
+    rig = Rig(hypervisor, image, server=server)
+    try:
+        rig.stop_nbdkit()
+        _wait_for("report", lambda: rig.storage_reports)
+        os.truncate(image, SECTORS * 512 * 2)  # another disk, as far as we can tell
+        rig.start_nbdkit()
+        time.sleep(1.0)  # several tries (0.2 s, 0.4 s, ...), all refused
+        rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 1, 0, [(rig.data.refs[0], 0, 7)])
+        assert rig.run() == [(1, c.BLKIF_OP_READ, ERROR)]
+        assert rig.storage_reports[-1] is not None
+        rig.stop_nbdkit()
+        os.truncate(image, SECTORS * 512)
+        rig.start_nbdkit()
+        _wait_for("recovery", lambda: rig.storage_reports[-1] is None)
+        rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 2, 0, [(rig.data.refs[0], 0, 7)])
+        assert rig.run() == [(2, c.BLKIF_OP_READ, OKAY)]
+    finally:
+        rig.close()

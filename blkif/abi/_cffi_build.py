@@ -29,7 +29,7 @@ ffibuilder.set_source(
     "#include <stdint.h>\n" + "\n".join(m.SOURCE for m in _modules),
     include_dirs=[d for m in _modules for d in getattr(m, "INCLUDE_DIRS", [])],
     libraries=[lib for m in _modules for lib in getattr(m, "LIBRARIES", [])],
-    depends=[os.path.join(_HERE, "csrc", name) for name in ("engine.c", "front.c", "sring.h")],
+    depends=[os.path.join(_HERE, "csrc", name) for name in ("engine.c", "nbd_link.c", "front.c", "sring.h")],
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
 )
 

@@ -49,7 +49,8 @@ def build(out_dir, csrc=CSRC, cc="clang"):
         f.write(harness_text(csrc))
     binary = os.path.join(out_dir, "fuzz_engine")
     run = subprocess.run([cc, "-g", "-O1", SANITIZERS, "-fno-sanitize-recover=all",
-                          "-I", csrc, source, "-o", binary, "-luring", "-lpthread"],
+                          "-I", csrc, source, "-o", binary]
+                         + ["-l" + lib for lib in _cdefs("engine").LIBRARIES],
                          capture_output=True, text=True)
     if run.returncode != 0:
         raise BlkifError("building the fuzz target failed: %s" % run.stderr.strip()[-2000:])

@@ -8,11 +8,17 @@ maps grants itself, through the platform's gntdev descriptor
 (``Platform.grant_device``); elsewhere (the sim) it calls back into Python
 to map and unmap them (``eng_map_grants``).
 
-Life: ``start(on_error)``; ``stop()`` joins the thread; ``drain()`` serves
-what the frontend already queued and waits for every request in flight;
-``close()`` frees the engine and unmaps its persistent grants.  A frontend
+Life: ``start(on_error)``; ``stop()`` joins the thread (``start`` again
+serves on); ``drain()`` serves what the frontend already queued and waits
+for every request in flight; ``close()`` frees the engine and unmaps its persistent grants.  A frontend
 that breaks the ring (overrun, closed channel) ends the thread and calls
 ``on_error(message)`` from it: the VBD then shuts down (``Vbd.fatal``).
+
+A store that is an NBD export (:class:`NbdStore`: an image behind its
+qemu-storage-daemon, or a remote server) is served through libnbd's C API
+(``csrc/nbd_link.c``): the engine keeps the VBD's connection while the
+store lends it its own (``NbdStore.lend``).  When the connection goes or
+comes back, ``on_storage(message or None)`` is called from the ring's thread.
 """
 import itertools
 import logging
@@ -21,6 +27,7 @@ import threading
 
 from blkif.abi import X86_32, ffi, lib
 from blkif.backend.counters import engine_counters
+from blkif.backend.nbd_store import NbdStore
 from blkif.platform import PlatformError
 from blkif.platform._mman import address
 
@@ -29,6 +36,8 @@ log = logging.getLogger(__name__)
 MAX_PERSISTENT_GRANTS = 1056  # Linux xen_blkif_max_pgrants, per ring
 PERSISTENT_GRANT_UNUSED_SECONDS = 60  # Linux xen_blkif_pgrant_timeout
 IO_MODES = {"io_uring": lib.ENG_IO_URING, "threads": lib.ENG_IO_THREADS}
+IO_NAMES = {lib.ENG_IO_URING: "io_uring", lib.ENG_IO_THREADS: "threads", lib.ENG_IO_NBD: "nbd"}
+NBD_BOUNCE_PAGES = 4096  # 16 MiB: a NBD command needs one contiguous buffer
 IO_THREADS = 4
 RUN_SLICE_MS = 200  # the engine hands back this often even under full load
 
@@ -84,7 +93,9 @@ class RingEngine:
     :meth:`close`); ``port`` the bound event channel; ``store`` the open
     backing store.  ``io`` is "io_uring" or "threads"; io_uring falls back to
     threads where the kernel refuses it (the reason is in :attr:`io_note`).
-    ``bounce_pages``: the ring's bounce buffer (engine.c), 0 for none.
+    ``bounce_pages``: the ring's bounce buffer (engine.c), 0 for none; an
+    NBD store has NBD_BOUNCE_PAGES unless told (a transfer that fits is one
+    command, one that does not a command per run of pages).  ``on_storage`` hears of an NBD store's connection.
     ``journal`` is the ring's region of a :class:`~blkif.backend.journal.Journal`
     (kept mapped until :meth:`close`), ``resume`` to carry on from what a
     killed predecessor left in it.
@@ -94,8 +105,10 @@ class RingEngine:
                  persistent=False, label="", io="io_uring", bounce_pages=0,
                  max_grants=MAX_PERSISTENT_GRANTS,
                  grant_unused_seconds=PERSISTENT_GRANT_UNUSED_SECONDS,
-                 journal=None, resume=False):
+                 journal=None, resume=False, on_storage=lambda message: None):
         self.platform, self.domid, self.port, self.label = platform, domid, port, label
+        self.on_storage = on_storage
+        self.storage_error = None  # what on_storage was last told
         self.mappings = {}
         self.tokens = itertools.count(1)
         self._handle = ffi.new_handle(self)
@@ -111,9 +124,19 @@ class RingEngine:
             "max_indirect_segments": limits.max_indirect_segments,
             "sector_size": limits.sector_size,
         }
-        cfg.store_fd = store.fd
-        cfg.store_is_device = store.is_device
-        cfg.flush_failed = store.flush_failed
+        if isinstance(store, NbdStore):
+            self._keep = (ffi.new("char[]", store.uri.encode()),
+                          ffi.new("char[]", store.path.encode()),
+                          ffi.new("int *"))  # its flushes are its own (nbd_link.c)
+            cfg.nbd_uri, cfg.nbd_name, cfg.flush_failed = self._keep
+            cfg.nbd_size = store.size
+            cfg.store_fd = -1
+            bounce_pages = bounce_pages or NBD_BOUNCE_PAGES
+        else:
+            cfg.store_fd = store.fd
+            cfg.store_is_device = store.is_device
+            cfg.flush_failed = store.flush_failed
+        self.bounce_pages = bounce_pages
         cfg.port_kind = PORT_KINDS[port.transport]
         cfg.port_fd = port.fileno()
         cfg.port = port.port
@@ -134,13 +157,14 @@ class RingEngine:
         if self._eng == ffi.NULL:
             ffi.release(self._ring)
             raise PlatformError("%s: %s" % (label, ffi.string(err).decode()))
-        self.io_mode = "io_uring" if lib.eng_io_mode(self._eng) == lib.ENG_IO_URING else "threads"
+        self.io_mode = IO_NAMES[lib.eng_io_mode(self._eng)]
         self.io_note = ffi.string(lib.eng_io_note(self._eng)).decode()
         self._thread = None
         self.failure = None
 
     def start(self, on_error):
         """Serve the ring on a new thread; ``on_error(message)`` if the frontend breaks it."""
+        lib.eng_restart(self._eng)  # after a stop(): serve again
         self._thread = threading.Thread(target=self._serve, args=(on_error,),
                                         name="blkif %s" % self.label, daemon=True)
         self._thread.start()
@@ -150,6 +174,7 @@ class RingEngine:
         while True:
             rc = lib.eng_run(self._eng, RUN_SLICE_MS)
             errors = self._log_io_errors(errors)
+            self._report_storage()
             if rc == lib.ENG_STOPPED:
                 return
             if rc < 0:
@@ -166,6 +191,25 @@ class RingEngine:
                       " last grant mapping error: %s", self.label, stats.errors,
                       _strerror(stats.last_io_errno), _strerror(stats.last_map_errno))
         return stats.errors
+
+    def _report_storage(self):
+        """Tell ``on_storage`` when an NBD store's connection goes or comes back."""
+        error = ffi.string(lib.eng_store_error(self._eng)).decode() or None
+        if (error is None) == (self.storage_error is None):
+            return
+        if error is not None:
+            log.error("%s: %s; requests fail until it is back", self.label, error)
+        else:
+            log.info("%s: storage is back", self.label)
+        self.storage_error = error
+        self.on_storage(error)
+
+    def reopen_store(self):
+        """While stopped: connect an NBD store again, taking the size its
+        export has now (an image grown on purpose).  If that fails, the
+        engine keeps trying once started, and says so."""
+        if lib.eng_nbd_reopen(self._eng) < 0:
+            log.warning("%s: %s", self.label, ffi.string(lib.eng_store_error(self._eng)).decode())
 
     def stop(self):
         """Stop the thread (it finishes its round first) and wait for it."""

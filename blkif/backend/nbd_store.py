@@ -11,7 +11,10 @@ I/O is asynchronous: ``submit_*`` queue a command and return at once, and
 ``done(errno)`` is called from :meth:`progress` (or from a ``submit_*``)
 when its reply arrives; the caller polls :meth:`fileno` for
 :meth:`direction`.  One thread owns a store: the ring server of its VBD
-(``nbd_ring``), or the worker's main thread while no ring is connected.
+(``nbd_ring``, the Python engine), or the worker's main thread while no ring
+is connected.  The C engine keeps a connection of its own to the export
+(``csrc/nbd_link.c``, the same rules); meanwhile the store closes its own
+(:meth:`lend`), since a server may take one client only.
 
 A connection that dies (server gone, daemon killed) makes :attr:`down` say
 why; commands then in flight complete with an error, new ones are refused
@@ -49,7 +52,7 @@ class NbdStore:
     store.  Raises StoreError if the server cannot be reached or spoken to.
     """
 
-    fd = None  # served by ``nbd_ring``, not by the C engine
+    fd = None  # no descriptor: the C engine connects by ``uri``
 
     def __init__(self, uri, writable=True, name=None):
         if nbd is None:
@@ -120,6 +123,21 @@ class NbdStore:
         be; then :attr:`down` says so, and the next :meth:`reconnect` (the ring
         server's retries) takes the new size."""
         self.handle, self._resized = None, True
+        try:
+            self._connect()
+        except StoreError as exc:
+            self.down = str(exc)
+            raise
+
+    def lend(self):
+        """Close this connection while the C engine holds its own (which
+        flushes and closes it when done); :meth:`take_back` after."""
+        self.handle = None
+
+    def take_back(self):
+        """Connect again once the engine closed its connection.  StoreError
+        if the server is away; :attr:`down` then says why, and the worker's
+        tick reconnects."""
         try:
             self._connect()
         except StoreError as exc:

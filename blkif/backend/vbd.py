@@ -3,9 +3,10 @@
 :class:`Vbd` owns one backend directory, the storage named by its
 ``params`` and ``mode`` nodes (``blkif.backend.storage``) and, while
 connected, one mapped ring, bound event channel and ring server per queue: a
-:class:`RingEngine` (C, the default) or a :class:`RingServer` (the Python
-reference) for a file or device, an :class:`NbdRingServer` for an image or
-NBD export, each serving its ring on a thread of its own.  Storage that
+:class:`RingEngine` (C, the default: a file or device, or an image or NBD
+export through libnbd) or the Python reference (a :class:`RingServer` for a
+file or device, an :class:`NbdRingServer` for an image or NBD export), each
+serving its ring on a thread of its own.  Storage that
 fails or comes back is shown in the error node (:meth:`Vbd.tick`,
 :meth:`Vbd.storage_changed`).
 
@@ -29,7 +30,7 @@ Its life follows Linux blkback:
   released and Closing.  Only this VBD stops.
 - Live restart: with a journal directory (``BackendOptions.journal_dir``),
   a connection is journaled (:mod:`blkif.backend.journal`), whatever serves it
-  (either engine, or the NBD ring server of an image or NBD VBD).  A
+  (either engine, on any store).  A
   worker that finds the VBD Connected and its predecessor's journal matching
   the frontend's nodes resumes instead of closing: the same rings and
   channels, the requests in flight answered once, no renegotiation.
@@ -195,7 +196,8 @@ class Vbd:
             os.unlink(path)  # a connection nobody carries on
         self.offer = BackendOffer(
             max_ring_page_order=opts.max_ring_page_order,
-            # One NBD connection per VBD, owned by one ring thread: one queue.
+            # One NBD connection per VBD, owned by one ring thread: one queue
+            # (a FLUSH covers only its own connection's writes).
             max_queues=1 if self.storage.is_nbd else opts.max_queues,
             max_indirect_segments=opts.max_indirect_segments,
             persistent=opts.persistent,
@@ -358,6 +360,10 @@ class Vbd:
                                      "touching the storage under them" % left)
             action()
         finally:
+            if self._engine_holds_nbd():  # the store connected again in the action
+                self.store.lend()
+                for server in self.servers:
+                    server.reopen_store()
             for server in self.servers:
                 server.start(self.ring_failed)
 
@@ -484,11 +490,11 @@ class Vbd:
             "queues": len(conn.queues), "persistent": conn.persistent,
             "max_indirect_segments": self.offer.max_indirect_segments,
             "discard": self.offer.discard,
-            "engine": "python" if self.storage.is_nbd else self.options.engine,
+            "engine": self.options.engine,
             "io": self.servers[0].io_mode,
         }
         if self.negotiated["engine"] == "c":
-            self.negotiated["bounce_mib"] = self.options.bounce_mib
+            self.negotiated["bounce_mib"] = self.servers[0].bounce_pages >> 8
         log.info("%s: connected: %s, %d queue(s) of %d ring page(s), persistent grants %s, "
                  "%s engine (%s%s)", self.label, conn.abi.protocol, len(conn.queues),
                  1 << conn.ring_page_order, "on" if conn.persistent else "off",
@@ -507,6 +513,8 @@ class Vbd:
             sector_size=self.store.logical_block_size,
         )
         try:
+            if self._engine_holds_nbd():
+                self.store.lend()  # a server may take one client only
             for i, queue in enumerate(conn.queues):
                 mapping = self.platform.map_grants(self.domid, queue.ring_refs, writable=True)
                 try:
@@ -516,7 +524,7 @@ class Vbd:
                     raise
                 self._rings.append((mapping, port))
                 label = "%s q%d" % (self.label, i)
-                if self.storage.is_nbd:
+                if self.storage.is_nbd and self.options.engine == "python":
                     server = NbdRingServer(self.platform, self.domid, mapping.buffer, port,
                                            conn.abi, limits, self.store,
                                            persistent=conn.persistent, label=label,
@@ -539,11 +547,15 @@ class Vbd:
                                         bounce_pages=self.options.bounce_mib << 8,
                                         max_grants=self.options.max_persistent_grants,
                                         journal=self.journal and self.journal.region(i),
-                                        resume=resume)
+                                        resume=resume, on_storage=self.storage_changed)
                 self.servers.append(server)
         except BaseException:
             self.disconnect()
             raise
+
+    def _engine_holds_nbd(self):
+        """The C engine keeps this VBD's NBD connection while rings are up."""
+        return self.storage.is_nbd and self.options.engine == "c"
 
     def disconnect(self):
         """Finish what is on the rings, then unmap and unbind everything."""
@@ -569,6 +581,12 @@ class Vbd:
             mapping.unmap()
         self.servers.clear()
         self._rings.clear()
+        if self.store is not None and self._engine_holds_nbd():
+            try:
+                self.store.take_back()  # the engine flushed and closed its connection
+            except StoreError as exc:
+                log.debug("%s: %s", self.label, exc)  # the tick reports and retries
+                return
         if self.store is not None and self.store.writable:
             self._flush_store()
 

@@ -59,6 +59,9 @@ struct eng_config {
     int abi;
     struct eng_limits limits;
     int store_fd, store_is_device;
+    const char *nbd_uri;              /* not NULL: an NBD export instead (nbd_link.c) */
+    const char *nbd_name;             /* what messages call it */
+    uint64_t nbd_size;                /* its size: a connection with another is refused */
     int *flush_failed;                /* the store's, shared by its rings */
     int port_kind, port_fd;
     uint32_t port;
@@ -82,6 +85,7 @@ CDEF = """
 #define ENG_PORT_SOCKET ...
 #define ENG_IO_URING ...
 #define ENG_IO_THREADS ...
+#define ENG_IO_NBD ...
 #define ENG_OK ...
 #define ENG_STOPPED ...
 #define ENG_RING_ERROR ...
@@ -97,12 +101,15 @@ struct engine *eng_new(const struct eng_config *cfg, char *err, size_t errlen);
 int eng_run(struct engine *e, int timeout_ms);
 int eng_quiesce(struct engine *e, int timeout_ms);
 void eng_stop(struct engine *e);
+void eng_restart(struct engine *e);
 void eng_free(struct engine *e);
 const struct eng_stats *eng_stats(struct engine *e);
 const char *eng_error(struct engine *e);
 const char *eng_io_note(struct engine *e);
 int eng_io_mode(struct engine *e);
 void eng_set_sectors(struct engine *e, uint64_t sectors);
+const char *eng_store_error(struct engine *e);
+int eng_nbd_reopen(struct engine *e);
 int eng_decode(int abi, const struct eng_limits *lim, const void *raw,
                struct eng_request *out, uint32_t *grefs, uint32_t *bounds);
 int eng_decode_indirect(const struct eng_limits *lim, struct eng_request *req,
@@ -115,4 +122,4 @@ extern "Python" void eng_unmap_grants(void *, uint64_t);
 
 SOURCE = TYPES + '#include "engine.c"\n'
 INCLUDE_DIRS = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")]
-LIBRARIES = ["uring", "pthread"]
+LIBRARIES = ["uring", "nbd", "pthread"]

@@ -15,12 +15,14 @@
  *             back into Python (eng_map_grants), which owns the platform;
  *   submit    every read and write of the batch in flight at once: io_uring
  *             (one io_uring_submit per round) or, where io_uring is refused,
- *             a small pool of threads doing preadv/pwritev;
+ *             a small pool of threads doing preadv/pwritev; on an NBD export
+ *             (an image's qemu-storage-daemon, a remote server) NBD commands
+ *             through libnbd (nbd_link.c);
  *   reap      completions are answered as they arrive, out of order;
  *   push      responses published once per round, the peer notified at most once.
  * When a round finds nothing to do it arms req_event (final check), re-enables
  * the event channel only then (late EOI, XSA-332) and sleeps in poll() on the
- * port, the completion eventfd and the stop eventfd together.
+ * port, the completion eventfd (or the NBD socket) and the stop eventfd together.
  *
  * Nothing is allocated per request: pending requests live in an array of one
  * entry per ring slot, each with segment arrays grown once to the largest
@@ -55,6 +57,7 @@
 #define ENG_PORT_SOCKET 1 /* the sim platform: one byte per event */
 #define ENG_IO_URING 0
 #define ENG_IO_THREADS 1
+#define ENG_IO_NBD 2       /* cfg.nbd_uri: libnbd (nbd_link.c) */
 
 #define ENG_OK 0
 #define ENG_STOPPED 1
@@ -364,6 +367,8 @@ struct pending {
     int16_t status;
     int32_t next_free;
     int64_t taken_ns;        /* when it came off the ring: its latency starts */
+    struct engine *owner;    /* for libnbd's completion callbacks */
+    uint64_t covers;         /* an NBD FLUSH: the writes answered before it */
 };
 
 struct done { uint64_t user_data; int64_t res; };
@@ -394,6 +399,7 @@ struct engine {
     struct grant_cache cache;
     struct io_uring ring;
     struct pool pool;
+    struct nbd_link *nbd;       /* ENG_IO_NBD: the connection (nbd_link.c) */
     int io_mode, done_fd, stop_fd;
     volatile int stop;
     int masked, spurious_streak, channel_closed;
@@ -404,7 +410,9 @@ struct engine {
     struct ioctl_gntdev_map_grant_ref *map_op; /* room for the most grants of a request */
     char *bounce;            /* cfg.bounce_pages pages, and a bit per page in use */
     uint64_t *bounce_used;
-    int recover;             /* journal entries to take again in the first round */
+    int recover;             /* journal entries are left to take again */
+    int32_t *recover_order;  /* ... their indexes, oldest on the ring first */
+    uint32_t recover_count, recover_at;
     struct eng_stats stats;
     char error[256];
     char io_note[160];
@@ -415,9 +423,21 @@ static void set_error(struct engine *e, const char *what, long a, long b, long c
     snprintf(e->error, sizeof e->error, what, a, b, c);
 }
 
-/* -- I/O: io_uring, or a pool of threads ------------------------------------ */
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static int64_t now_ms(void) { return now_ns() / 1000000; }
+
 
 #define IO_FSYNC 2
+
+#include "nbd_link.c"
+
+/* -- I/O: io_uring, or a pool of threads ------------------------------------ */
 
 static long do_io(int fd, int op, const struct iovec *iov, uint32_t count, uint64_t offset)
 {
@@ -463,6 +483,13 @@ static int io_start(struct engine *e)
     e->done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (e->done_fd < 0)
         return -errno;
+    if (e->cfg.nbd_uri) {
+        e->io_mode = ENG_IO_NBD;
+        if (!(e->nbd = calloc(1, sizeof *e->nbd)))
+            return -ENOMEM;
+        link_start(e);
+        return 0;
+    }
     if (e->cfg.io_mode == ENG_IO_URING) {
         int r = io_uring_queue_init(entries, &e->ring, 0);
         if (r == 0 && (r = io_uring_register_eventfd(&e->ring, e->done_fd)) < 0)
@@ -540,6 +567,8 @@ static unsigned io_reap(struct engine *e)
 {
     unsigned n = 0;
     uint64_t count;
+    if (e->io_mode == ENG_IO_NBD)
+        return link_reap(e);
     if (read(e->done_fd, &count, sizeof count) < 0) { /* EAGAIN: look anyway */ }
     if (e->io_mode == ENG_IO_URING) {
         struct io_uring_cqe *cqes[64];
@@ -572,6 +601,10 @@ static void io_stop(struct engine *e)
 {
     if (e->io_mode == ENG_IO_URING) {
         io_uring_queue_exit(&e->ring);
+    } else if (e->nbd) {
+        link_stop(e);
+        free(e->nbd);
+        e->nbd = NULL;
     } else if (e->pool.jobs) {
         pthread_mutex_lock(&e->pool.lock);
         e->pool.quit = 1;
@@ -586,14 +619,6 @@ static void io_stop(struct engine *e)
         close(e->done_fd);
 }
 
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-static int64_t now_ms(void) { return now_ns() / 1000000; }
 
 #define LATENCY_UNIT_NS 32000 /* counters.py latency_bucket: bucket i under 32 us << i */
 #define LATENCY_LAST 16
@@ -746,6 +771,20 @@ static int journal_open(struct engine *e, char *err, size_t errlen)
             e->pending[i].next_free = e->free_head;
             e->free_head = (int32_t)i;
         }
+    /* Taken again in ring order, oldest first, as the predecessor took them. */
+    if (live && !(e->recover_order = malloc(live * sizeof *e->recover_order))) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    for (uint32_t i = 0; i < e->size; i++) {
+        if (j->entries[i].state != JOURNAL_TAKEN)
+            continue;
+        uint32_t k = e->recover_count++;
+        for (; k && cons - j->entries[e->recover_order[k - 1]].ring_index <
+                        cons - j->entries[i].ring_index; k--)
+            e->recover_order[k] = e->recover_order[k - 1];
+        e->recover_order[k] = (int32_t)i;
+    }
     e->recover = live > 0;
     return 0;
 }
@@ -1099,17 +1138,32 @@ static uint64_t user_data(int32_t index, uint32_t part) { return (uint64_t)part 
 static void submit_transfer(struct engine *e, int32_t index, int op)
 {
     struct pending *p = &e->pending[index];
+    if (e->io_mode == ENG_IO_NBD) {
+        link_transfer(e, p, op);
+        return;
+    }
     p->outstanding = p->nparts;
     for (uint32_t k = 0; k < p->nparts; k++)
         io_queue(e, user_data(index, k), op, p->iov + p->parts[k].iov_at,
                  p->parts[k].iov_count, p->parts[k].offset);
 }
 
-/* A write the store took only partly: write the rest here (rare: files). */
+/* A write the store took only partly: write the rest here (rare: files).
+ * A barrier's data is written here too, from the start. */
 static int64_t write_rest(struct engine *e, struct pending *p, struct part *part, uint64_t done)
 {
     struct iovec *iov = p->iov + part->iov_at;
     uint32_t count = part->iov_count;
+    if (e->io_mode == ENG_IO_NBD) {
+        for (uint32_t k = 0; k < count; done += iov[k++].iov_len) {
+            int err = link_wait(e, OP_WRITE, iov[k].iov_base, iov[k].iov_len, part->offset + done);
+            if (err) {
+                e->stats.last_io_errno = err;
+                return -err;
+            }
+        }
+        return done;
+    }
     while (done < part->length) {
         uint64_t skip = done;
         uint32_t k = 0;
@@ -1152,6 +1206,12 @@ static int16_t sync_store(struct engine *e)
 {
     if (__atomic_load_n(e->cfg.flush_failed, __ATOMIC_SEQ_CST))
         return RSP_ERROR;
+    if (e->io_mode == ENG_IO_NBD) {
+        int err = link_wait(e, IO_FSYNC, NULL, 0, 0);
+        if (err)
+            e->stats.last_io_errno = err;
+        return err ? RSP_ERROR : RSP_OKAY;
+    }
     if (fdatasync(e->cfg.store_fd) < 0) {
         e->stats.last_io_errno = errno;
         /* As QEMU's file-posix: the writes it lost stay lost, so every later
@@ -1263,7 +1323,10 @@ static void take(struct engine *e, int32_t index)
         }
     }
     if (r->kind == OP_DISCARD) {
-        answer_now(e, index, discard(e, r));
+        if (e->io_mode == ENG_IO_NBD)
+            link_trim(e, p);
+        else
+            answer_now(e, index, discard(e, r));
         return;
     }
     if (r->nr_segments && prepare_transfer(e, p) < 0) {
@@ -1284,6 +1347,10 @@ static void take(struct engine *e, int32_t index)
         }
         if (!r->nr_segments) {
             /* Covers every write answered before it: those are done. */
+            if (e->io_mode == ENG_IO_NBD) {
+                link_flush(e, p);
+                return;
+            }
             p->outstanding = 1;
             io_queue(e, user_data(index, 0), IO_FSYNC, NULL, 0, 0);
             return;
@@ -1297,19 +1364,22 @@ static void take(struct engine *e, int32_t index)
     submit_transfer(e, index, r->kind == OP_READ ? OP_READ : OP_WRITE);
 }
 
-/* Take again what a predecessor left in the journal (its first round). */
+/* Take again what a predecessor left in the journal, in ring order, until a
+ * barrier has to wait for what is in flight: the next rounds go on from there
+ * (a Python predecessor may have left two barriers, and requests taken after
+ * a barrier it had started). */
 static int recover(struct engine *e)
 {
     struct eng_journal *j = e->cfg.journal;
     int n = 0;
-    e->recover = 0;
-    for (uint32_t i = 0; i < e->size; i++)
-        if (j->entries[i].state == JOURNAL_TAKEN) {
-            memcpy(e->request, j->entries[i].request, e->request_size);
-            e->stats.resumed++;
-            take(e, (int32_t)i);
-            n++;
-        }
+    while (e->recover_at < e->recover_count && e->barrier_waiting < 0) {
+        int32_t i = e->recover_order[e->recover_at++];
+        memcpy(e->request, j->entries[i].request, e->request_size);
+        e->stats.resumed++;
+        take(e, i);
+        n++;
+    }
+    e->recover = e->recover_at < e->recover_count;
     return n;
 }
 
@@ -1324,7 +1394,7 @@ static int consume(struct engine *e)
         return -1;
     }
     int n = 0;
-    while (e->barrier_waiting < 0 && e->req_cons != prod &&
+    while (e->barrier_waiting < 0 && !e->recover && e->req_cons != prod &&
            (uint32_t)(e->req_cons - e->rsp_prod_pvt) < e->size) {
         int32_t index = e->free_head;
         e->free_head = e->pending[index].next_free;
@@ -1381,6 +1451,8 @@ static void tick(struct engine *e)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
     e->now = ts.tv_sec;
+    if (e->io_mode == ENG_IO_NBD)
+        link_tick(e);
     if (!e->cfg.persistent)
         return;
     if (e->now >= e->next_purge) {
@@ -1449,9 +1521,10 @@ static int eng_run(struct engine *e, int timeout_ms)
         int64_t left = deadline - now_ms();
         if (left <= 0)
             return ENG_OK;
-        struct pollfd fds[3] = {
+        struct pollfd fds[4] = {
             {e->cfg.port_fd, POLLIN, 0}, {e->done_fd, POLLIN, 0}, {e->stop_fd, POLLIN, 0}};
-        if (poll(fds, 3, (int)left) <= 0)
+        int nfds = 3 + link_pollfd(e, &fds[3]);
+        if (poll(fds, nfds, (int)link_sleep(e, left)) <= 0)
             continue;
         if (fds[0].revents) {
             e->stats.events++;
@@ -1461,7 +1534,7 @@ static int eng_run(struct engine *e, int timeout_ms)
                 return ENG_CHANNEL_CLOSED;
             }
             /* An event with no new request and no completion is spurious. */
-            if (*e->req_prod == e->req_cons && !fds[1].revents) {
+            if (*e->req_prod == e->req_cons && !fds[1].revents && !fds[3].revents) {
                 e->stats.spurious_events++;
                 e->spurious_streak++;
             }
@@ -1485,7 +1558,9 @@ static int eng_quiesce(struct engine *e, int timeout_ms)
             set_error(e, "%ld requests still in flight", (long)e->stats.in_flight, 0, 0);
             return ENG_FAILED;
         }
-        if (!work && e->stats.in_flight) {
+        if (!work && e->stats.in_flight && e->io_mode == ENG_IO_NBD) {
+            link_pump(e, (int)left);
+        } else if (!work && e->stats.in_flight) {
             struct pollfd fd = {e->done_fd, POLLIN, 0};
             poll(&fd, 1, (int)left);
         }
@@ -1497,6 +1572,14 @@ static void eng_stop(struct engine *e)
     uint64_t one = 1;
     e->stop = 1;
     if (write(e->stop_fd, &one, sizeof one) < 0) { /* already signalled */ }
+}
+
+/* Undo eng_stop: the next eng_run serves again (the rings held, then let go). */
+static void eng_restart(struct engine *e)
+{
+    uint64_t count;
+    if (read(e->stop_fd, &count, sizeof count) < 0) { /* not signalled */ }
+    e->stop = 0;
 }
 
 static void eng_free(struct engine *e)
@@ -1523,6 +1606,7 @@ static void eng_free(struct engine *e)
     free(e->bounce);
     free(e->bounce_used);
     free(e->scratch);
+    free(e->recover_order);
     free(e->map_op);
     free(e->cache.entries);
     free(e->cache.table);
@@ -1562,6 +1646,7 @@ static struct engine *eng_new(const struct eng_config *cfg, char *err, size_t er
         goto nomem;
     for (uint32_t i = 0; i < e->size; i++) {
         e->pending[i].next_free = i + 1 < e->size ? (int32_t)i + 1 : -1;
+        e->pending[i].owner = e;
         if (grow(&e->pending[i], MAX_DIRECT) < 0)
             goto nomem;
     }
@@ -1601,6 +1686,24 @@ static const struct eng_stats *eng_stats(struct engine *e) { return &e->stats; }
 static const char *eng_error(struct engine *e) { return e->error; }
 static const char *eng_io_note(struct engine *e) { return e->io_note; }
 static int eng_io_mode(struct engine *e) { return e->io_mode; }
+
+/* An NBD store's trouble: why its connection is down, or "" (always "" for a file). */
+static const char *eng_store_error(struct engine *e)
+{
+    return e->io_mode == ENG_IO_NBD ? e->nbd->down : "";
+}
+
+/* Connect an NBD store again, taking the export's size as it is (its image
+ * was grown on purpose); only while the engine is stopped and idle.  0, or
+ * -1 with eng_store_error saying why (the rounds keep trying). */
+static int eng_nbd_reopen(struct engine *e)
+{
+    if (e->io_mode != ENG_IO_NBD)
+        return 0;
+    e->nbd->adopt = 1;
+    link_connect(e, CONNECT_MS);
+    return e->nbd->state == LINK_UP ? 0 : -1;
+}
 
 /* Online resize, from another thread: requests are checked against the new
  * size from the next one decoded (an aligned 64-bit store: no torn value). */
