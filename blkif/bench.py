@@ -343,8 +343,8 @@ def print_report(report):
                   report["size"] >> 20, report["duration"]))
         fio = ("ioengine io_uring on the same image" if report["format"] == "raw"
                else "ioengine nbd on the same NBD export")
-        engine = (report["engine"] if report["format"] == "raw"
-                  else "nbd, format %s" % report["format"])
+        engine = report["engine"] + ("" if report["format"] == "raw"
+                                     else " over NBD, format %s" % report["format"])
         print("engine %s%s; guest frontend %s; fio: %s; CPU us/IO: fio's process" % (
             engine, ", O_DIRECT" if report["direct"] else "", report["frontend"], fio))
 

@@ -198,8 +198,10 @@ def resize(xs, domid, vdev, size, backend_domid=0, timeout=10.0):
     second and tells a connected frontend.  An image of another format is
     grown by the VBD's worker under its qemu-storage-daemon (which holds the
     image's lock): asked in the backend's RESIZE_REQUEST node, answered in
-    RESIZE_RESULT within ``timeout`` s.  Block devices are grown with their
-    own tools (lvextend, ...); NBD exports cannot be; shrinking is refused.
+    RESIZE_RESULT within ``timeout`` s.  An NBD export is grown on its server
+    first; asked the same way, the worker connects again and takes its new
+    size, which must be ``size`` at least.  Block devices are grown with
+    their own tools (lvextend, ...); shrinking is refused.
     """
     devid = vdev_to_devid(vdev)
     back = find_backend(xs, backend_domid, domid, devid)
@@ -210,11 +212,8 @@ def resize(xs, domid, vdev, size, backend_domid=0, timeout=10.0):
         target = parse_params(params)
     except ParamsError as exc:
         raise UsageError("VBD %s of domain %d: %s" % (vdev, domid, exc)) from None
-    if target.kind == "image":
+    if target.kind in ("image", "nbd"):
         return _grow_image(xs, back, "%s of domain %d" % (vdev, domid), target, size, timeout)
-    if target.kind != "file":
-        raise UsageError("VBD %s of domain %d is %s: an NBD export cannot be grown from here "
-                         "(docs/storage.md)" % (vdev, domid, target))
     path = target.path
     try:
         st = os.stat(path)
@@ -232,7 +231,8 @@ def resize(xs, domid, vdev, size, backend_domid=0, timeout=10.0):
 
 
 def _grow_image(xs, back, name, target, size, timeout):
-    """Ask the worker serving ``back`` to grow its image; its path once done."""
+    """Ask the worker serving ``back`` to grow its image (or take an NBD
+    export's new size); the image's path or the export's URI once done."""
     have = int(xs.read_str(back + "/sectors", "0") or 0) * 512
     if size < have:
         raise UsageError("%s has %d bytes: shrinking it to %d would lose the guest's data; "
@@ -252,13 +252,13 @@ def _grow_image(xs, back, name, target, size, timeout):
                                      "says)" % (name, timeout))
                 xs.rm(back + "/" + RESIZE_REQUEST)
                 raise BlkifError("%s: no worker of blkif serve grew %s within %.0f s (is the "
-                                 "service running?)" % (name, target.path, timeout))
+                                 "service running?)" % (name, target, timeout))
             watch.get(timeout=remaining)
             answer = xs.read_str(result, None)
     xs.rm(result)
     if answer != "ok":
         raise BlkifError("%s: %s" % (name, answer))
-    return target.path
+    return target.uri if target.kind == "nbd" else target.path
 
 
 def list_vbds(xs, backend_domid=0):

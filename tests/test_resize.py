@@ -12,7 +12,7 @@ import time
 import pytest
 
 from backend_fixtures import sim_service
-from helpers import require_tool
+from helpers import require_tool, start_nbdkit
 from blkif import toolstack
 from blkif.errors import BlkifError, LocalProtocolError, UsageError
 from blkif.frontend import BlockDevice, FrontendOptions
@@ -151,6 +151,48 @@ def test_what_qemu_refuses_is_said_and_the_vbd_serves_on(service, tmp_path):
     assert service.worker_pid(domid, devid) == worker
 
 
+def test_an_nbd_export_grown_on_its_server_is_taken_online(service, tmp_path):
+    """The export's file grows under nbdkit (a storage host growing a volume);
+    ``blkif vbd resize`` has the worker connect again with the rings held
+    back: the frontend sees the new size, writes in flight land, and a size
+    the export does not have is refused in one line."""
+    require_tool("nbdkit")
+    export = tmp_path / "export.img"
+    with open(export, "wb") as f:
+        f.truncate(8 * MIB)
+    sock = tmp_path / "nbd.sock"
+    server = start_nbdkit(sock, "file", str(export))
+    try:
+        domid = 300
+        toolstack.introduce(service.dom0, domid)
+        toolstack.create(service.dom0, domid, "xvda", "nbd+unix:///?socket=%s" % sock)
+        with _device(service, domid) as dev:
+            data = os.urandom(MIB)
+            writes = [dev.submit_write(i * MIB, data) for i in range(8)]  # in flight
+            run = _blkif(service, "vbd", "resize", "--domid", str(domid), "--vdev", "xvda",
+                         "--size", "16M")
+            assert run.returncode == 1 and "the export has %d bytes, not %d: grow it on its " \
+                "server first" % (8 * MIB, 16 * MIB) in run.stderr, run.stderr
+            assert len(run.stderr.strip().splitlines()) == 1
+            os.truncate(export, 16 * MIB)
+            run = _blkif(service, "vbd", "resize", "--domid", str(domid), "--vdev", "xvda",
+                         "--size", "16M")
+            assert run.returncode == 0, run.stderr
+            for handle in writes:
+                handle.result()
+            assert _wait_size(dev, 16 * MIB) == 16 * MIB
+            dev.write(16 * MIB - 4096, b"e" * 4096)  # the last page, new
+            assert dev.read(16 * MIB - 4096, 4096) == b"e" * 4096
+            assert dev.read(0, MIB) == data and dev.read(7 * MIB, MIB) == data
+        toolstack.destroy(service.dom0, domid, "xvda")
+    finally:
+        server.terminate()
+        server.wait()
+    with open(export, "rb") as f:
+        f.seek(16 * MIB - 4096)
+        assert f.read() == b"e" * 4096
+
+
 def test_growing_an_image_nobody_serves_times_out(service, tmp_path):
     image = tmp_path / "lonely.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
@@ -196,8 +238,6 @@ def test_resize_refuses_devices_and_other_formats(tmp_path):
     image.write_bytes(bytes(4096))
     toolstack.resize(Xs("aio:%s" % image), 1, "xvda", 8192)
     assert image.stat().st_size == 8192
-    with pytest.raises(UsageError, match="an NBD export cannot be grown"):
-        toolstack.resize(Xs("nbd://storage1/vm7"), 1, "xvda", 1 << 20)
     with pytest.raises(UsageError, match="unknown disk format 'vdi'"):
         toolstack.resize(Xs("vdi:%s" % image), 1, "xvda", 1 << 20)
 

@@ -90,9 +90,17 @@ class Storage:
                 self.error = None
 
     def grow(self, size):
-        """Grow an image to ``size`` bytes under its daemon (online resize);
-        the caller holds the rings' I/O back meanwhile.  The store then has
-        the new size.  StoreError if this is no image or QEMU refused."""
+        """Grow an image to ``size`` bytes under its daemon (online resize),
+        or take the size an NBD export was grown to on its server; the caller
+        holds the rings' I/O back meanwhile.  The store then has the new size.
+        StoreError if QEMU refused, or the export is smaller than ``size``."""
+        if self.target.kind == "nbd":
+            self.store.close()
+            self.store.reopen()
+            if self.store.size < size:
+                raise StoreError("the export has %d bytes, not %d: grow it on its server "
+                                 "first" % (self.store.size, size))
+            return
         if self.daemon is None:
             raise StoreError("%s is not an image served by qemu-storage-daemon" % self.target)
         self.store.close()  # the export goes: no connection may hold it

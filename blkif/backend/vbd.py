@@ -322,8 +322,9 @@ class Vbd:
         return True
 
     def _resize_requested(self):
-        """``blkif vbd resize`` of an image VBD asks in RESIZE_REQUEST (bytes):
-        grow the image under its daemon with the rings' I/O held back, publish
+        """``blkif vbd resize`` of an image or NBD VBD asks in RESIZE_REQUEST
+        (bytes): with the rings' I/O held back, grow the image under its
+        daemon (or connect again to an export grown on its server), publish
         the new size, answer in RESIZE_RESULT ("ok" or "error: why")."""
         node = "%s/%s" % (self.path, RESIZE_REQUEST)
         text = self.xs.read_str(node, None)
@@ -332,9 +333,9 @@ class Vbd:
         self.xs.rm(node)
         try:
             size = int(text)
-            if self.target.kind != "image":
+            if self.target.kind == "file":
                 raise StoreError("%s is not an image: a raw file grows by itself (blkif vbd "
-                                 "resize truncates it) and an NBD export cannot" % self.target)
+                                 "resize truncates it)" % self.target)
             if size % SECTOR_SIZE or size < self.store.sectors * SECTOR_SIZE:
                 raise StoreError("%d bytes is not a whole number of sectors of at least "
                                  "the %d the disk has" % (size, self.store.sectors * SECTOR_SIZE))
