@@ -563,3 +563,32 @@ def test_an_nbd_server_that_goes_away_and_comes_back(service, tmp_path, nbdkit_s
     finally:
         fe.shutdown()
     assert "storage is back" in service.output()
+
+
+def test_a_bad_ring_on_an_nbd_vbd_leaves_its_connection_usable(service, tmp_path,
+                                                                nbdkit_servers):
+    """The worker closes its own NBD connection for the engine's as the rings
+    are set up; a frontend whose ring cannot be mapped ends that before any
+    engine holds one: the worker connects again and serves the next try."""
+    base, _ = make_base(tmp_path)
+    server = Nbdkit(base)
+    nbdkit_servers.append(server.start())
+    fe, domid, devid = new_vbd(service, server.uri)
+    try:
+        worker = service.worker_pid(domid, devid)
+        fe.setup(wants=ONE_QUEUE, extra={"ring-ref": "999999"})
+        assert fe.backend_state([S.Connected, S.Closing]) == S.Closing
+        fe.close()
+        time.sleep(1.5)  # the worker's tick looks at the connection while no ring has it
+        fe.xs.switch_state(fe.front + "/state", S.Initialising)
+        assert fe.backend_state([S.InitWait]) == S.InitWait
+        fe.connect(wants=ONE_QUEUE)
+        q = fe.queues[0]
+        data = os.urandom(8192)
+        assert all(comp.ok for comp in io(fe, q, lambda q: q.submit_write(512, data)))
+        read, = io(fe, q, lambda q: q.submit_read(512, 8192))
+        assert read.ok and read.data == data
+        assert service.worker_pid(domid, devid) == worker
+        fe.close()
+    finally:
+        fe.shutdown()

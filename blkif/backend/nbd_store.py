@@ -61,6 +61,7 @@ class NbdStore:
         self.path = name or uri
         self.handle = None
         self.down = None  # why the connection is gone, or None
+        self.lent = False  # closed while the C engine holds a connection of its own
         self.size = None
         self._resized = False  # the next connection may bring another size (reopen)
         self._writes_done = 0  # writes answered OK so far
@@ -132,12 +133,13 @@ class NbdStore:
     def lend(self):
         """Close this connection while the C engine holds its own (which
         flushes and closes it when done); :meth:`take_back` after."""
-        self.handle = None
+        self.handle, self.lent = None, True
 
     def take_back(self):
         """Connect again once the engine closed its connection.  StoreError
         if the server is away; :attr:`down` then says why, and the worker's
         tick reconnects."""
+        self.lent = False
         try:
             self._connect()
         except StoreError as exc:

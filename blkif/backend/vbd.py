@@ -552,6 +552,7 @@ class Vbd:
                 self.servers.append(server)
         except BaseException:
             self.disconnect()
+            self._take_back_store()  # lent, though no engine got to hold it
             raise
 
     def _engine_holds_nbd(self):
@@ -582,14 +583,23 @@ class Vbd:
             mapping.unmap()
         self.servers.clear()
         self._rings.clear()
-        if self.store is not None and self._engine_holds_nbd():
-            try:
-                self.store.take_back()  # the engine flushed and closed its connection
-            except StoreError as exc:
-                log.debug("%s: %s", self.label, exc)  # the tick reports and retries
-                return
+        if not self._take_back_store():
+            return
         if self.store is not None and self.store.writable:
             self._flush_store()
+
+    def _take_back_store(self):
+        """After the rings: an NBD store lent to the engine (which flushed and
+        closed its connection) connects again.  False if it cannot yet (the
+        worker's tick reports that and retries)."""
+        if self.store is None or not getattr(self.store, "lent", False):
+            return True
+        try:
+            self.store.take_back()
+        except StoreError as exc:
+            log.debug("%s: %s", self.label, exc)
+            return False
+        return True
 
     def detach(self):
         """Leave the connection to a successor (an upgrade): answer everything
