@@ -410,6 +410,7 @@ struct engine {
     struct ioctl_gntdev_map_grant_ref *map_op; /* room for the most grants of a request */
     char *bounce;            /* cfg.bounce_pages pages, and a bit per page in use */
     uint64_t *bounce_used;
+    int bounce_fixed;        /* registered with io_uring: READ/WRITE_FIXED, no pinning per I/O */
     int recover;             /* journal entries are left to take again */
     int32_t *recover_order;  /* ... their indexes, oldest on the ring first */
     uint32_t recover_count, recover_at;
@@ -537,8 +538,14 @@ static void io_queue(struct engine *e, uint64_t user_data, int op, const struct 
             complete(e, user_data, -EBUSY);
             return;
         }
+        int fixed = e->bounce_fixed && count == 1 && (char *)iov->iov_base >= e->bounce &&
+                    (char *)iov->iov_base < e->bounce + (size_t)e->cfg.bounce_pages * PAGE;
         if (op == IO_FSYNC)
             io_uring_prep_fsync(sqe, e->cfg.store_fd, IORING_FSYNC_DATASYNC);
+        else if (fixed && op == OP_READ)
+            io_uring_prep_read_fixed(sqe, e->cfg.store_fd, iov->iov_base, iov->iov_len, offset, 0);
+        else if (fixed)
+            io_uring_prep_write_fixed(sqe, e->cfg.store_fd, iov->iov_base, iov->iov_len, offset, 0);
         else if (op == OP_READ)
             io_uring_prep_readv(sqe, e->cfg.store_fd, iov, count, offset);
         else
@@ -1011,7 +1018,9 @@ static int grow(struct pending *p, uint32_t n)
  * (docs/lab.md).  With cfg.bounce_pages, a transfer that fits goes through the ring's
  * own buffer instead, one iovec of ordinary memory: its data is copied from the
  * granted pages before a write and to them after a read.  A transfer that finds
- * no room goes straight to the granted pages as without it. */
+ * no room goes straight to the granted pages as without it.  With io_uring the
+ * buffer is registered (pinned once, READ_FIXED/WRITE_FIXED): measured faster
+ * than the same buffer unregistered (docs/bench.md). */
 
 static int bounce_take(struct engine *e, uint32_t n, uint32_t *at)
 {
@@ -1667,6 +1676,10 @@ static struct engine *eng_new(const struct eng_config *cfg, char *err, size_t er
     if (rc < 0) {
         snprintf(err, errlen, "cannot start I/O: %s", strerror(-rc));
         goto out;
+    }
+    if (e->bounce && e->io_mode == ENG_IO_URING) { /* pinned once (else: as it was) */
+        struct iovec all = {e->bounce, (size_t)cfg->bounce_pages * PAGE};
+        e->bounce_fixed = io_uring_register_buffers(&e->ring, &all, 1) == 0;
     }
     if (cfg->journal && journal_open(e, err, errlen) < 0) {
         eng_free(e);
