@@ -152,21 +152,34 @@ def test_what_qemu_refuses_is_said_and_the_vbd_serves_on(service, tmp_path):
 
 
 def test_an_nbd_export_grown_on_its_server_is_taken_online(service, tmp_path):
-    """The export's file grows under nbdkit (a storage host growing a volume);
-    ``blkif vbd resize`` has the worker connect again with the rings held
-    back: the frontend sees the new size, writes in flight land, and a size
-    the export does not have is refused in one line."""
+    """The export's file grows under nbdkit (a storage host growing a volume),
+    which takes one client at a time, as qemu-nbd does by default.  ``blkif
+    vbd resize`` has the worker connect again with the rings held back: the
+    frontend sees the new size, writes in flight land, and a size the export
+    does not have is refused in one line.  Before any frontend connects it
+    works too."""
     require_tool("nbdkit")
     export = tmp_path / "export.img"
     with open(export, "wb") as f:
-        f.truncate(8 * MIB)
+        f.truncate(6 * MIB)
     sock = tmp_path / "nbd.sock"
-    server = start_nbdkit(sock, "file", str(export))
+    server = start_nbdkit(sock, "--filter=limit", "file", str(export), "limit=1")
     try:
         domid = 300
         toolstack.introduce(service.dom0, domid)
-        toolstack.create(service.dom0, domid, "xvda", "nbd+unix:///?socket=%s" % sock)
+        devid = toolstack.create(service.dom0, domid, "xvda", "nbd+unix:///?socket=%s" % sock)
+        back = toolstack.backend_path(0, domid, devid)
+        worker = service.worker_pid(domid, devid)
+        deadline = time.monotonic() + 10
+        while service.dom0.read_str(back + "/state", "") != "2":  # InitWait: nobody connected
+            assert time.monotonic() < deadline, "the VBD never reached InitWait"
+            time.sleep(0.05)
+        os.truncate(export, 8 * MIB)
+        run = _blkif(service, "vbd", "resize", "--domid", str(domid), "--vdev", "xvda",
+                     "--size", "8M")
+        assert run.returncode == 0, run.stderr  # published when a frontend connects:
         with _device(service, domid) as dev:
+            assert dev.size == 8 * MIB
             data = os.urandom(MIB)
             writes = [dev.submit_write(i * MIB, data) for i in range(8)]  # in flight
             run = _blkif(service, "vbd", "resize", "--domid", str(domid), "--vdev", "xvda",
@@ -184,9 +197,10 @@ def test_an_nbd_export_grown_on_its_server_is_taken_online(service, tmp_path):
             dev.write(16 * MIB - 4096, b"e" * 4096)  # the last page, new
             assert dev.read(16 * MIB - 4096, 4096) == b"e" * 4096
             assert dev.read(0, MIB) == data and dev.read(7 * MIB, MIB) == data
+        assert service.worker_pid(domid, devid) == worker
         toolstack.destroy(service.dom0, domid, "xvda")
     finally:
-        server.terminate()
+        server.kill()  # SIGTERM waits for its clients
         server.wait()
     with open(export, "rb") as f:
         f.seek(16 * MIB - 4096)

@@ -92,8 +92,11 @@ class Rig:
         self.start_nbdkit()
         return NbdStore("nbd+unix:///?socket=%s" % self.nbd_sock, writable=not readonly)
 
-    def start_nbdkit(self):
-        self.nbdkit = start_nbdkit(self.nbd_sock, "file", str(self.image))
+    def start_nbdkit(self, *filters):
+        """nbdkit on the image, with ``filters`` (``--filter=NAME``, ``key=value``)."""
+        options = [f for f in filters if f.startswith("--")]
+        params = [f for f in filters if not f.startswith("--")]
+        self.nbdkit = start_nbdkit(self.nbd_sock, *options, "file", str(self.image), *params)
 
     def stop_nbdkit(self):
         self.nbdkit.kill()
@@ -351,3 +354,52 @@ def test_an_nbd_server_back_with_another_size_is_refused(hypervisor, image, serv
         assert rig.run() == [(2, c.BLKIF_OP_READ, OKAY)]
     finally:
         rig.close()
+
+
+def test_the_engine_answers_what_was_in_flight_when_it_connects_again(hypervisor, image):
+    """A read waits at a slow server as the engine stops and its connection
+    is made again (a resize under a stalled server): the read is answered,
+    with an error, not forgotten with the old connection."""
+    rig = Rig(hypervisor, image, server="c-nbd")
+    try:
+        rig.stop_nbdkit()
+        _wait_for("report", lambda: rig.storage_reports)
+        rig.start_nbdkit("--filter=delay", "delay-read=3")
+        _wait_for("recovery", lambda: rig.storage_reports[-1] is None)
+        rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 1, 0, [(rig.data.refs[0], 0, 7)])
+        rig.ring.push_requests()
+        rig.fport.notify()
+        _wait_for("the read in flight", lambda: rig.counters.in_flight == 1)
+        rig.server.stop()
+        rig.server.reopen_store()
+        rig.server.start(rig.failures.append)
+        started = time.monotonic()
+        assert rig.run(timeout=2) == [(1, c.BLKIF_OP_READ, ERROR)]
+        assert time.monotonic() - started < 2
+    finally:
+        rig.close()
+
+
+def test_writes_no_flush_covered_are_reported_when_the_engine_closes(hypervisor, image,
+                                                                      caplog):
+    """The server went with writes answered and not flushed: the engine's
+    close says they may be lost (there is no guest left to fail a FLUSH to),
+    and the requests failed while it was away were not logged one by one."""
+    rig = Rig(hypervisor, image, server="c-nbd")
+    try:
+        rig.data.buffer[:4096] = b"w" * 4096
+        rig.enc.rw(rig.ring, c.BLKIF_OP_WRITE, 1, 0, [(rig.data.refs[0], 0, 7)])
+        assert rig.run() == [(1, c.BLKIF_OP_WRITE, OKAY)]
+        rig.stop_nbdkit()
+        _wait_for("report", lambda: rig.storage_reports)
+        for i in range(2, 6):
+            rig.enc.rw(rig.ring, c.BLKIF_OP_READ, i, 0, [(rig.data.refs[1], 0, 7)])
+            assert rig.run() == [(i, c.BLKIF_OP_READ, ERROR)]
+            time.sleep(0.25)  # more than one of the engine's run slices
+        rig.server.close()
+    finally:
+        rig.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert any("writes answered since the last flush may not be on the export: " in m
+               for m in said), said
+    assert not any("answered with an error so far" in m for m in said), said

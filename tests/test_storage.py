@@ -592,3 +592,32 @@ def test_a_bad_ring_on_an_nbd_vbd_leaves_its_connection_usable(service, tmp_path
         fe.close()
     finally:
         fe.shutdown()
+
+
+def test_no_stale_storage_error_after_the_rings_go_while_the_server_is_away(
+        service, tmp_path, nbdkit_servers):
+    """The engine reported its connection lost; the frontend closes while its
+    retries back off and the server is back by then: the worker connects
+    again as the rings go, and the error goes with the outage."""
+    base, _ = make_base(tmp_path)
+    server = Nbdkit(base)
+    nbdkit_servers.append(server.start())
+    fe, domid, devid = new_vbd(service, server.uri)
+    try:
+        fe.connect(wants=ONE_QUEUE)
+        server.kill()
+        wait_for(lambda: error_node(service, domid, devid), "the error node")
+        time.sleep(3.5)  # the engine's next try is seconds away now
+        server.start()
+        fe.close()
+        wait_for(lambda: not error_node(service, domid, devid), "the error node gone")
+        wait_for(lambda: stats_storage(service, domid, devid)["error"] is None,
+                 "no error in blkif stats")
+        fe.xs.switch_state(fe.front + "/state", S.Initialising)
+        assert fe.backend_state([S.InitWait]) == S.InitWait
+        fe.connect(wants=ONE_QUEUE)
+        read, = io(fe, fe.queues[0], lambda q: q.submit_read(0, 4096))
+        assert read.ok
+        fe.close()
+    finally:
+        fe.shutdown()

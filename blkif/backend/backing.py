@@ -99,6 +99,8 @@ class Store:
     aligned enough.  Raises StoreError naming the path and the reason.
     """
 
+    lent = False  # only an NBD store lends its connection to the engine
+
     def __init__(self, path, writable=True, direct=False):
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         if direct:

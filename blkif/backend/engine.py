@@ -109,6 +109,7 @@ class RingEngine:
         self.platform, self.domid, self.port, self.label = platform, domid, port, label
         self.on_storage = on_storage
         self.storage_error = None  # what on_storage was last told
+        self._errors_seen = 0  # the error count last logged
         self.mappings = {}
         self.tokens = itertools.count(1)
         self._handle = ffi.new_handle(self)
@@ -170,11 +171,10 @@ class RingEngine:
         self._thread.start()
 
     def _serve(self, on_error):
-        errors = 0
         while True:
             rc = lib.eng_run(self._eng, RUN_SLICE_MS)
-            errors = self._log_io_errors(errors)
             self._report_storage()
+            self._log_io_errors()
             if rc == lib.ENG_STOPPED:
                 return
             if rc < 0:
@@ -182,15 +182,17 @@ class RingEngine:
                 on_error(self.failure)
                 return
 
-    def _log_io_errors(self, seen):
+    def _log_io_errors(self):
         """Log the engine's error count when it grew, with the last I/O errno
-        (the C side answers the guest; the cause is said here)."""
+        (the C side answers the guest; the cause is said here), except while
+        the storage is down: that was said once."""
         stats = lib.eng_stats(self._eng)
-        if stats.errors != seen and (stats.last_io_errno or stats.last_map_errno):
+        if stats.errors != self._errors_seen and self.storage_error is None and (
+                stats.last_io_errno or stats.last_map_errno):
             log.error("%s: %d requests answered with an error so far; last I/O error: %s;"
                       " last grant mapping error: %s", self.label, stats.errors,
                       _strerror(stats.last_io_errno), _strerror(stats.last_map_errno))
-        return stats.errors
+        self._errors_seen = stats.errors
 
     def _report_storage(self):
         """Tell ``on_storage`` when an NBD store's connection goes or comes back."""
@@ -203,6 +205,13 @@ class RingEngine:
             log.info("%s: storage is back", self.label)
         self.storage_error = error
         self.on_storage(error)
+
+    def close_store(self):
+        """While stopped and drained: flush and close an NBD store's
+        connection (the store's export may change, or the rings go).  A flush
+        that failed is logged: writes answered since the last one may be lost."""
+        if lib.eng_nbd_close(self._eng) < 0:
+            log.error("%s: %s", self.label, ffi.string(lib.eng_error(self._eng)).decode())
 
     def reopen_store(self):
         """While stopped: connect an NBD store again, taking the size its
@@ -240,6 +249,7 @@ class RingEngine:
         if self._eng is None:
             return
         self.stop()
+        self.close_store()
         lib.eng_free(self._eng)
         self._eng = None
         for mapping in self.mappings.values():  # none, unless the engine lost one

@@ -1,9 +1,10 @@
 """One ring served over NBD: every request in flight at once, answered as replies come.
 
-The C engine does I/O on a file descriptor; a VBD on an NBD store (an image
-behind its qemu-storage-daemon, or a remote export) has a libnbd handle
-instead, so its ring is served here, in Python, on the ring's thread like
-the engine.  :class:`NbdRingServer` is the reference :class:`RingServer`
+The Python reference of how a VBD on an NBD store (an image behind its
+qemu-storage-daemon, or a remote export) is served, with ``--engine
+python``; the C engine does the same through libnbd's C API
+(``csrc/nbd_link.c``).  Here the ring is served in Python on the ring's
+thread, as the engine would.  :class:`NbdRingServer` is the reference :class:`RingServer`
 (decoding, grants, responses) with the I/O made asynchronous; one round:
 
 - take every request on the ring and submit it as NBD commands at once

@@ -86,6 +86,20 @@ class NbdStore:
         after growing an image on purpose)."""
         return self.size
 
+    def _connect_again(self):
+        """:meth:`_connect` right after this worker closed a connection, tried
+        again for up to CONNECT_TIMEOUT: a server that takes one client may
+        not have seen the last one go yet."""
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while True:
+            try:
+                self._connect()
+                return
+            except StoreError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
     def _connect(self):
         h = nbd.NBD()  # freed (connection closed) when the last reference goes
         try:
@@ -125,7 +139,7 @@ class NbdStore:
         server's retries) takes the new size."""
         self.handle, self._resized = None, True
         try:
-            self._connect()
+            self._connect_again()
         except StoreError as exc:
             self.down = str(exc)
             raise
@@ -141,7 +155,7 @@ class NbdStore:
         tick reconnects."""
         self.lent = False
         try:
-            self._connect()
+            self._connect_again()
         except StoreError as exc:
             self.down = str(exc)
             raise
@@ -165,7 +179,7 @@ class NbdStore:
 
     def probe(self):
         """With nothing in flight: notice a connection the server closed."""
-        if self.down is not None:
+        if self.down is not None or self.lent:
             return
         poll = select.poll()
         poll.register(self.fileno(), select.POLLIN)

@@ -359,10 +359,13 @@ class Vbd:
                 if left:
                     raise StoreError("%d requests still in flight after draining; not "
                                      "touching the storage under them" % left)
+            if self.servers and self._engine_holds_nbd():
+                for server in self.servers:  # the store's one connection is the engine's
+                    server.close_store()
             action()
         finally:
-            if self._engine_holds_nbd():  # the store connected again in the action
-                self.store.lend()
+            if self.servers and self._engine_holds_nbd():
+                self.store.lend()  # the action connected it again
                 for server in self.servers:
                     server.reopen_store()
             for server in self.servers:
@@ -583,23 +586,25 @@ class Vbd:
             mapping.unmap()
         self.servers.clear()
         self._rings.clear()
-        if not self._take_back_store():
-            return
-        if self.store is not None and self.store.writable:
+        if self.store is not None and self.store.lent:
+            self._take_back_store()  # the engine flushed its connection as it closed
+        elif self.store is not None and self.store.writable:
             self._flush_store()
 
     def _take_back_store(self):
-        """After the rings: an NBD store lent to the engine (which flushed and
-        closed its connection) connects again.  False if it cannot yet (the
-        worker's tick reports that and retries)."""
-        if self.store is None or not getattr(self.store, "lent", False):
-            return True
+        """After the rings: an NBD store lent to the engine (which closed its
+        connection) connects again, and what the engine last reported of the
+        storage is over.  If it cannot yet, the worker's tick reports that
+        and retries."""
+        if self.store is None or not self.store.lent:
+            return
         try:
             self.store.take_back()
         except StoreError as exc:
             log.debug("%s: %s", self.label, exc)
-            return False
-        return True
+            return
+        self._storage_reports.clear()
+        self._set_storage_error(None)
 
     def detach(self):
         """Leave the connection to a successor (an upgrade): answer everything

@@ -109,6 +109,7 @@ const char *eng_io_note(struct engine *e);
 int eng_io_mode(struct engine *e);
 void eng_set_sectors(struct engine *e, uint64_t sectors);
 const char *eng_store_error(struct engine *e);
+int eng_nbd_close(struct engine *e);
 int eng_nbd_reopen(struct engine *e);
 int eng_decode(int abi, const struct eng_limits *lim, const void *raw,
                struct eng_request *out, uint32_t *grefs, uint32_t *bounds);

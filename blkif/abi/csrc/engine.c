@@ -609,7 +609,8 @@ static void io_stop(struct engine *e)
     if (e->io_mode == ENG_IO_URING) {
         io_uring_queue_exit(&e->ring);
     } else if (e->nbd) {
-        link_stop(e);
+        if (e->nbd->h)
+            link_close(e);
         free(e->nbd);
         e->nbd = NULL;
     } else if (e->pool.jobs) {
@@ -1706,15 +1707,24 @@ static const char *eng_store_error(struct engine *e)
     return e->io_mode == ENG_IO_NBD ? e->nbd->down : "";
 }
 
+/* Flush and close an NBD store's connection, while the engine is stopped and
+ * drained (before eng_free, or before its export is changed): 0, or -1 with
+ * eng_error saying what the last writes may have lost.  eng_nbd_reopen
+ * connects again. */
+static int eng_nbd_close(struct engine *e)
+{
+    return e->io_mode == ENG_IO_NBD && e->nbd->h ? link_close(e) : 0;
+}
+
 /* Connect an NBD store again, taking the export's size as it is (its image
- * was grown on purpose); only while the engine is stopped and idle.  0, or
- * -1 with eng_store_error saying why (the rounds keep trying). */
+ * was grown on purpose); only while the engine is stopped.  0, or -1 with
+ * eng_store_error saying why (the rounds keep trying). */
 static int eng_nbd_reopen(struct engine *e)
 {
     if (e->io_mode != ENG_IO_NBD)
         return 0;
     e->nbd->adopt = 1;
-    link_connect(e, CONNECT_MS);
+    link_connect_wait(e, CONNECT_MS);
     return e->nbd->state == LINK_UP ? 0 : -1;
 }
 

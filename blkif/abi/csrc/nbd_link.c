@@ -36,7 +36,7 @@
 #define MAX_RETRY_MS 5000
 #define WAIT_MS 30000         /* a step of a barrier, waited for in the round */
 #define SYNC_PENDING 1        /* link.sync_result while its command is out */
-#define IO_TRIM 3
+#define IO_TRIM 16       /* beside OP_READ, OP_WRITE and IO_FSYNC */
 
 struct nbd_link {
     struct nbd_handle *h;
@@ -147,9 +147,9 @@ static void link_pump(struct engine *e, int timeout_ms)
     const char *why = NULL;
     if (fd.fd >= 0 && poll(&fd, 1, timeout_ms) > 0) {
         int rc = 0;
-        if (fd.revents & (POLLIN | POLLHUP | POLLERR))
+        if (dir & LIBNBD_AIO_DIRECTION_READ && fd.revents & (POLLIN | POLLHUP | POLLERR))
             rc = nbd_aio_notify_read(n->h);
-        else if (fd.revents & POLLOUT)
+        else if (dir & LIBNBD_AIO_DIRECTION_WRITE && fd.revents & (POLLOUT | POLLHUP | POLLERR))
             rc = nbd_aio_notify_write(n->h);
         if (rc < 0)
             why = nbd_reason(NULL);
@@ -157,14 +157,31 @@ static void link_pump(struct engine *e, int timeout_ms)
     link_check(e, why);
 }
 
+/* Close the handle.  nbd_close would drop commands still in flight without
+ * their callbacks, so the connection is cut first: libnbd fails each of them
+ * through link_done, and the next round answers those requests. */
+static void link_drop(struct engine *e)
+{
+    struct nbd_link *n = e->nbd;
+    if (!n->h)
+        return;
+    if (nbd_aio_in_flight(n->h) > 0 && nbd_aio_get_fd(n->h) >= 0) {
+        shutdown(nbd_aio_get_fd(n->h), SHUT_RDWR);
+        nbd_aio_notify_read(n->h);
+    }
+    nbd_close(n->h);
+    n->h = NULL;
+}
+
 /* Start connecting; with wait_ms, wait that long for the handshake. */
 static void link_connect(struct engine *e, int wait_ms)
 {
     struct nbd_link *n = e->nbd;
     char text[sizeof n->down];
-    if (n->h)
-        nbd_close(n->h); /* nothing is in flight on it: it died, or was drained */
+    link_drop(e);
     n->h = nbd_create();
+    if (n->h)
+        nbd_set_pread_initialize(n->h, false); /* every read fills its buffer or fails */
     if (!n->h || nbd_aio_connect_uri(n->h, e->cfg.nbd_uri) < 0) {
         snprintf(text, sizeof text, "cannot connect to %s: %s", e->cfg.nbd_name,
                  nbd_reason("out of memory"));
@@ -175,6 +192,22 @@ static void link_connect(struct engine *e, int wait_ms)
     n->deadline_ms = now_ms() + (wait_ms ? wait_ms : CONNECT_MS);
     while (wait_ms && n->state == LINK_CONNECTING)
         link_pump(e, (int)(n->deadline_ms - now_ms() > 0 ? n->deadline_ms - now_ms() : 0));
+}
+
+/* Connect, trying again for up to wait_ms: a server that takes one client may
+ * not have seen the connection closed before this one go yet. */
+static void link_connect_wait(struct engine *e, int wait_ms)
+{
+    int64_t deadline = now_ms() + wait_ms;
+    for (;;) {
+        link_connect(e, wait_ms);
+        int64_t left = deadline - now_ms();
+        if (e->nbd->state == LINK_UP || left <= 0)
+            return;
+        struct timespec pause = {0, (left < 50 ? left : 50) * 1000000L};
+        nanosleep(&pause, NULL);
+        wait_ms = (int)(deadline - now_ms() > 1 ? deadline - now_ms() : 1);
+    }
 }
 
 /* The round's clock: a connection in its handshake moves on; one down is tried again. */
@@ -217,8 +250,9 @@ static int64_t link_issue(struct nbd_link *n, int op, void *buf, uint64_t len, u
     case OP_READ: return nbd_aio_pread(n->h, buf, len, offset, cb, 0);
     case OP_WRITE: return nbd_aio_pwrite(n->h, buf, len, offset, cb, 0);
     case IO_FSYNC: return nbd_aio_flush(n->h, cb, 0);
-    default: return nbd_aio_trim(n->h, len, offset, cb, 0);
+    case IO_TRIM: return nbd_aio_trim(n->h, len, offset, cb, 0);
     }
+    return -1;
 }
 
 /* One command of request p (p->outstanding counts it already). */
@@ -255,12 +289,12 @@ static void link_flush(struct engine *e, struct pending *p)
     struct nbd_link *n = e->nbd;
     int err = EIO;
     p->outstanding = 1;
+    p->covers = n->writes_done;
     if (!n->can_flush) { /* no write cache: every answered write is durable */
         err = 0;
     } else if (n->lost_writes && n->state == LINK_UP) {
         n->lost_writes = 0; /* the guest hears it once, as from a disk */
     } else {
-        p->covers = n->writes_done;
         link_queue(e, p, IO_FSYNC, NULL, 0, 0);
         return;
     }
@@ -346,27 +380,40 @@ static void link_start(struct engine *e)
 {
     struct nbd_link *n = e->nbd;
     n->size = e->cfg.nbd_size;
+    n->can_flush = n->can_trim = 1; /* until a server says: commands fail while none is up */
     n->retry_ms = FIRST_RETRY_MS;
     n->finished = -1;
-    link_connect(e, CONNECT_MS);
+    link_connect_wait(e, CONNECT_MS);
     snprintf(e->io_note, sizeof e->io_note, "libnbd, every request in flight");
 }
 
-/* Flush what no FLUSH covered yet, say goodbye and close. */
-static void link_stop(struct engine *e)
+/* Flush what no FLUSH covered yet, say goodbye and close: 0, or -1 with
+ * e->error saying why writes answered since the last FLUSH may not be on the
+ * export (NbdStore.flush's error at a disconnect).  The link is down after,
+ * with nothing to say, until link_connect. */
+static int link_close(struct engine *e)
 {
     struct nbd_link *n = e->nbd;
-    if (!n->h)
-        return;
-    if (n->state == LINK_UP && n->writes_done > n->writes_flushed && !n->lost_writes)
-        link_wait(e, IO_FSYNC, NULL, 0, 0);
+    int err = 0;
+    if (n->lost_writes)
+        err = EIO;
+    else if (n->can_flush && n->writes_done > n->writes_flushed)
+        err = link_wait(e, IO_FSYNC, NULL, 0, 0);
+    if (err)
+        snprintf(e->error, sizeof e->error, "writes answered since the last flush may not "
+                 "be on the export: %s", n->state == LINK_UP ? strerror(err) : n->down);
+    n->lost_writes = 0;
+    n->writes_flushed = n->writes_done;
     if (n->state == LINK_UP && nbd_aio_disconnect(n->h, 0) == 0) {
         int64_t deadline = now_ms() + 1000;
         while (n->state == LINK_UP && now_ms() < deadline && nbd_aio_get_direction(n->h))
             link_pump(e, 100);
     }
-    nbd_close(n->h);
-    n->h = NULL;
+    link_drop(e);
+    n->state = LINK_DOWN;
+    n->down[0] = 0;
+    n->retry_at_ms = INT64_MAX;
+    return err ? -1 : 0;
 }
 
 /* The poll entry of the connection, if it waits for something. */
