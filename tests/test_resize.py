@@ -53,6 +53,17 @@ def _wait_size(dev, size, timeout=5):
     return dev.size
 
 
+def _grown_to_16m(dev, writes, data):
+    """After a resize to 16 MiB under ``writes`` of ``data`` to the first 8 MiB:
+    they landed, the frontend sees the new size and its new last page works."""
+    for handle in writes:
+        handle.result()
+    assert _wait_size(dev, 16 * MIB) == 16 * MIB
+    dev.write(16 * MIB - 4096, b"e" * 4096)  # the last page, new
+    assert dev.read(16 * MIB - 4096, 4096) == b"e" * 4096
+    assert dev.read(0, MIB) == data and dev.read(7 * MIB, MIB) == data
+
+
 def test_vbd_resize_reaches_a_connected_frontend(service, tmp_path):
     image = tmp_path / "disk.img"
     domid, devid = service.new_vbd(image, size=8 * MIB)
@@ -117,12 +128,7 @@ def test_an_image_grows_under_its_daemon_with_io_in_flight(service, tmp_path):
                      "--size", "16M")
         assert run.returncode == 0, run.stderr
         assert "%d sectors, published to its frontend" % (16 * MIB // 512) in run.stdout
-        for handle in writes:
-            handle.result()
-        assert _wait_size(dev, 16 * MIB) == 16 * MIB
-        dev.write(16 * MIB - 4096, b"e" * 4096)  # the last page, new
-        assert dev.read(16 * MIB - 4096, 4096) == b"e" * 4096
-        assert dev.read(0, MIB) == data and dev.read(7 * MIB, MIB) == data
+        _grown_to_16m(dev, writes, data)
         run = _blkif(service, "vbd", "resize", "--domid", str(domid), "--vdev", "xvda",
                      "--size", "12M")
         assert run.returncode == 2 and "shrinking it" in run.stderr
@@ -191,12 +197,7 @@ def test_an_nbd_export_grown_on_its_server_is_taken_online(service, tmp_path):
             run = _blkif(service, "vbd", "resize", "--domid", str(domid), "--vdev", "xvda",
                          "--size", "16M")
             assert run.returncode == 0, run.stderr
-            for handle in writes:
-                handle.result()
-            assert _wait_size(dev, 16 * MIB) == 16 * MIB
-            dev.write(16 * MIB - 4096, b"e" * 4096)  # the last page, new
-            assert dev.read(16 * MIB - 4096, 4096) == b"e" * 4096
-            assert dev.read(0, MIB) == data and dev.read(7 * MIB, MIB) == data
+            _grown_to_16m(dev, writes, data)
         assert service.worker_pid(domid, devid) == worker
         toolstack.destroy(service.dom0, domid, "xvda")
     finally:

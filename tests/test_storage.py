@@ -538,11 +538,16 @@ def test_a_killed_worker_takes_its_daemon_and_the_next_one_carries_on(service, t
     qemu_img("check", "-q", "-f", "qcow2", image)
 
 
-def test_an_nbd_server_that_goes_away_and_comes_back(service, tmp_path, nbdkit_servers, other):
+def nbd_vbd(service, tmp_path, nbdkit_servers):
+    """A VBD on a fresh nbdkit export: (the server, new_vbd's triple)."""
     base, _ = make_base(tmp_path)
     server = Nbdkit(base)
     nbdkit_servers.append(server.start())
-    fe, domid, devid = new_vbd(service, server.uri)
+    return server, new_vbd(service, server.uri)
+
+
+def test_an_nbd_server_that_goes_away_and_comes_back(service, tmp_path, nbdkit_servers, other):
+    server, (fe, domid, devid) = nbd_vbd(service, tmp_path, nbdkit_servers)
     try:
         fe.connect(wants=ONE_QUEUE)
         q = fe.queues[0]
@@ -570,10 +575,7 @@ def test_a_bad_ring_on_an_nbd_vbd_leaves_its_connection_usable(service, tmp_path
     """The worker closes its own NBD connection for the engine's as the rings
     are set up; a frontend whose ring cannot be mapped ends that before any
     engine holds one: the worker connects again and serves the next try."""
-    base, _ = make_base(tmp_path)
-    server = Nbdkit(base)
-    nbdkit_servers.append(server.start())
-    fe, domid, devid = new_vbd(service, server.uri)
+    _, (fe, domid, devid) = nbd_vbd(service, tmp_path, nbdkit_servers)
     try:
         worker = service.worker_pid(domid, devid)
         fe.setup(wants=ONE_QUEUE, extra={"ring-ref": "999999"})
@@ -599,10 +601,7 @@ def test_no_stale_storage_error_after_the_rings_go_while_the_server_is_away(
     """The engine reported its connection lost; the frontend closes while its
     retries back off and the server is back by then: the worker connects
     again as the rings go, and the error goes with the outage."""
-    base, _ = make_base(tmp_path)
-    server = Nbdkit(base)
-    nbdkit_servers.append(server.start())
-    fe, domid, devid = new_vbd(service, server.uri)
+    server, (fe, domid, devid) = nbd_vbd(service, tmp_path, nbdkit_servers)
     try:
         fe.connect(wants=ONE_QUEUE)
         server.kill()
