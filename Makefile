@@ -55,7 +55,7 @@ apt-install:
 	  else echo "warning: not root; missing apt packages: $$missing" >&2; fi; \
 	fi
 
-# The extension links liburing: its apt package comes first.
+# The extension links liburing and libnbd: their apt packages come first.
 $(VENV)/.installed: $(BUILD_INPUTS) | apt-test
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
