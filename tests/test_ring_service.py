@@ -1,9 +1,10 @@
 """A ring's service over the sim platform, for every server: the C engine
-(io_uring and its thread-pool fallback, each on its own thread; and through
-libnbd, the image served by nbdkit), the Python reference, and the NBD ring
-server (on its thread, the image served by nbdkit).  A frontend domain grants a ring and data pages, the
-server maps them and does the I/O against a real image file; every byte is
-checked against the file on disk, every answer against what blkif.h asks."""
+(io_uring and its thread-pool fallback, each on its own thread; and
+through libnbd, the image served by nbdkit), the Python reference, and the
+NBD ring server (on its thread, the image served by nbdkit).  A frontend
+domain grants a ring and data pages, the server maps them and does the I/O
+against a real image file; every byte is checked against the file on disk,
+every answer against what blkif.h asks."""
 import importlib.util
 import os
 import time

@@ -10,9 +10,10 @@ to map and unmap them (``eng_map_grants``).
 
 Life: ``start(on_error)``; ``stop()`` joins the thread (``start`` again
 serves on); ``drain()`` serves what the frontend already queued and waits
-for every request in flight; ``close()`` frees the engine and unmaps its persistent grants.  A frontend
-that breaks the ring (overrun, closed channel) ends the thread and calls
-``on_error(message)`` from it: the VBD then shuts down (``Vbd.fatal``).
+for every request in flight; ``close()`` frees the engine and unmaps its
+persistent grants.  A frontend that breaks the ring (overrun, closed
+channel) ends the thread and calls ``on_error(message)`` from it: the VBD
+then shuts down (``Vbd.fatal``).
 
 A store that is an NBD export (:class:`NbdStore`: an image behind its
 qemu-storage-daemon, or a remote server) is served through libnbd's C API
@@ -95,7 +96,8 @@ class RingEngine:
     threads where the kernel refuses it (the reason is in :attr:`io_note`).
     ``bounce_pages``: the ring's bounce buffer (engine.c), 0 for none; an
     NBD store has NBD_BOUNCE_PAGES unless told (a transfer that fits is one
-    command, one that does not a command per run of pages).  ``on_storage`` hears of an NBD store's connection.
+    command, one that does not a command per run of pages).  ``on_storage``
+    hears of an NBD store's connection.
     ``journal`` is the ring's region of a :class:`~blkif.backend.journal.Journal`
     (kept mapped until :meth:`close`), ``resume`` to carry on from what a
     killed predecessor left in it.

@@ -95,7 +95,6 @@ class Storage:
         holds the rings' I/O back meanwhile.  The store then has the new size.
         StoreError if QEMU refused, or the export is smaller than ``size``."""
         if self.target.kind == "nbd":
-            self.store.close()
             self.store.reopen()
             if self.store.size < size:
                 raise StoreError("the export has %d bytes, not %d: grow it on its server "
