@@ -61,11 +61,13 @@ static const char *nbd_reason(const char *fallback)
     return msg && *msg ? msg : fallback;
 }
 
-/* Down, with ``why``: connect again after a back-off. */
+/* Down, with ``why``: connect again after a back-off.  What an outage is
+ * reported as is its first cause; the tries after it do not replace that
+ * (NbdStore.down keeps it the same way). */
 static void link_fail(struct engine *e, const char *why)
 {
     struct nbd_link *n = e->nbd;
-    if (why != n->down)
+    if (!n->down[0])
         snprintf(n->down, sizeof n->down, "%s", why);
     n->state = LINK_DOWN;
     n->retry_at_ms = now_ms() + n->retry_ms;
