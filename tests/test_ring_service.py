@@ -7,6 +7,7 @@ against a real image file; every byte is checked against the file on disk,
 every answer against what blkif.h asks."""
 import importlib.util
 import os
+import re
 import time
 
 import pytest
@@ -41,7 +42,8 @@ class Rig:
     """Frontend (domain 1) and backend (domain 0) of one ring, in one process."""
 
     def __init__(self, hv, image, abi=X86_64, persistent=False, limits=None, readonly=False,
-                 server="c-io_uring", data_pages=64, **options):
+                 server="c-io_uring", data_pages=64, nbdkit_args=(), nbd_plugin=None,
+                 **options):
         self.front = open_platform("sim", domid=1, path=hv.path)
         self.back = open_platform("sim", domid=0, path=hv.path)
         self.abi = abi
@@ -56,7 +58,8 @@ class Rig:
         self.storage_reports = []  # what an NBD server told on_storage
         if server in ("nbd", "c-nbd"):
             options = dict(options, on_storage=self.storage_reports.append)
-            self.store = self._nbd_store(image, readonly)
+            self.nbd_plugin = nbd_plugin or ("file", str(image))
+            self.store = self._nbd_store(image, readonly, nbdkit_args)
         else:
             self.store = Store(str(image), writable=not readonly)
         self.limits = limits or Limits(sectors=SECTORS, discard=True, readonly=readonly,
@@ -72,7 +75,7 @@ class Rig:
             if server == "c-bounce":
                 server, options = "c-io_uring", dict(options, bounce_pages=BOUNCE_PAGES)
             if server == "c-nbd":  # the engine holds the connection (Vbd does this)
-                self.store.lend()
+                self.store.lend()  # its buffer: as small as may be, one request of 256 pages
                 server, options = "c-io_uring", dict(options, bounce_pages=BOUNCE_PAGES)
             self.server = RingEngine(self.back, 1, self.mapping.buffer, self.bport, abi,
                                      self.limits, self.store, persistent=persistent,
@@ -84,20 +87,21 @@ class Rig:
                                      self.limits, self.store, persistent=persistent,
                                      label="t", **options)
 
-    def _nbd_store(self, image, readonly):
-        """``image`` served by nbdkit on a Unix socket, and an NbdStore on it."""
+    def _nbd_store(self, image, readonly, nbdkit_args):
+        """``image`` served by nbdkit (``nbdkit_args``: as for start_nbdkit; the
+        plugin ``nbd_plugin``) on a Unix socket, and an NbdStore on it."""
         require_tool("nbdkit")
         require(importlib.util.find_spec("nbd") is not None, "python module nbd")
         from blkif.backend.nbd_store import NbdStore
-        self.nbd_sock, self.image = image.parent / "nbd.sock", image
-        self.start_nbdkit()
+        self.nbd_sock = image.parent / "nbd.sock"
+        self.start_nbdkit(*nbdkit_args)
         return NbdStore("nbd+unix:///?socket=%s" % self.nbd_sock, writable=not readonly)
 
     def start_nbdkit(self, *filters):
         """nbdkit on the image, with ``filters`` (``--filter=NAME``, ``key=value``)."""
         options = [f for f in filters if f.startswith("--")]
         params = [f for f in filters if not f.startswith("--")]
-        self.nbdkit = start_nbdkit(self.nbd_sock, *options, "file", str(self.image), *params)
+        self.nbdkit = start_nbdkit(self.nbd_sock, *options, *self.nbd_plugin, *params)
 
     def stop_nbdkit(self):
         self.nbdkit.kill()
@@ -353,6 +357,60 @@ def test_an_nbd_server_back_with_another_size_is_refused(hypervisor, image, serv
         _wait_for("recovery", lambda: rig.storage_reports[-1] is None)
         rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 2, 0, [(rig.data.refs[0], 0, 7)])
         assert rig.run() == [(2, c.BLKIF_OP_READ, OKAY)]
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("server", ["c-nbd", "nbd"])
+def test_an_nbd_transfer_is_one_command_while_the_bounce_buffer_is_full(hypervisor, image,
+                                                                         tmp_path, server):
+    """Four writes of 256 half pages (512 KiB each, in 2 KiB runs of granted
+    memory) at once, to a server whose smallest block is 4 KiB: the engine's
+    buffer holds one request of 256 pages, so the later writes wait for room
+    and each still goes as one command (as 2 KiB runs libnbd would refuse)."""
+    log = tmp_path / "nbdkit.log"
+    rig = Rig(hypervisor, image, server=server, nbdkit_args=(
+        "--filter=log", "--filter=blocksize-policy", "logfile=%s" % log,
+        "blocksize-minimum=4096", "blocksize-error-policy=error"))
+    try:
+        data = rig.front.grant_pages(0, 512)
+        data.buffer[:] = os.urandom(512 * 4096)
+        descs = [rig.front.grant_pages(0, 1, readonly=True) for _ in range(4)]
+        expected = bytearray()
+        for k, desc in enumerate(descs):
+            pages, half = data.refs[k // 2 * 256:(k // 2 + 1) * 256], k % 2
+            rig.enc.write_descriptors(desc.buffer, [(ref, 4 * half, 4 * half + 3)
+                                                    for ref in pages])
+            rig.enc.indirect(rig.ring, c.BLKIF_OP_WRITE, k, k * 1024, 256, desc.refs)
+            for i in range(256):
+                page = (k // 2 * 256 + i) * 4096 + half * 2048
+                expected += data.buffer[page:page + 2048]
+        assert rig.run() == [(k, c.BLKIF_OP_WRITE, OKAY) for k in range(4)]
+        assert image.read_bytes() == expected
+        counts = re.findall(r" Write id=\d+ offset=\S+ count=(\S+)", log.read_text())
+        assert counts == ["0x80000"] * 4, counts
+        for thing in descs + [data]:
+            thing.close()
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("server", ["c-nbd", "nbd"])
+def test_a_barrier_without_data_needs_no_server_without_a_write_cache(hypervisor, image,
+                                                                      server):
+    """A server with no write cache (no NBD flush) goes away: a BARRIER with no
+    data has nothing to make durable and succeeds; a READ fails."""
+    rig = Rig(hypervisor, image, server=server, nbd_plugin=(
+        "eval", "get_size=echo %d" % (SECTORS * 512),
+        "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
+        "pwrite=cat >/dev/null", "can_write=exit 0", "can_flush=exit 3"))
+    try:
+        assert not rig.store.can_flush
+        rig.stop_nbdkit()
+        _wait_for("report", lambda: rig.storage_reports)
+        rig.enc.rw(rig.ring, c.BLKIF_OP_WRITE_BARRIER, 1, 0, [])
+        rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 2, 0, [(rig.data.refs[0], 0, 7)])
+        assert rig.run() == [(1, c.BLKIF_OP_WRITE_BARRIER, OKAY), (2, c.BLKIF_OP_READ, ERROR)]
     finally:
         rig.close()
 

@@ -27,6 +27,7 @@ import os
 import threading
 
 from blkif.abi import X86_32, ffi, lib
+from blkif.abi.constants import BLKIF_MAX_SEGMENTS_PER_REQUEST
 from blkif.backend.counters import engine_counters
 from blkif.backend.nbd_store import NbdStore
 from blkif.platform import PlatformError
@@ -95,8 +96,9 @@ class RingEngine:
     backing store.  ``io`` is "io_uring" or "threads"; io_uring falls back to
     threads where the kernel refuses it (the reason is in :attr:`io_note`).
     ``bounce_pages``: the ring's bounce buffer (engine.c), 0 for none; an
-    NBD store has NBD_BOUNCE_PAGES unless told (a transfer that fits is one
-    command, one that does not a command per run of pages).  ``on_storage``
+    NBD store has NBD_BOUNCE_PAGES unless told, and never less than its
+    largest request: each transfer is one command from it, and waits for
+    room when it is full.  ``on_storage``
     hears of an NBD store's connection.
     ``journal`` is the ring's region of a :class:`~blkif.backend.journal.Journal`
     (kept mapped until :meth:`close`), ``resume`` to carry on from what a
@@ -134,7 +136,8 @@ class RingEngine:
             cfg.nbd_uri, cfg.nbd_name, cfg.flush_failed = self._keep
             cfg.nbd_size = store.size
             cfg.store_fd = -1
-            bounce_pages = bounce_pages or NBD_BOUNCE_PAGES
+            largest = max(BLKIF_MAX_SEGMENTS_PER_REQUEST, limits.max_indirect_segments)
+            bounce_pages = max(bounce_pages or NBD_BOUNCE_PAGES, largest)
         else:
             cfg.store_fd = store.fd
             cfg.store_is_device = store.is_device

@@ -396,6 +396,7 @@ struct engine {
     struct pending *pending;
     int32_t free_head;
     int32_t barrier_waiting; /* a parked barrier's pending index, or -1 */
+    int32_t bounce_waiting;  /* an NBD transfer parked until the bounce buffer has room, or -1 */
     struct grant_cache cache;
     struct io_uring ring;
     struct pool pool;
@@ -1019,7 +1020,9 @@ static int grow(struct pending *p, uint32_t n)
  * (docs/lab.md).  With cfg.bounce_pages, a transfer that fits goes through the ring's
  * own buffer instead, one iovec of ordinary memory: its data is copied from the
  * granted pages before a write and to them after a read.  A transfer that finds
- * no room goes straight to the granted pages as without it.  With io_uring the
+ * no room goes straight to the granted pages as without it; on an NBD store,
+ * whose buffer holds the largest request, it waits for room instead (one
+ * command per transfer, as NbdStore sends them).  With io_uring the
  * buffer is registered (pinned once, READ_FIXED/WRITE_FIXED): measured faster
  * than the same buffer unregistered (docs/bench.md). */
 
@@ -1302,6 +1305,8 @@ static int read_indirect(struct engine *e, struct pending *p)
     return rc;
 }
 
+static void start(struct engine *e, int32_t index);
+
 /* The request copied into e->request, as pending[index]: decode, map, start
  * its I/O (or answer it). */
 static void take(struct engine *e, int32_t index)
@@ -1343,6 +1348,18 @@ static void take(struct engine *e, int32_t index)
         answer_now(e, index, RSP_ERROR);
         return;
     }
+    if (r->nr_segments && e->io_mode == ENG_IO_NBD && !p->bounce_n) {
+        e->bounce_waiting = index; /* consume nothing more until it has room */
+        return;
+    }
+    start(e, index);
+}
+
+/* A decoded and mapped request's I/O started, or its barrier parked. */
+static void start(struct engine *e, int32_t index)
+{
+    struct pending *p = &e->pending[index];
+    struct eng_request *r = &p->req;
     if (r->kind == OP_BARRIER) {
         if (e->stats.in_flight > 1)
             e->barrier_waiting = index; /* consume nothing more until it ran */
@@ -1382,7 +1399,7 @@ static int recover(struct engine *e)
 {
     struct eng_journal *j = e->cfg.journal;
     int n = 0;
-    while (e->recover_at < e->recover_count && e->barrier_waiting < 0) {
+    while (e->recover_at < e->recover_count && e->barrier_waiting < 0 && e->bounce_waiting < 0) {
         int32_t i = e->recover_order[e->recover_at++];
         memcpy(e->request, j->entries[i].request, e->request_size);
         e->stats.resumed++;
@@ -1404,7 +1421,7 @@ static int consume(struct engine *e)
         return -1;
     }
     int n = 0;
-    while (e->barrier_waiting < 0 && !e->recover && e->req_cons != prod &&
+    while (e->barrier_waiting < 0 && e->bounce_waiting < 0 && !e->recover && e->req_cons != prod &&
            (uint32_t)(e->req_cons - e->rsp_prod_pvt) < e->size) {
         int32_t index = e->free_head;
         e->free_head = e->pending[index].next_free;
@@ -1477,6 +1494,25 @@ static void tick(struct engine *e)
     }
 }
 
+/* Start the NBD transfer parked for bounce room once it has some: 1, or 0
+ * while what is in flight still holds it.  With nothing else in flight the
+ * buffer is empty and holds it (RingEngine sizes it for the largest request);
+ * one that still finds no room (or no memory for its iovec) fails. */
+static unsigned unpark_bounce(struct engine *e)
+{
+    int32_t index = e->bounce_waiting;
+    struct pending *p = &e->pending[index];
+    bounce_prepare(e, p);
+    if (!p->bounce_n && e->stats.in_flight > 1)
+        return 0;
+    e->bounce_waiting = -1;
+    if (p->bounce_n)
+        start(e, index);
+    else
+        answer_now(e, index, RSP_ERROR);
+    return 1;
+}
+
 /* One round: the clock, consume, submit, reap, run a parked barrier, push.  Returns the
  * work done (requests taken + completions), or a negative ENG_* status. */
 static int round_(struct engine *e)
@@ -1488,6 +1524,8 @@ static int round_(struct engine *e)
         return ENG_RING_ERROR;
     io_submit(e);
     unsigned reaped = io_reap(e);
+    if (e->bounce_waiting >= 0)
+        reaped += unpark_bounce(e);
     if (e->barrier_waiting >= 0 && e->stats.in_flight == 1) {
         int32_t index = e->barrier_waiting;
         e->barrier_waiting = -1;
@@ -1520,7 +1558,7 @@ static int eng_run(struct engine *e, int timeout_ms)
                 return ENG_OK; /* bounded: the caller's turn, even under load */
             continue;
         }
-        if (e->barrier_waiting < 0 && final_check(e))
+        if (e->barrier_waiting < 0 && e->bounce_waiting < 0 && final_check(e))
             continue;
         /* All done: only now may the port fire again (late EOI). */
         if (e->spurious_streak >= SPURIOUS_STREAK) {
@@ -1635,7 +1673,7 @@ static struct engine *eng_new(const struct eng_config *cfg, char *err, size_t er
     }
     e->cfg = *cfg;
     e->done_fd = e->stop_fd = -1;
-    e->barrier_waiting = -1;
+    e->barrier_waiting = e->bounce_waiting = -1;
     struct sring_layout l = sring_layout(cfg->abi == ENG_ABI_X86_32, cfg->ring_bytes);
     e->slot_size = l.slot_size, e->request_size = l.request_size;
     e->response_size = l.response_size, e->size = l.size;

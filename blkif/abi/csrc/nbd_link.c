@@ -6,9 +6,8 @@
  * closes its own meanwhile: a server may take one client only), with every
  * command in flight at once:
  *
- *   transfer  one NBD command per iovec: a transfer that fits the bounce
- *             buffer is a single contiguous copy (one command), one that does
- *             not is a command per run of granted pages;
+ *   transfer  one NBD command, on the ring's bounce buffer (which holds the
+ *             largest request: a transfer waits there for room, engine.c);
  *   FLUSH     NBD FLUSH, which covers every write answered before it; none
  *             at all where the server has no write cache (no can_flush);
  *   DISCARD   NBD TRIM;
@@ -272,35 +271,37 @@ static void link_queue(struct engine *e, struct pending *p, int op, void *buf, u
     link_done(p, &err);
 }
 
-/* A READ or WRITE's data: a command per iovec, all in flight at once. */
+/* A READ or WRITE's data: one command on its pages of the bounce buffer. */
 static void link_transfer(struct engine *e, struct pending *p, int op)
 {
-    uint32_t first = p->parts[0].iov_at;
-    uint32_t last = p->parts[p->nparts - 1].iov_at + p->parts[p->nparts - 1].iov_count;
-    uint64_t offset = p->parts[0].offset;
-    p->outstanding = last - first; /* before any: a completion may come while queueing */
-    for (uint32_t i = first; i < last; i++) {
-        link_queue(e, p, op, p->iov[i].iov_base, p->iov[i].iov_len, offset);
-        offset += p->iov[i].iov_len;
+    struct iovec *data = &p->iov[p->segment_iovs];
+    p->outstanding = 1;
+    link_queue(e, p, op, data->iov_base, data->iov_len, p->parts[0].offset);
+}
+
+/* A flush's answer without a command (0 or an errno), or -1 to send one:
+ * NbdStore.submit_flush's rules, for a FLUSH and a barrier's steps alike. */
+static int flush_verdict(struct nbd_link *n)
+{
+    if (!n->can_flush)
+        return 0; /* no write cache: every answered write is durable */
+    if (n->lost_writes && n->state == LINK_UP) {
+        n->lost_writes = 0; /* the guest hears it once, as from a disk */
+        return EIO;
     }
+    return -1;
 }
 
 /* A FLUSH without data, answered when the server's flush is. */
 static void link_flush(struct engine *e, struct pending *p)
 {
-    struct nbd_link *n = e->nbd;
-    int err = EIO;
+    int err = flush_verdict(e->nbd);
     p->outstanding = 1;
-    p->covers = n->writes_done;
-    if (!n->can_flush) { /* no write cache: every answered write is durable */
-        err = 0;
-    } else if (n->lost_writes && n->state == LINK_UP) {
-        n->lost_writes = 0; /* the guest hears it once, as from a disk */
-    } else {
+    p->covers = e->nbd->writes_done;
+    if (err < 0)
         link_queue(e, p, IO_FSYNC, NULL, 0, 0);
-        return;
-    }
-    link_done(p, &err);
+    else
+        link_done(p, &err);
 }
 
 static void link_trim(struct engine *e, struct pending *p)
@@ -343,16 +344,11 @@ static int link_sync_done(void *user_data, int *error)
 static int link_wait(struct engine *e, int op, void *buf, uint64_t len, uint64_t offset)
 {
     struct nbd_link *n = e->nbd;
+    int verdict = op == IO_FSYNC ? flush_verdict(n) : -1;
+    if (verdict >= 0)
+        return verdict;
     if (n->state != LINK_UP)
         return ENOTCONN;
-    if (op == IO_FSYNC) {
-        if (!n->can_flush)
-            return 0;
-        if (n->lost_writes) {
-            n->lost_writes = 0;
-            return EIO;
-        }
-    }
     uint64_t covers = n->writes_done;
     nbd_completion_callback cb = {.callback = link_sync_done, .user_data = &n->sync_result};
     n->sync_result = SYNC_PENDING;
