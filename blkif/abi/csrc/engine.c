@@ -402,6 +402,7 @@ struct engine {
     struct pool pool;
     struct nbd_link *nbd;       /* ENG_IO_NBD: the connection (nbd_link.c) */
     int io_mode, done_fd, stop_fd;
+    int done_ready;          /* poll saw done_fd readable: io_reap resets it */
     volatile int stop;
     int masked, spurious_streak, channel_closed;
     time_t now, next_purge;
@@ -587,7 +588,10 @@ static unsigned io_reap(struct engine *e)
     uint64_t count;
     if (e->io_mode == ENG_IO_NBD)
         return link_reap(e);
-    if (read(e->done_fd, &count, sizeof count) < 0) { /* EAGAIN: look anyway */ }
+    if (e->done_ready) { /* else completions are looked for without a system call */
+        if (read(e->done_fd, &count, sizeof count) < 0) { /* EAGAIN: look anyway */ }
+        e->done_ready = 0;
+    }
     if (e->io_mode == ENG_IO_URING) {
         struct io_uring_cqe *cqes[64];
         unsigned got;
@@ -1599,6 +1603,7 @@ static int eng_run(struct engine *e, int timeout_ms)
         int nfds = 3 + link_pollfd(e, &fds[3]);
         if (poll(fds, nfds, (int)link_sleep(e, left)) <= 0)
             continue;
+        e->done_ready = fds[1].revents != 0;
         if (fds[0].revents) {
             e->stats.events++;
             clear_port(e);
@@ -1635,7 +1640,7 @@ static int eng_quiesce(struct engine *e, int timeout_ms)
             link_pump(e, (int)left);
         } else if (!work && e->stats.in_flight) {
             struct pollfd fd = {e->done_fd, POLLIN, 0};
-            poll(&fd, 1, (int)left);
+            e->done_ready = poll(&fd, 1, (int)left) > 0;
         }
     }
 }
