@@ -430,7 +430,7 @@ static void set_error(struct engine *e, const char *what, long a, long b, long c
 /* A PV dom0's xen clocksource has no vDSO, so there every read of a fine
  * clock is a system call (under the lab's TCG, a costly one): deadlines take
  * the coarse clock, which the vDSO always serves, and a round reads the fine
- * one at most once (round_ns). */
+ * one at most twice (round_ns). */
 static int64_t now_ns(void)
 {
     struct timespec ts;
@@ -445,6 +445,17 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* The time for a request's latency: read once for what a round takes, and
+ * once for what it answers (and again after a wait: stale_clock). */
+static int64_t round_ns(struct engine *e)
+{
+    if (!e->stamp_ns)
+        e->stamp_ns = now_ns();
+    return e->stamp_ns;
+}
+
+/* Before a wait in the round: what follows reads the clock again. */
+static void stale_clock(struct engine *e) { e->stamp_ns = 0; }
 
 #define IO_FSYNC 2
 
@@ -586,6 +597,7 @@ static unsigned io_reap(struct engine *e)
 {
     unsigned n = 0;
     uint64_t count;
+    stale_clock(e); /* after the submit, which may have done the I/O itself */
     if (e->io_mode == ENG_IO_NBD)
         return link_reap(e);
     if (e->done_ready) { /* else completions are looked for without a system call */
@@ -645,18 +657,6 @@ static void io_stop(struct engine *e)
 
 #define LATENCY_UNIT_NS 32000 /* counters.py latency_bucket: bucket i under 32 us << i */
 #define LATENCY_LAST 16
-
-/* The round's time for a request's latency: a round is short, except where
- * it waits (stale_clock), so one reading serves all it takes and answers. */
-static int64_t round_ns(struct engine *e)
-{
-    if (!e->stamp_ns)
-        e->stamp_ns = now_ns();
-    return e->stamp_ns;
-}
-
-/* Before a wait in the round: what follows reads the clock again. */
-static void stale_clock(struct engine *e) { e->stamp_ns = 0; }
 
 static void observe_latency(struct engine *e, int64_t ns)
 {
