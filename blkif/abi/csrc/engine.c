@@ -406,7 +406,7 @@ struct engine {
     volatile int stop;
     int masked, spurious_streak, channel_closed;
     time_t now, next_purge;
-    int64_t stamp_ns;        /* the fine clock, read once per round when needed (0: not yet) */
+    int64_t stamp_ns;        /* the fine clock as round_ns last read it (0: read it again) */
     int64_t next_clean;      /* ms: cache_clean at most every CLEAN_INTERVAL_MS */
     uint64_t full_misses;    /* grants a full cache could not keep since then */
     uint32_t *scratch;       /* the grefs a full cache could not keep, of one request */
