@@ -636,8 +636,7 @@ static void io_stop(struct engine *e)
     if (e->io_mode == ENG_IO_URING) {
         io_uring_queue_exit(&e->ring);
     } else if (e->nbd) {
-        if (e->nbd->h)
-            link_close(e);
+        link_close(e);
         free(e->nbd);
         e->nbd = NULL;
     } else if (e->pool.jobs) {
@@ -1781,7 +1780,7 @@ static const char *eng_store_error(struct engine *e)
  * connects again. */
 static int eng_nbd_close(struct engine *e)
 {
-    return e->io_mode == ENG_IO_NBD && e->nbd->h ? link_close(e) : 0;
+    return e->io_mode == ENG_IO_NBD ? link_close(e) : 0;
 }
 
 /* Connect an NBD store again, taking the export's size as it is (its image

@@ -393,6 +393,8 @@ static int link_close(struct engine *e)
 {
     struct nbd_link *n = e->nbd;
     int err = 0;
+    if (!n->h)
+        return 0; /* closed already: nothing is owed */
     if (n->lost_writes)
         err = EIO;
     else if (n->can_flush && n->writes_done > n->writes_flushed)
