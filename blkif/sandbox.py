@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -535,12 +536,55 @@ class Progress:
 
 # -- the guest's side -------------------------------------------------------
 
+# where a guest's main thread waits for events: nothing is half done there
+_WAITS = frozenset(getattr(selectors, name).select.__code__
+                   for name in ("SelectSelector", "PollSelector", "EpollSelector")
+                   if hasattr(selectors, name))
+
+
+class Interruption:
+    """SIGTERM in a guest process, taken only where it cannot leave a
+    device's bookkeeping half done (a response taken off the ring but not
+    yet handed to its transfer, which the detach would then wait for).
+
+    Between jobs, or while a job waits for events in a selector, the handler
+    raises KeyboardInterrupt at once.  Anywhere else inside a job it notes
+    the request, and the job stops at its next :meth:`checkpoint`: each
+    progress event is one, and long loops call it.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.in_job = False
+
+    def handler(self, signum, frame):
+        self.requested = True
+        if not self.in_job or (frame is not None and frame.f_code in _WAITS):
+            raise KeyboardInterrupt("stopped by %s" % signal.Signals(signum).name)
+
+    def checkpoint(self):
+        """Raise KeyboardInterrupt if a stop was asked for."""
+        if self.requested:
+            raise KeyboardInterrupt("stopped by SIGTERM")
+
+    @contextlib.contextmanager
+    def job(self):
+        self.checkpoint()
+        self.in_job = True
+        try:
+            yield
+        finally:
+            self.in_job = False
+
+
 class GuestDomain:
     """What a guest process holds: xenstore and the platform as domain
-    ``domid``, and the device it attached (``dev``)."""
+    ``domid``, the device it attached (``dev``), and ``checkpoint()``, which
+    a long job calls between steps: a stop asked for takes effect there."""
 
-    def __init__(self, xs, platform, domid):
+    def __init__(self, xs, platform, domid, checkpoint=lambda: None):
         self.xs, self.platform, self.domid = xs, platform, domid
+        self.checkpoint = checkpoint
         self.dev = None
 
     def job_attach(self, params, emit):
@@ -553,8 +597,8 @@ class GuestDomain:
 
     def job_detach(self, params, emit):
         if self.dev is not None:
-            dev, self.dev = self.dev, None
-            dev.detach()
+            self.dev.detach()  # idempotent: an interrupted detach is taken up again
+            self.dev = None
         return {}
 
     def job_call(self, params, emit):
@@ -590,7 +634,8 @@ def guest_main(argv=None):
     _die_with_parent()
     if args.parent and os.getppid() != args.parent:
         return 1  # the parent died before we could ask to follow it
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    stop = Interruption()
+    signal.signal(signal.SIGTERM, stop.handler)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s guest-" + str(args.domid)
@@ -602,6 +647,10 @@ def guest_main(argv=None):
         out.write(json.dumps(message).encode() + b"\n")
         out.flush()
 
+    def emit(event):
+        stop.checkpoint()
+        send({"event": event})
+
     from blkif.platform import open_platform
     from xenstore import Xenstore, XenstoreError, domain_socket_path
     if args.platform == "xen":
@@ -610,7 +659,7 @@ def guest_main(argv=None):
         store = Xenstore.open(domain_socket_path(args.xenstore, args.domid))
         platform = open_platform("sim", domid=args.domid, path=args.sim_path)
     with store as xs, platform:
-        guest = GuestDomain(xs, platform, args.domid)
+        guest = GuestDomain(xs, platform, args.domid, stop.checkpoint)
         try:
             for line in sys.stdin.buffer:
                 command = json.loads(line)
@@ -620,8 +669,8 @@ def guest_main(argv=None):
                 try:
                     if handler is None:
                         raise BlkifError("no job %r" % command["job"])
-                    result = handler(command.get("params", {}),
-                                     lambda event: send({"event": event}))
+                    with stop.job():
+                        result = handler(command.get("params", {}), emit)
                 except (BlkifError, XenstoreError, OSError) as exc:
                     send({"error": str(exc), "kind": type(exc).__name__})
                 except Exception as exc:  # a bug: say where, keep serving

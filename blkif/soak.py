@@ -62,6 +62,7 @@ def guest_soak(guest, params, emit):
     period, until = 1.0 / params["iops"], params["until"]
     samples, transfers, next_at = [], 0, time.monotonic()
     while True:
+        guest.checkpoint()
         now = time.monotonic()
         if now >= until:
             break
@@ -102,6 +103,7 @@ def guest_flood(guest, params, emit):
     ports = [q.port for q in dev.queues]
     notifies = writes = 0
     while time.monotonic() < params["until"]:
+        guest.checkpoint()
         for _ in range(64):
             for port in ports:
                 port.notify()

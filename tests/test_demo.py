@@ -11,9 +11,12 @@ import json
 import os
 import random
 import re
+import selectors
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -118,6 +121,46 @@ def test_demo_interrupted_stops_everything():
     assert err.strip().splitlines()[-1] == "blkif: interrupted"
     assert out == ""
     assert_nothing_left(err)
+
+
+@pytest.fixture
+def interruption():
+    """A guest's Interruption, as the handler of SIGUSR1 in this process."""
+    stop = sandbox.Interruption()
+    previous = signal.signal(signal.SIGUSR1, stop.handler)
+    yield stop
+    signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_guest_between_jobs_stops_at_once(interruption):
+    with pytest.raises(KeyboardInterrupt, match="SIGUSR1"):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(5)
+
+
+def test_a_job_waiting_for_events_stops_at_once(interruption):
+    a, b = socket.socketpair()
+    with a, b, selectors.DefaultSelector() as selector:
+        selector.register(a, selectors.EVENT_READ)
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt), interruption.job():
+            selector.select(10)
+        assert time.monotonic() - start < 5
+
+
+def test_a_job_busy_elsewhere_stops_at_its_next_checkpoint(interruption):
+    # the bug this prevents: a SIGTERM between taking a response off the
+    # ring and finishing its transfer left the detach waiting 30 s for it
+    with interruption.job():
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled in this frame, not a wait
+        sum(range(1000))  # bytecodes run: the handler has run, and returned
+        assert interruption.requested
+        with pytest.raises(KeyboardInterrupt):
+            interruption.checkpoint()
+    with pytest.raises(KeyboardInterrupt):  # and no later job starts
+        with interruption.job():
+            pass
 
 
 @pytest.mark.parametrize("args, message", [
