@@ -15,9 +15,24 @@ def test_argv_carries_the_measured_settings():
     xen_args = argv[argv.index("-append") + 1].split()
     for arg in ("smap=0", "smep=0", "console=com1", "dom0_mem=1G,max:1G", "noreboot"):
         assert arg in xen_args
-    assert "path=/,mount_tag=hostroot,security_model=none,readonly=on" in joined
-    assert "path=/w,mount_tag=labshare" in joined
+    assert "id=hostroot,path=/,security_model=none,multidevs=remap,readonly=on" in joined
+    assert "id=labshare,path=/w,security_model=none,multidevs=remap -device" in joined
+    assert "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot -fsdev" in joined
     assert "-serial file:/w/serial.log" in joined
+    assert "-machine" not in argv and "dom0=pvh" not in xen_args
+
+
+def test_a_pvh_dom0_gets_an_iommu_and_its_devices_go_through_it():
+    argv = qemu.qemu_argv("/w/xen", "/boot/vmlinuz-6.1", "/w/dom0.cpio", "/w", "/w/serial.log",
+                          dom0="pvh")
+    assert "dom0=pvh" in argv[argv.index("-append") + 1].split()
+    assert argv[argv.index("-cpu") + 1] == "max,xsave=off,rdtscp=off"
+    assert argv[argv.index("-machine") + 1] == "q35"
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert devices[0] == "amd-iommu"
+    assert [d for d in devices if d.startswith("virtio-9p-pci")] == [
+        "virtio-9p-pci,fsdev=%s,mount_tag=%s,iommu_platform=on,disable-legacy=on" % (t, t)
+        for t in ("hostroot", "labshare")]
 
 
 def test_commas_refused():

@@ -13,7 +13,7 @@ import sys
 import time
 
 from blkif.errors import BlkifError, UsageError
-from blkif.lab import perf, phases, qdisk, restart
+from blkif.lab import perf, phases, qdisk, qemu, restart
 from blkif.lab.report import Report, format_failure, format_table
 
 # Debian package -> a file that proves it is installed (dom0 uses the host's).
@@ -107,6 +107,9 @@ def add_arguments(parser):
     parser.add_argument("--keep", action="store_true",
                         help="leave Xen running after the phases until Ctrl-C "
                              "(drive dom0 through WORKDIR/ctl, see docs/lab.md)")
+    parser.add_argument("--dom0", choices=qemu.DOM0_KINDS, default="pv",
+                        help="dom0's kind: pv (default), or pvh (a q35 machine with QEMU's "
+                             "AMD IOMMU, which Xen requires for one; experimental in Xen 4.17)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--conformance-runs", metavar="NAMES",
                         help="with the conformance phase: only these of %s (default all)"
@@ -180,7 +183,7 @@ def _run(args):
 def _run_locked(args, chosen, workdir):
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
     report = Report()
-    lab = phases.Lab(workdir, report, timeout=args.timeout)
+    lab = phases.Lab(workdir, report, timeout=args.timeout, dom0=args.dom0)
     if args.conformance_runs:
         lab.conformance_only = set(args.conformance_runs.split(","))
     started = time.monotonic()

@@ -275,6 +275,7 @@ class PerfRun:
         path = os.path.join(lab.workdir, "perf.json")
         with open(path, "w") as f:
             json.dump({"runtime": self.runtime, "serve_options": self.serve_options,
+                       "dom0": lab.dom0_kind,
                        "turns": done, "results": results, "ratios": self.table},
                       f, indent=1, sort_keys=True)
         return "%d guests; ratios in %s" % (2 * len(self.backends) * len(self.configs), path)

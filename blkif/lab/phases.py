@@ -305,8 +305,9 @@ def available_frontend():
 class Lab:
     """One run: the work directory, QEMU, dom0's agent and the report."""
 
-    def __init__(self, workdir, report, timeout=600, python=None):
+    def __init__(self, workdir, report, timeout=600, python=None, dom0="pv"):
         self.workdir = os.path.abspath(workdir)
+        self.dom0_kind = dom0  # qemu.DOM0_KINDS
         self.report = report
         self.deadline = time.monotonic() + timeout
         self.python = python or os.path.join(_project_root(), ".venv", "bin", "python")
@@ -388,9 +389,9 @@ class Lab:
         guest_cpio = os.path.join(self.workdir, "guest.cpio")
         size1 = initramfs.build_guest(guest_cpio, version, workload.plan_text(self.plan), discard)
         self.argv = qemu.qemu_argv(xen, vmlinuz, dom0_cpio, self.workdir,
-                                   os.path.join(self.logs, "serial.log"))
-        return "kernel %s, dom0 initramfs %d KiB, guest %d KiB, plan seed %d (%d chunks)" % (
-            version, size0 >> 10, size1 >> 10, seed, len(self.plan))
+                                   os.path.join(self.logs, "serial.log"), dom0=self.dom0_kind)
+        return "kernel %s, %s dom0 initramfs %d KiB, guest %d KiB, plan seed %d (%d chunks)" % (
+            version, self.dom0_kind.upper(), size0 >> 10, size1 >> 10, seed, len(self.plan))
 
     def boot(self):
         self.dom0.reset()

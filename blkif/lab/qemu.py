@@ -7,6 +7,12 @@ dom0's kernel and initramfs as multiboot modules: ``-initrd "KERNEL ARGS,INITRD"
 ``smap=0 smep=0`` under TCG or dom0 faults in create_bounce_frame.  The host's
 ``/`` goes to dom0 read-only over 9p (``hostroot``) and the work directory
 read-write (``labshare``).  Xen's and dom0's console is COM1, a file.
+
+A PVH dom0 (``dom0="pvh"``) needs what Xen 4.17 insists on for one, an
+IOMMU: a q35 machine with QEMU's AMD IOMMU (TCG's CPU is AMD's, with SVM),
+and the 9p devices behind it (``iommu_platform``: a PVH dom0's guest frames
+are not machine frames, so a device that bypassed the IOMMU would DMA to the
+wrong memory).  The CPU hides RDTSCP, which Xen's SVM cannot emulate on TCG.
 """
 import ctypes
 import gzip
@@ -33,9 +39,13 @@ DOM0_ARGS = "console=hvc0 earlyprintk=xen"
 # a worker's malloc crashing).  FXSAVE and SSE only are old, solid TCG paths.
 CPU = "max,xsave=off"
 
+DOM0_KINDS = ("pv", "pvh")
+
+
 def qemu_argv(xen, vmlinuz, initrd, workdir, serial_log, memory_mb=3072, smp=2,
-              xen_args=XEN_ARGS, dom0_args=DOM0_ARGS):
-    """QEMU's argument list for Xen + dom0 with the host root and lab shares.
+              xen_args=XEN_ARGS, dom0_args=DOM0_ARGS, dom0="pv"):
+    """QEMU's argument list for Xen + dom0 (``dom0`` one of DOM0_KINDS)
+    with the host root and lab shares.
 
     Raises UsageError for a path or argument QEMU's comma lists cannot carry.
     """
@@ -44,10 +54,19 @@ def qemu_argv(xen, vmlinuz, initrd, workdir, serial_log, memory_mb=3072, smp=2,
                        ("workdir", workdir), ("serial log", serial_log)):
         if "," in text:
             raise UsageError("the %s must not contain a comma: %r" % (what, text))
+    pvh = dom0 == "pvh"
+    shares = []
+    for tag, path, extra in (("hostroot", "/", ",readonly=on"), ("labshare", workdir, "")):
+        shares += ["-fsdev", "local,id=%s,path=%s,security_model=none,multidevs=remap%s"
+                   % (tag, path, extra),
+                   "-device", "virtio-9p-pci,fsdev=%s,mount_tag=%s%s"
+                   % (tag, tag, ",iommu_platform=on,disable-legacy=on" if pvh else "")]
+    machine = ["-machine", "q35", "-device", "amd-iommu"] if pvh else []
     return [
         QEMU,
         "-accel", "tcg,thread=multi",
-        "-cpu", CPU,
+        "-cpu", CPU + (",rdtscp=off" if pvh else ""),
+        *machine,
         "-smp", str(smp),
         "-m", str(memory_mb),
         "-display", "none",
@@ -56,12 +75,9 @@ def qemu_argv(xen, vmlinuz, initrd, workdir, serial_log, memory_mb=3072, smp=2,
         "-no-reboot",
         "-serial", "file:" + serial_log,
         "-kernel", xen,
-        "-append", xen_args,
+        "-append", xen_args + (" dom0=pvh" if pvh else ""),
         "-initrd", "%s,%s" % (module, initrd),
-        "-virtfs",
-        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-        "-virtfs",
-        "local,path=%s,mount_tag=labshare,security_model=none,multidevs=remap" % workdir,
+        *shares,
     ]
 
 
