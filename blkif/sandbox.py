@@ -554,18 +554,18 @@ class Interruption:
     """
 
     def __init__(self):
-        self.requested = False
+        self.requested = None  # the signal's name, once one came
         self.in_job = False
 
     def handler(self, signum, frame):
-        self.requested = True
+        self.requested = signal.Signals(signum).name
         if not self.in_job or (frame is not None and frame.f_code in _WAITS):
-            raise KeyboardInterrupt("stopped by %s" % signal.Signals(signum).name)
+            self.checkpoint()
 
     def checkpoint(self):
         """Raise KeyboardInterrupt if a stop was asked for."""
         if self.requested:
-            raise KeyboardInterrupt("stopped by SIGTERM")
+            raise KeyboardInterrupt("stopped by " + self.requested)
 
     @contextlib.contextmanager
     def job(self):

@@ -156,7 +156,7 @@ def test_a_job_busy_elsewhere_stops_at_its_next_checkpoint(interruption):
         os.kill(os.getpid(), signal.SIGUSR1)  # handled in this frame, not a wait
         sum(range(1000))  # bytecodes run: the handler has run, and returned
         assert interruption.requested
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt, match="stopped by SIGUSR1"):
             interruption.checkpoint()
     with pytest.raises(KeyboardInterrupt):  # and no later job starts
         with interruption.job():
