@@ -109,7 +109,8 @@ def add_arguments(parser):
                              "(drive dom0 through WORKDIR/ctl, see docs/lab.md)")
     parser.add_argument("--dom0", choices=qemu.DOM0_KINDS, default="pv",
                         help="dom0's kind: pv (default), or pvh (a q35 machine with QEMU's "
-                             "AMD IOMMU, which Xen requires for one; experimental in Xen 4.17)")
+                             "AMD IOMMU, which Xen requires for one; experimental in Xen 4.17 "
+                             "and, under this TCG, slow and crashing under load: docs/lab.md)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--conformance-runs", metavar="NAMES",
                         help="with the conformance phase: only these of %s (default all)"
