@@ -28,8 +28,8 @@ from blkif.backend.engine import engine_abi
 from blkif.backend.journal import Journal, RingJournal
 from blkif.platform import open_platform
 from blkif.platform.sim import SimHypervisor
-from blkif.request import RequestEncoder
-from blkif.ring import FrontRing
+from blkif.request import RequestEncoder, ResponseWriter
+from blkif.ring import BackRing, FrontRing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BLOCKS = 64  # 4 KiB blocks of the image in play
@@ -45,6 +45,13 @@ class Backend:
             stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         assert line == "ready\n", "the backend did not start (%r)" % line
+
+    def status(self):
+        """Whether the backend still runs, or how it ended and what it said."""
+        if self.proc.poll() is None:
+            return "the last backend still runs"
+        return "the last backend exited with status %d: %r" % (self.proc.returncode,
+                                                               self.proc.stdout.read())
 
     def kill(self):
         self.proc.kill()
@@ -197,7 +204,8 @@ def test_a_backend_killed_at_random_points_loses_and_repeats_nothing(tmp_path, s
             while fe.inflight and time.monotonic() < deadline:
                 fe.port.wait(0.01)
                 fe.collect()
-            assert not fe.inflight, "never answered: %s" % sorted(fe.inflight)
+            assert not fe.inflight, "never answered: %s (%s)" % (sorted(fe.inflight),
+                                                                 backend.status())
         except AssertionError as exc:
             raise AssertionError("seed %d: %s" % (seed, exc)) from None
         finally:
@@ -224,6 +232,51 @@ def test_a_new_journal_carries_a_failed_flush_and_ends_with_it(tmp_path):
     Vbd._use_journal(vbd, journal, new=True)
     assert journal.flush_failed[0] == 1 and store.flush_failed == journal.flush_failed
     assert Vbd._end_journal(vbd) is journal and store.flush_failed[0] == 1
+
+
+@pytest.mark.parametrize("engine,storage", [("c", "file"), ("python", "file"), ("c-nbd", "nbd"),
+                                            ("nbd", "nbd")],
+                         ids=["c", "python", "c-nbd", "nbd"], indirect=["storage"])
+def test_answers_a_predecessor_wrote_but_never_pushed_reach_the_frontend(tmp_path, engine,
+                                                                          storage):
+    """A predecessor killed after it answered a full ring, before it pushed
+    rsp_prod: nothing is left to do and no event will come (the frontend
+    waits with its ring full), so the successor must publish those answers
+    by itself.  (The random kill test found this once in the Python route.)"""
+    image, uri, _ = storage
+    path = tmp_path / "journal"
+    with SimHypervisor() as hv:
+        fe = Frontend(hv, 0)
+        journal = Journal.create(str(path), {"ring_bytes": [len(fe.ring_pages.buffer)]})
+        kept = RingJournal(journal.region(0), fe.ring.size, engine_abi(X86_64))
+        kept.start(0)
+        back = BackRing(fe.ring_pages.buffer, X86_64)
+        for rid in range(fe.ring.size):
+            fe.enc.rw(fe.ring, c.BLKIF_OP_READ, rid, rid % BLOCKS * 8, [(fe.data.refs[rid], 0, 7)])
+            fe.inflight[rid] = (c.BLKIF_OP_READ, rid % BLOCKS, None)
+            fe.free_ids.remove(rid)
+        fe.ring.push_requests()
+        back.req_cons = fe.ring.size
+        for rid in range(fe.ring.size):  # the predecessor: taken, answered, not pushed
+            slot = c.SRING_HEADER_SIZE + rid * X86_64.slot_size
+            kept.take(bytes(fe.ring_pages.buffer[slot:slot + X86_64.slot_size]), rid, rid)
+            back.rsp_prod_pvt = rid
+            ResponseWriter(X86_64).put(back, rid, c.BLKIF_OP_READ, c.BLKIF_RSP_OKAY)
+            kept.answered(rid, rid)
+        journal.close()
+        assert back.sring.rsp_prod == 0
+        back.release()
+        backend = Backend(hv, fe, image, path, "resume", engine, uri)
+        try:
+            deadline = time.monotonic() + 10
+            while fe.inflight and time.monotonic() < deadline:
+                fe.port.wait(0.01)
+                fe.collect()
+            assert not fe.inflight, "never answered: %s (%s)" % (sorted(fe.inflight),
+                                                                 backend.status())
+        finally:
+            backend.kill()
+        fe.close()
 
 
 @pytest.mark.parametrize("engine,storage", [("c", "file"), ("python", "file"), ("c-nbd", "nbd"),
@@ -262,7 +315,8 @@ def test_a_journal_with_two_barriers_is_taken_again_in_ring_order(tmp_path, engi
             while fe.inflight and time.monotonic() < deadline:
                 fe.port.wait(0.01)
                 fe.collect()
-            assert not fe.inflight, "never answered: %s" % sorted(fe.inflight)
+            assert not fe.inflight, "never answered: %s (%s)" % (sorted(fe.inflight),
+                                                                 backend.status())
         finally:
             backend.kill()
         fe.close()

@@ -105,7 +105,9 @@ class RingServer:
         twice as fast (docs/bench.md).
         """
         ring = self.ring
-        handled = self._recovered() if self._recover else 0
+        # a killed predecessor may have answered and died before it pushed
+        unpublished = ring.rsp_prod_pvt != ring.sring.rsp_prod
+        handled = self._recovered() if self._recover or unpublished else 0
         while True:
             pending = ring.pending_requests()
             if not pending and handled:
@@ -185,7 +187,8 @@ class RingServer:
 
     def _recovered(self):
         """Do and answer what a killed predecessor had taken (journal order
-        need not be ring order: answers may have come out of order)."""
+        need not be ring order: answers may have come out of order), and
+        publish those answers with any it wrote but did not push."""
         count = len(self._recover)
         for entry, raw in self._recover:  # in ring order
             self._entry = entry
