@@ -120,10 +120,29 @@ class Frontend:
             if not self.ring.final_check_for_responses():
                 return
 
+    def wait_answered(self, backend, timeout):
+        """Collect until nothing is in flight; AssertionError after ``timeout``
+        s naming what was never answered and how ``backend`` (the last) ended."""
+        deadline = time.monotonic() + timeout
+        while self.inflight and time.monotonic() < deadline:
+            self.port.wait(0.01)
+            self.collect()
+        assert not self.inflight, "never answered: %s (%s)" % (sorted(self.inflight),
+                                                             backend.status())
+
     def close(self):
         self.ring.release()
         for thing in (self.port, self.data, self.ring_pages, self.platform):
             thing.close()
+
+
+def resume_until_answered(hv, fe, image, journal_path, engine, uri):
+    """A successor on ``journal_path`` answers everything ``fe`` has in flight."""
+    backend = Backend(hv, fe, image, journal_path, "resume", engine, uri)
+    try:
+        fe.wait_answered(backend, 10)
+    finally:
+        backend.kill()
 
 
 def _left_in(journal_path):
@@ -200,12 +219,7 @@ def test_a_backend_killed_at_random_points_loses_and_repeats_nothing(tmp_path, s
                     carried += _left_in(journal)
                     backend = Backend(hv, fe, image, journal, "resume",
                                       engines[(kill + 1) % len(engines)], uri)
-            deadline = time.monotonic() + 30  # the last backend answers everything
-            while fe.inflight and time.monotonic() < deadline:
-                fe.port.wait(0.01)
-                fe.collect()
-            assert not fe.inflight, "never answered: %s (%s)" % (sorted(fe.inflight),
-                                                                 backend.status())
+            fe.wait_answered(backend, 30)  # the last backend answers everything
         except AssertionError as exc:
             raise AssertionError("seed %d: %s" % (seed, exc)) from None
         finally:
@@ -266,16 +280,7 @@ def test_answers_a_predecessor_wrote_but_never_pushed_reach_the_frontend(tmp_pat
         journal.close()
         assert back.sring.rsp_prod == 0
         back.release()
-        backend = Backend(hv, fe, image, path, "resume", engine, uri)
-        try:
-            deadline = time.monotonic() + 10
-            while fe.inflight and time.monotonic() < deadline:
-                fe.port.wait(0.01)
-                fe.collect()
-            assert not fe.inflight, "never answered: %s (%s)" % (sorted(fe.inflight),
-                                                                 backend.status())
-        finally:
-            backend.kill()
+        resume_until_answered(hv, fe, image, path, engine, uri)
         fe.close()
 
 
@@ -309,16 +314,7 @@ def test_a_journal_with_two_barriers_is_taken_again_in_ring_order(tmp_path, engi
                       len(plan) - 1 - rid)  # entries in the reverse of ring order
         fe.ring.push_requests()
         journal.close()
-        backend = Backend(hv, fe, image, path, "resume", engine, uri)
-        try:
-            deadline = time.monotonic() + 10
-            while fe.inflight and time.monotonic() < deadline:
-                fe.port.wait(0.01)
-                fe.collect()
-            assert not fe.inflight, "never answered: %s (%s)" % (sorted(fe.inflight),
-                                                                 backend.status())
-        finally:
-            backend.kill()
+        resume_until_answered(hv, fe, image, path, engine, uri)
         fe.close()
     disk = contents()
     for block in (0, 1):
