@@ -171,6 +171,33 @@ def test_the_bounce_buffer_takes_what_fits_and_the_rest_goes_direct(hypervisor, 
     rig.close()
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_an_o_direct_store_gets_each_request_at_once(hypervisor, image, direct):
+    """Eight requests taken in one round: on an O_DIRECT store each goes to
+    the kernel in a submit of its own (no plug holds them back to reach the
+    disk together); through the page cache the round's one submit carries
+    them all."""
+    if direct:
+        try:
+            os.close(os.open(image, os.O_RDONLY | os.O_DIRECT))
+        except OSError as exc:
+            pytest.skip("O_DIRECT on %s: %s" % (image.parent, exc.strerror))
+    rig = Rig(hypervisor, image, direct=direct, data_pages=8)
+    assert rig.server.io_note.endswith(
+        "a submit per request (O_DIRECT)" if direct else "a submit per round")
+    before = rig.counters.submits
+    for i in range(8):
+        rig.enc.rw(rig.ring, c.BLKIF_OP_READ, i, i * 8, [(rig.data.refs[i], 0, 7)])
+    assert rig.run() == [(i, c.BLKIF_OP_READ, OKAY) for i in range(8)]
+    assert bytes(rig.data.buffer) == image.read_bytes()[:8 * 4096]
+    submits = rig.counters.submits - before
+    if direct:
+        assert submits >= 8
+    else:
+        assert submits <= 2
+    rig.close()
+
+
 @pytest.mark.parametrize("server", ["c-io_uring", "python"])
 def test_persistent_grants_lru_keeps_hits_past_its_capacity(hypervisor, image, server):
     """A working set of 12 pages in a cache of 8, a request every 0.3 s: a

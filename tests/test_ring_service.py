@@ -43,7 +43,7 @@ class Rig:
 
     def __init__(self, hv, image, abi=X86_64, persistent=False, limits=None, readonly=False,
                  server="c-io_uring", data_pages=64, nbdkit_args=(), nbd_plugin=None,
-                 **options):
+                 direct=False, **options):
         self.front = open_platform("sim", domid=1, path=hv.path)
         self.back = open_platform("sim", domid=0, path=hv.path)
         self.abi = abi
@@ -61,7 +61,7 @@ class Rig:
             self.nbd_plugin = nbd_plugin or ("file", str(image))
             self.store = self._nbd_store(image, readonly, nbdkit_args)
         else:
-            self.store = Store(str(image), writable=not readonly)
+            self.store = Store(str(image), writable=not readonly, direct=direct)
         self.limits = limits or Limits(sectors=SECTORS, discard=True, readonly=readonly,
                                        max_indirect_segments=256)
         self.threaded = server != "python"

@@ -26,7 +26,8 @@ COUNTERS = ("requests", "indirect", "errors", "read_bytes", "write_bytes", "batc
             "notifies", "events", "spurious_events", "grant_hits", "grant_misses",
             "grant_evictions", "grant_purged", "mapped_grants",
             "resumed",  # requests a killed predecessor had taken, answered by us
-            "bounced")  # transfers copied through the C engine's bounce buffer
+            "bounced",  # transfers copied through the C engine's bounce buffer
+            "submits")  # the C engine's io_uring submits (0 where it does no io_uring)
 GAUGES = ("in_flight", "persistent_grants")
 LATENCY_BUCKETS = 17
 LATENCY_UNIT_NS = 32_000  # the first bucket's bound
