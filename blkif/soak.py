@@ -18,6 +18,11 @@ of what it wrote, a flush every 16 transfers; at the end the whole disk is
 read and compared.  Its latencies are reported as p99 per time window (calm
 and flood halves), to compare with the solo p99.
 
+While it runs, the soak holds ``/dev/cpu_dma_latency`` at 0, as cyclictest
+does: no CPU idles deeper than polling, so that a p99 measures the service,
+not how long an idle CPU (a halted vCPU, on a VM) takes to wake
+(``--allow-idle``: without).
+
 Every ``--sample`` s the service's memory (RSS of the supervisor, its spare
 worker and workers), open file descriptors and CPU time are read from /proc.
 Flat means: from a quarter into the run (at most 60 s: every ring has mapped
@@ -26,9 +31,11 @@ the supervisor's and the steady workers' RSS within 10%; and their
 descriptors the same once the churn and the flood are over.
 """
 import argparse
+import contextlib
 import json
 import os
 import random
+import struct
 import sys
 import threading
 import time
@@ -43,6 +50,7 @@ FLOOD_DOMID = 900
 CHURN_DOMIDS = 1000  # churned guests are 1000, 1001, ...
 RSS_GROWTH = 0.10
 MAX_P99_RATIO = 3.0
+CPU_LATENCY = "/dev/cpu_dma_latency"
 # lost: a guest read other data or failed; fds, memory: the service's grew;
 # latency: a p99 past the bound; process: a process of the sandbox did not stop cleanly
 FAILURE_KINDS = ("lost", "fds", "memory", "latency", "process")
@@ -233,14 +241,35 @@ def _churn(sandbox, stop, params, log):
     return cycles, failures
 
 
+@contextlib.contextmanager
+def cpus_awake(log):
+    """Hold ``/dev/cpu_dma_latency`` at 0 (the kernel's CPU latency QoS
+    request, kept while the file is open); yields whether it is held."""
+    try:
+        fd = os.open(CPU_LATENCY, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        log("CPU idle states left as they are: %s: %s" % (CPU_LATENCY, exc.strerror))
+        yield False
+        return
+    try:
+        os.write(fd, struct.pack("i", 0))
+        log("CPU idle states: polling only (%s held at 0)" % CPU_LATENCY)
+        yield True
+    finally:
+        os.close(fd)
+
+
 def run(vbds=64, duration=300.0, iops=10.0, solo_seconds=20.0, sample_every=5.0, flood=True,
-        churn_life=5.0, serve_options=(), log=print):
+        churn_life=5.0, serve_options=(), awake=True, log=print):
     """The whole soak; a report dict.  ``failures`` maps each kind of
-    failure (FAILURE_KINDS) to its messages; ``ok`` if there are none."""
+    failure (FAILURE_KINDS) to its messages; ``ok`` if there are none.
+    ``awake``: hold the CPUs out of idle states (:func:`cpus_awake`)."""
     report = {"vbds": vbds, "duration": duration, "iops_per_vbd": iops,
               "failures": {kind: [] for kind in FAILURE_KINDS}}
     log = log or (lambda text: None)
-    with Sandbox(serve_options=serve_options) as sandbox:
+    with contextlib.ExitStack() as stack:
+        report["cpus_awake"] = stack.enter_context(cpus_awake(log)) if awake else False
+        sandbox = stack.enter_context(Sandbox(serve_options=serve_options))
         # 1. solo
         results = {}
         t0 = time.monotonic() + 1.0
@@ -359,10 +388,14 @@ def main(argv=None):
     parser.add_argument("--sample", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--no-flood", action="store_true")
     parser.add_argument("--engine", choices=("c", "python"), default="c")
+    parser.add_argument("--allow-idle", action="store_true",
+                        help="leave CPU idle states alone (default: hold %s at 0)"
+                        % CPU_LATENCY)
     parser.add_argument("--json", metavar="FILE", help="write the report here")
     args = parser.parse_args(argv)
     report = run(args.vbds, args.duration, args.iops, args.solo_seconds, args.sample,
                  not args.no_flood, serve_options=["--engine", args.engine],
+                 awake=not args.allow_idle,
                  log=lambda text: print(text, file=sys.stderr, flush=True))
     if args.json:
         with open(args.json, "w") as f:

@@ -3,7 +3,16 @@ coming and going, one guest flooding its event channel and xenstore nodes;
 nothing lost, the service's descriptors back where they were, every process
 stopped cleanly.  Latency and memory are judged by the full run
 (docs/reliability.md): seconds of a loaded 2-core machine say little."""
+import os
+import struct
+
 from blkif import soak
+from helpers import require
+
+
+def _cpu_latency():
+    with open(soak.CPU_LATENCY, "rb") as f:
+        return struct.unpack("i", f.read(4))[0]
 
 
 def test_a_short_soak_loses_nothing_and_leaks_no_descriptors():
@@ -16,3 +25,14 @@ def test_a_short_soak_loses_nothing_and_leaks_no_descriptors():
     assert report["transfers"] >= 3 * 12 * 10 * 0.5
     assert report["first_sample"]["steady_workers"] == report["last_sample"]["steady_workers"] == 3
     assert len(report["p99_ratios"]) == 3
+    assert report["cpus_awake"] == os.access(soak.CPU_LATENCY, os.W_OK)
+
+
+def test_the_cpus_are_held_out_of_idle_states_while_it_measures():
+    """The CPU latency QoS request is 0 while held, and back as it was after."""
+    require(os.access(soak.CPU_LATENCY, os.W_OK), "a writable %s (root)" % soak.CPU_LATENCY)
+    before = _cpu_latency()
+    assert before > 0
+    with soak.cpus_awake(lambda text: None) as held:
+        assert held and _cpu_latency() == 0
+    assert _cpu_latency() == before
