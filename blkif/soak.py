@@ -10,7 +10,9 @@ The sandbox (our xenstored, the sim hypervisor, ``blkif serve``) serves:
    seconds, detached, destroyed), and from half-time one more guest floods:
    notifies on its event channels in a loop (XSA-332) and writes its own
    xenstore nodes, ``state`` (which the worker watches) and fresh ones
-   (XSA-349).  Its process runs SCHED_IDLE, as a guest's vCPU is not dom0's.
+   (XSA-349).  The churned and the flooding guests' processes run SCHED_IDLE:
+   on Xen a guest boots and spins on vCPUs of its own, not on dom0's, so here
+   they take only CPU time no process of dom0 (nor a steady guest) wants.
 
 The workload (:func:`guest_soak`, in each guest): paced reads and writes of
 4-64 KiB at random 4 KiB offsets, every read checked against the guest's copy
@@ -103,10 +105,7 @@ def guest_soak(guest, params, emit):
 
 def guest_flood(guest, params, emit):
     """Until ``params["until"]``: notify every event channel in a loop, and
-    every 64 rounds write our ``state`` (same value) and a fresh node.  Runs
-    SCHED_IDLE: on Xen a guest spins on its own vCPU, not on dom0's, so here
-    it takes only CPU time no process of dom0 wants."""
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    every 64 rounds write our ``state`` (same value) and a fresh node."""
     dev, xs = guest.dev, guest.xs
     ports = [q.port for q in dev.queues]
     notifies = writes = 0
@@ -194,14 +193,18 @@ def sample(sandbox, steady):
     return out
 
 
-def _guest(sandbox, domid, results, key, params, function="blkif.soak:guest_soak", go=None):
+def _guest(sandbox, domid, results, key, params, function="blkif.soak:guest_soak", go=None,
+           idle=False):
     """A new guest domain with a VBD, attached, then running ``function``
     with ``params`` (a dict, or a callable giving it once ``go`` is set): in a
     thread, which puts the result or ``{"error": ...}`` in ``results[key]``.
+    ``idle``: its process runs SCHED_IDLE from its start.
     Returns (guest, thread, attached event)."""
     image = sandbox.make_image("disk-%d.img" % domid, IMAGE_SIZE, None)
     sandbox.add_vbd(domid, VDEV, image)
     guest = sandbox.start_guest(domid)
+    if idle:
+        os.sched_setscheduler(guest.proc.pid, os.SCHED_IDLE, os.sched_param(0))
     attached = threading.Event()
 
     def job():
@@ -229,7 +232,7 @@ def _churn(sandbox, stop, params, log):
         results = {}
         until = time.monotonic() + params["life"]
         guest, thread, _ = _guest(sandbox, domid, results, "r",
-                                  dict(params, until=until, seed=domid, windows=[]))
+                                  dict(params, until=until, seed=domid, windows=[]), idle=True)
         thread.join()
         guest.quit()
         toolstack.destroy(sandbox.dom0, domid, VDEV)
@@ -316,7 +319,7 @@ def run(vbds=64, duration=300.0, iops=10.0, solo_seconds=20.0, sample_every=5.0,
             time.sleep(min(sample_every, max(0.0, end - time.monotonic())))
             if flood and flooder is None and time.monotonic() >= half:
                 flooder = _guest(sandbox, FLOOD_DOMID, flood_result, "r", {"until": end},
-                       "blkif.soak:guest_flood")
+                                 "blkif.soak:guest_flood", idle=True)
                 log("flood: guest %d floods its channel and xenstore nodes" % FLOOD_DOMID)
             samples.append(sample(sandbox, steady))
             log("%.0f s: %d processes, RSS %.0f MiB, %d fds" % (
