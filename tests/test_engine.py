@@ -177,11 +177,6 @@ def test_an_o_direct_store_gets_each_request_at_once(hypervisor, image, direct):
     the kernel in a submit of its own (no plug holds them back to reach the
     disk together); through the page cache the round's one submit carries
     them all."""
-    if direct:
-        try:
-            os.close(os.open(image, os.O_RDONLY | os.O_DIRECT))
-        except OSError as exc:
-            pytest.skip("O_DIRECT on %s: %s" % (image.parent, exc.strerror))
     rig = Rig(hypervisor, image, direct=direct, data_pages=8)
     assert rig.server.io_note.endswith(
         "a submit per request (O_DIRECT)" if direct else "a submit per round")
