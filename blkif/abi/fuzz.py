@@ -48,8 +48,10 @@ def build(out_dir, csrc=CSRC, cc="clang"):
     with open(source, "w") as f:
         f.write(harness_text(csrc))
     binary = os.path.join(out_dir, "fuzz_engine")
+    # _GNU_SOURCE as Python.h sets it for the extension (engine.c uses
+    # O_DIRECT and fallocate)
     run = subprocess.run([cc, "-g", "-O1", SANITIZERS, "-fno-sanitize-recover=all",
-                          "-I", csrc, source, "-o", binary]
+                          "-D_GNU_SOURCE", "-I", csrc, source, "-o", binary]
                          + ["-l" + lib for lib in _cdefs("engine").LIBRARIES],
                          capture_output=True, text=True)
     if run.returncode != 0:
