@@ -149,6 +149,16 @@ def test_power_cuts_catch_a_disk_that_lies_about_flushes():
     assert exc.value.clause == "flushed write lost", exc.value
 
 
+def test_a_rig_on_a_volatile_disk_leaves_nothing_behind():
+    require_fuse()
+    with CrashRig(sectors=64, disk="volatile") as rig:
+        rig.dev.write(0, bytes(range(256)) * 2)
+        rig.dev.flush()
+        where = rig.sandbox.dir
+        assert os.path.ismount(os.path.join(where, "volatile"))
+    assert not os.path.exists(where)
+
+
 def test_the_harness_sees_a_flushed_write_missing_from_the_image():
     with CrashRig(sectors=64) as rig:
         m = DiskModel(64)

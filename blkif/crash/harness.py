@@ -85,10 +85,13 @@ class CrashRig:
             self.detach()
         finally:
             try:
-                self.sandbox.__exit__(*exc)
+                self.sandbox.stop()  # nothing has the image open when its disk goes
             finally:
-                if self.disk is not None:
-                    self.disk.close()
+                try:
+                    if self.disk is not None:
+                        self.disk.close()  # unmounted before its mount point is removed
+                finally:
+                    self.sandbox.__exit__(*exc)
 
     def new_vbd(self):
         """A new guest domain with a VBD on the image, attached."""
