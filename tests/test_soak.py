@@ -25,6 +25,13 @@ def test_a_short_soak_loses_nothing_and_leaks_no_descriptors():
     assert report["transfers"] >= 3 * 12 * 10 * 0.5
     assert report["first_sample"]["steady_workers"] == report["last_sample"]["steady_workers"] == 3
     assert len(report["p99_ratios"]) == 3
+    assert all(len(r) == len(soak.PHASES) for r in report["p99_ratios"].values())
+    assert 0 < report["warmup"] < 12 - soak.COOLDOWN
+    # each guest's slowest transfers, timed from the start of the run, in its windows
+    for slowest in report["slowest"].values():
+        assert 0 < len(slowest) <= soak.SLOWEST
+        assert all(0 <= t < 12 - soak.COOLDOWN and ms > 0 for t, ms in slowest)
+    assert len(report["churn_created_s"]) == report["churn_cycles"]
     assert report["cpus_awake"] == os.access(soak.CPU_LATENCY, os.W_OK)
 
 
