@@ -695,3 +695,16 @@ def test_max_persistent_grants_bounds_what_a_ring_keeps(hv, tmp_path, engine):
     finally:
         assert svc.close() == 0
     assert "Traceback" not in svc.output()
+
+
+def test_only_events_naming_a_vbd_directory_ask_for_a_rescan():
+    """A VBD's own nodes change many times while it connects; listing every
+    VBD for each change would cost the supervisor (and xenstored) CPU in
+    proportion to how many VBDs there are."""
+    roots = ["/local/domain/0/backend/vbd", "/local/domain/0/backend/qdisk"]
+    for path in ["/local/domain/0/backend/vbd", "/local/domain/0/backend/vbd/7",
+                 "/local/domain/0/backend/qdisk/7/51712", "@releaseDomain"]:
+        assert service_mod.vbd_level(path, roots), path
+    for path in ["/local/domain/0/backend/vbd/7/51712/state",
+                 "/local/domain/0/backend/qdisk/7/51712/queue-0/ring-ref"]:
+        assert not service_mod.vbd_level(path, roots), path

@@ -114,6 +114,16 @@ def describe_exit(code):
     return "exit status %d" % code
 
 
+def vbd_level(path, roots):
+    """Whether a watch event on ``path`` may add or remove a VBD directory
+    under one of ``roots``: the root itself, ``root/domid`` or
+    ``root/domid/devid``, and any path not under a root."""
+    for root in roots:
+        if path == root or path.startswith(root + "/"):
+            return path[len(root):].count("/") <= 2
+    return True
+
+
 def _set_policy(pid, policy):
     """Schedule process ``pid`` under ``policy``; a failure is only logged
     (the process is gone, or the kernel refuses)."""
@@ -137,6 +147,8 @@ class Service:
         self.stopping = False
         self.detaching = False  # SIGUSR1: leave every connection to the next service
         self.recheck = False  # SIGHUP: workers re-check their store's size
+        self.rescan = True  # a VBD directory may have come or gone: list them again
+        self.present = {}  # (domid, devid) -> backend directory, as last listed
         self.watchdog = systemd.Watchdog()
         self.wakeup = Wakeup()  # the xenstore watch, SIGCHLD and signals
         self.selector = selectors.DefaultSelector()
@@ -173,7 +185,7 @@ class Service:
                 with contextlib.ExitStack() as watches:
                     for root in self.roots:
                         watches.enter_context(
-                            xs.watch(root, "blkif-serve-" + root, callback=self.wakeup.wake))
+                            xs.watch(root, "blkif-serve-" + root, callback=self._on_change))
                     systemd.notify("READY=1", "STATUS=serving VBDs under %s" % where)
                     while not self.stopping:
                         self._round(xs)
@@ -189,6 +201,16 @@ class Service:
                 metrics.server_close()
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
+
+    def _on_change(self, event):
+        """A watch event (on the watch's thread): only one naming a VBD
+        directory or above asks for a rescan.  A VBD's own nodes (its state,
+        features, its guest's frontend details) change many times while it
+        connects, and listing every VBD for each would cost dom0 CPU in
+        proportion to how many there are, every time one comes or goes."""
+        if vbd_level(event.path, self.roots):
+            self.rescan = True
+            self.wakeup.wake()
 
     def _serve_metrics(self):
         if not self.args.metrics:
@@ -250,7 +272,10 @@ class Service:
         return found
 
     def _scan(self, xs):
-        present = self._present(xs)
+        if self.rescan:
+            self.rescan = False  # before listing: a change meanwhile asks again
+            self.present = self._present(xs)
+        present = self.present
         now = time.monotonic()
         for key in present.keys() - self.workers.keys():
             self.workers[key] = WorkerHandle(*key, present[key])
