@@ -262,6 +262,11 @@ def _churn(sandbox, stop, params, log):
     return cycles, failures, created
 
 
+def warmup(seconds):
+    """The first tenth of a run of ``seconds``, at most WARMUP_MAX: left out of its p99."""
+    return min(WARMUP_MAX, seconds / 10)
+
+
 @contextlib.contextmanager
 def cpus_awake(log):
     """Hold ``/dev/cpu_dma_latency`` at 0 (the kernel's CPU latency QoS
@@ -295,7 +300,7 @@ def run(vbds=64, duration=300.0, iops=10.0, solo_seconds=20.0, sample_every=5.0,
         results = {}
         t0 = time.monotonic() + 1.0
         until = t0 + solo_seconds
-        warm = t0 + min(WARMUP_MAX, solo_seconds / 10)  # judged alike: its warm-up left out
+        warm = t0 + warmup(solo_seconds)  # judged alike: its warm-up left out
         guest, thread, _ = _guest(sandbox, 1, results, 1, {
             "iops": iops, "until": until, "seed": 1,
             "windows": [[t0, warm], [warm, until - COOLDOWN]]})
@@ -325,7 +330,7 @@ def run(vbds=64, duration=300.0, iops=10.0, solo_seconds=20.0, sample_every=5.0,
         start = time.monotonic() + 1.0
         end = start + duration
         half = start + duration / 2
-        warm = start + min(WARMUP_MAX, duration / 10)
+        warm = start + warmup(duration)
         timing.update(start=start, warm=warm, half=half, end=end)
         report.update(warmup=warm - start, cooldown=COOLDOWN)
         go.set()
