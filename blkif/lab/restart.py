@@ -26,7 +26,7 @@ from blkif.lab import initramfs, phases, workload
 
 KILLS = 5
 GAP = 4.0  # seconds of serving between a successor's resume and the next restart
-ROUNDS = 16  # fio rounds the guest runs (~10 s each under TCG); the restarts land inside
+ROUNDS = 32  # fio rounds the guest runs (4-10 s each under TCG): the restarts (60-90 s) land inside
 RESUME_TIMEOUT = 90  # a cold worker start in the emulated dom0 takes up to ~15 s
 IMAGE = "/run/lab/restart.img"
 QCOW2_IMAGE = "/run/lab/restart.qcow2"
