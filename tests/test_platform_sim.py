@@ -520,3 +520,31 @@ def test_start_and_stop_commands_clean_up(tmp_path):
     os.kill(pid, signal.SIGKILL)
     subprocess.run(run + ["stop", directory], timeout=30)
     assert os.listdir(directory) == []
+
+
+@pytest.mark.parametrize("how", ["sim", "default"])
+def test_map_grants_each_gives_a_mapping_per_ref(hv, how):
+    """One call, a mapping per ref, each unmapped on its own; a bad ref
+    leaves nothing mapped.  ``default``: the base class's one-by-one loop."""
+    from blkif.platform.base import Platform
+    with open_platform("sim", domid=FRONTEND, path=hv.path) as fe, \
+            open_platform("sim", domid=BACKEND, path=hv.path) as be:
+        each = be.map_grants_each if how == "sim" else (
+            lambda *args: Platform.map_grants_each(be, *args))
+        pages = fe.grant_pages(BACKEND, 4)
+        for i in range(4):
+            pages.buffer[i * PAGE_SIZE:i * PAGE_SIZE + 2] = b"p%d" % i
+        mappings = each(FRONTEND, [pages.refs[2], pages.refs[0], pages.refs[3]])
+        assert [bytes(m.buffer[:2]) for m in mappings] == [b"p2", b"p0", b"p3"]
+        assert all(len(m.buffer) == PAGE_SIZE for m in mappings)
+        mappings[0].buffer[2:4] = b"!!"
+        assert bytes(pages.buffer[2 * PAGE_SIZE:2 * PAGE_SIZE + 4]) == b"p2!!"
+        mappings[0].unmap()  # the others stay mapped
+        assert pages.flags(2) == GTF_permit_access
+        assert pages.flags(0) & GTF_writing and bytes(mappings[1].buffer[:2]) == b"p0"
+        for mapping in mappings[1:]:
+            mapping.unmap()
+        assert pages.flags(0) == GTF_permit_access
+        with pytest.raises(GrantError):
+            each(FRONTEND, [pages.refs[1], 10 ** 6])
+        assert pages.flags(1) == GTF_permit_access  # not left pinned

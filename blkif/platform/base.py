@@ -205,6 +205,21 @@ class Platform(_Closing, abc.ABC):
         """Map ``refs`` of ``remote_domid`` contiguously.  Raises GrantError
         (``.status`` GNTST_*) if any ref cannot be mapped; nothing stays mapped."""
 
+    def map_grants_each(self, remote_domid, refs, writable=True):
+        """Map each of ``refs`` on its own: one Mapping per ref, each unmapped
+        alone (as Xen's batched GNTTABOP_map_grant_ref gives a handle per
+        entry).  Raises as :meth:`map_grants`; nothing stays mapped then.
+        This default maps them one by one; a platform may do it in one call."""
+        mappings = []
+        try:
+            for ref in refs:
+                mappings.append(self.map_grants(remote_domid, [ref], writable))
+        except BaseException:
+            for mapping in mappings:
+                mapping.unmap()
+            raise
+        return mappings
+
     def grant_device(self):
         """A descriptor native code may map grants through itself (Xen's
         gntdev), or None: then grants are mapped only by :meth:`map_grants`."""

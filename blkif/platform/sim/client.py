@@ -136,6 +136,30 @@ class SimPlatform(Platform):
         self._objects.add(mapping)
         return mapping
 
+    def map_grants_each(self, remote_domid, refs, writable=True):
+        """One request to the hypervisor for all of ``refs``, a mapping each."""
+        self._check_open()
+        refs = [int(r) for r in refs]
+        reply, fds = self._call({"op": "map", "domid": int(remote_domid), "refs": refs,
+                                 "writable": bool(writable), "each": True})
+        mappings = []
+        try:
+            for ref, handle, frame in zip(refs, reply["handles"], reply["frames"]):
+                region = _mman.map_pages(fds[0], [frame * PAGE_SIZE], bool(writable))
+                mapping = SimMapping(self, handle, int(remote_domid), [ref], bool(writable),
+                                     region)
+                self._objects.add(mapping)
+                mappings.append(mapping)
+        except OSError:
+            for mapping in mappings:
+                mapping.unmap()
+            for handle in reply["handles"][len(mappings):]:
+                self._call({"op": "unmap", "handle": handle})
+            raise
+        finally:
+            os.close(fds[0])
+        return mappings
+
     def grant_copy(self, ops):
         self._check_open()
         ops, statuses = list(ops), []

@@ -327,10 +327,15 @@ class Hypervisor:
                               message="d%d ref %d" % (domid, ref))
         for ref in refs:
             granter.gnttab.pin(ref, writable)
-        handle = next(self._ids)
-        conn.maps[handle] = (granter, refs, writable, None)
         frames = [granter.gnttab.frame(ref) for ref in refs]
         fd = granter.memory.fd if writable else granter.memory.ro_fd
+        if message.get("each"):  # a handle per ref, as GNTTABOP_map_grant_ref's batch
+            handles = [next(self._ids) for _ in refs]
+            for handle, ref in zip(handles, refs):
+                conn.maps[handle] = (granter, [ref], writable, None)
+            return {"handles": handles, "frames": frames}, [os.dup(fd)]
+        handle = next(self._ids)
+        conn.maps[handle] = (granter, refs, writable, None)
         return {"handle": handle, "frames": frames}, [os.dup(fd)]
 
     def _op_map_notify(self, conn, message):
