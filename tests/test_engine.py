@@ -344,3 +344,33 @@ def test_io_uring_refused_falls_back_to_threads(hypervisor, image):
     assert rig.run() == [(1, c.BLKIF_OP_WRITE, OKAY)]
     assert image.read_bytes()[8 * 512:8 * 512 + 4096] == b"t" * 4096
     rig.close()
+
+
+def test_a_request_maps_its_new_grants_in_one_call(hypervisor, image):
+    """Pages no request used before go into the cache with one call to the
+    platform per request (one request to the sim's hypervisor, as blkback
+    batches its map hypercall), each page kept on its own: later requests
+    hit whichever of them they use, and a page twice in one request is kept
+    once."""
+    rig = Rig(hypervisor, image, persistent=True, data_pages=32)
+    calls = []
+    each = rig.back.map_grants_each
+    rig.back.map_grants_each = lambda domid, refs, **kw: calls.append(len(refs)) or each(
+        domid, refs, **kw)
+    refs = rig.data.refs
+    rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 1, 0, [(ref, 0, 7) for ref in refs[:11]])
+    assert rig.run() == [(1, c.BLKIF_OP_READ, OKAY)]
+    assert calls == [11]
+    rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 2, 88, [(ref, 0, 7) for ref in refs[5:16]])
+    assert rig.run() == [(2, c.BLKIF_OP_READ, OKAY)]
+    assert calls == [11, 5]  # 6 hits, 5 new
+    disk = image.read_bytes()
+    assert bytes(rig.data.buffer[:16 * 4096]) == disk[:5 * 4096] + disk[88 * 512:][:11 * 4096]
+    rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 3, 256, [(refs[20], 0, 3), (refs[20], 4, 7)])
+    assert rig.run() == [(3, c.BLKIF_OP_READ, OKAY)]
+    assert calls == [11, 5, 2]
+    assert bytes(rig.data.buffer[20 * 4096:21 * 4096]) == disk[256 * 512:][:4096]
+    counters = rig.counters
+    assert counters.persistent_grants == counters.grant_misses == 17
+    assert counters.grant_hits == 6 + 1  # the page's second use in request 3
+    rig.close()

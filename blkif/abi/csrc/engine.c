@@ -101,6 +101,8 @@
 static int eng_map_grants(void *handle, const uint32_t *grefs, unsigned n, int writable,
                           uintptr_t *base, uint64_t *token);
 static void eng_unmap_grants(void *handle, uint64_t token);
+static int eng_map_each(void *handle, const uint32_t *grefs, unsigned n, int writable,
+                        uintptr_t *addrs, uint64_t *tokens);
 
 /* -- decoding: request.py's rules, on our own copy of the request ---------- */
 
@@ -412,6 +414,9 @@ struct engine {
     int64_t next_clean;      /* ms: cache_clean at most every CLEAN_INTERVAL_MS */
     uint64_t full_misses;    /* grants a full cache could not keep since then */
     uint32_t *scratch;       /* the grefs a full cache could not keep, of one request */
+    uint32_t *fill_ref, *fill_at; /* the misses a cache with room takes, of one request, */
+    uintptr_t *fill_addr;         /* where they are in it, and as map_each mapped them */
+    uint64_t *fill_token;
     struct ioctl_gntdev_map_grant_ref *map_op; /* room for the most grants of a request */
     char *bounce;            /* cfg.bounce_pages pages, and a bit per page in use */
     uint64_t *bounce_used;
@@ -886,6 +891,24 @@ static void unmap_grants(struct engine *e, uintptr_t base, uint64_t token)
     ioctl(e->cfg.gntdev_fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, &op);
 }
 
+/* Map each of ``n`` grants on its own (addrs[i], tokens[i]), writable: the
+ * sim in one call back (its hypervisor maps them in one request, as Xen's
+ * batched map hypercall gives a handle per entry), gntdev one by one.  -1
+ * with nothing left mapped if any fails. */
+static int map_each(struct engine *e, const uint32_t *grefs, uint32_t n, uintptr_t *addrs,
+                    uint64_t *tokens)
+{
+    if (e->cfg.gntdev_fd < 0)
+        return eng_map_each(e->cfg.handle, grefs, n, 1, addrs, tokens);
+    for (uint32_t i = 0; i < n; i++)
+        if (map_grants(e, grefs + i, 1, 1, addrs + i, tokens + i) < 0) {
+            while (i--)
+                unmap_grants(e, addrs[i], tokens[i]);
+            return -1;
+        }
+    return 0;
+}
+
 static void cache_evict(struct engine *e, int32_t i)
 {
     struct grant_cache *c = &e->cache;
@@ -898,10 +921,8 @@ static void cache_evict(struct engine *e, int32_t i)
     e->stats.persistent_grants--;
 }
 
-/* The cached page of ``gref`` (its users count raised), mapping it on a miss
- * while there is room; -1 if the cache is full or (*failed set) the grant
- * cannot be mapped. */
-static int32_t cache_get(struct engine *e, uint32_t gref, int *failed)
+/* The cached page of ``gref`` with its users count raised, or -1. */
+static int32_t cache_hit(struct engine *e, uint32_t gref)
 {
     struct grant_cache *c = &e->cache;
     int32_t i = cache_find(c, gref);
@@ -909,15 +930,20 @@ static int32_t cache_get(struct engine *e, uint32_t gref, int *failed)
         if (!c->entries[i].users++)
             lru_unlink(c, i);
         e->stats.grant_hits++;
-        return i;
     }
-    if (c->free_head < 0)
-        return -1; /* full: the caller maps it with its request (cache_clean makes room) */
-    uintptr_t addr;
-    uint64_t token;
-    if (map_grants(e, &gref, 1, 1, &addr, &token) < 0) {
-        *failed = 1;
-        return -1;
+    return i;
+}
+
+/* A page just mapped for ``gref`` into the cache (in use once), which has
+ * room; a gref the cache already holds (twice in one request) keeps its
+ * entry, and the new mapping goes. */
+static int32_t cache_insert(struct engine *e, uint32_t gref, uintptr_t addr, uint64_t token)
+{
+    struct grant_cache *c = &e->cache;
+    int32_t i = cache_hit(e, gref);
+    if (i >= 0) {
+        unmap_grants(e, addr, token);
+        return i;
     }
     e->stats.grant_misses++;
     i = c->free_head;
@@ -973,25 +999,32 @@ static int map_pages(struct engine *e, struct pending *p, const uint32_t *grefs,
     uint32_t missing = n;
     const uint32_t *map = grefs;
     if (e->cfg.persistent) {
-        /* Hits from the cache, misses into it while it has room; the rest
-         * (a full cache) mapped together below, as blkback maps the grants
-         * it cannot keep, while cache_clean frees room in the background. */
-        int failed = 0;
-        uint32_t seen = 0;
+        /* Hits from the cache; misses into it while it has room, mapped
+         * together (map_each); the rest (a full cache) mapped together below,
+         * as blkback maps the grants it cannot keep, while cache_clean frees
+         * room in the background. */
+        struct grant_cache *c = &e->cache;
+        uint32_t room = c->cap - c->count, fills = 0;
         missing = 0;
-        for (; seen < n && !failed; seen++) {
-            int32_t i = cache_get(e, grefs[seen], &failed);
-            entries[seen] = i;
-            if (i >= 0)
-                pages[seen] = e->cache.entries[i].addr;
-            else if (!failed)
-                e->scratch[missing++] = grefs[seen];
+        for (uint32_t k = 0; k < n; k++) {
+            entries[k] = cache_hit(e, grefs[k]);
+            if (entries[k] >= 0)
+                pages[k] = c->entries[entries[k]].addr;
+            else if (fills < room)
+                e->fill_ref[fills] = grefs[k], e->fill_at[fills++] = k;
+            else
+                e->scratch[missing++] = grefs[k];
         }
-        if (failed) {        /* a bad grant: give back what we took */
-            while (seen--)
-                if (entries[seen] >= 0)
-                    cache_put(e, entries[seen]);
+        if (fills && map_each(e, e->fill_ref, fills, e->fill_addr, e->fill_token) < 0) {
+            for (uint32_t k = 0; k < n; k++) /* a bad grant: give back what we took */
+                if (entries[k] >= 0)
+                    cache_put(e, entries[k]);
             return -1;
+        }
+        for (uint32_t f = 0; f < fills; f++) {
+            uint32_t k = e->fill_at[f];
+            entries[k] = cache_insert(e, e->fill_ref[f], e->fill_addr[f], e->fill_token[f]);
+            pages[k] = c->entries[entries[k]].addr;
         }
         if (!missing)
             return 0;
@@ -1697,6 +1730,10 @@ static void eng_free(struct engine *e)
     free(e->bounce);
     free(e->bounce_used);
     free(e->scratch);
+    free(e->fill_ref);
+    free(e->fill_at);
+    free(e->fill_addr);
+    free(e->fill_token);
     free(e->recover_order);
     free(e->map_op);
     free(e->cache.entries);
@@ -1744,8 +1781,13 @@ static struct engine *eng_new(const struct eng_config *cfg, char *err, size_t er
     uint32_t most = cfg->limits.max_indirect_segments > MAX_DIRECT
                         ? cfg->limits.max_indirect_segments : MAX_DIRECT;
     e->scratch = malloc(most * sizeof *e->scratch);
+    e->fill_ref = malloc(most * sizeof *e->fill_ref);
+    e->fill_at = malloc(most * sizeof *e->fill_at);
+    e->fill_addr = malloc(most * sizeof *e->fill_addr);
+    e->fill_token = malloc(most * sizeof *e->fill_token);
     e->map_op = malloc(sizeof *e->map_op + most * sizeof e->map_op->refs[0]);
-    if (!e->scratch || !e->map_op || (cfg->persistent && cache_init(&e->cache, cfg->max_grants) < 0))
+    if (!e->scratch || !e->fill_ref || !e->fill_at || !e->fill_addr || !e->fill_token ||
+        !e->map_op || (cfg->persistent && cache_init(&e->cache, cfg->max_grants) < 0))
         goto nomem;
     if (cfg->bounce_pages) {
         e->bounce_used = calloc((cfg->bounce_pages + 63) / 64, sizeof *e->bounce_used);
