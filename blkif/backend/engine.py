@@ -44,23 +44,38 @@ IO_THREADS = 4
 RUN_SLICE_MS = 200  # the engine hands back this often even under full load
 
 
+def _map(engine, grefs, n, writable, each):
+    """``n`` grefs mapped together (``each``: a mapping per gref), kept under
+    new tokens: [(address, token)], one per mapping, or None (logged) if any cannot
+    be mapped.  No exception may unwind into C."""
+    refs, platform = list(grefs[0:n]), engine.platform
+    try:
+        if each:
+            mappings = platform.map_grants_each(engine.domid, refs, writable=bool(writable))
+        else:
+            mappings = [platform.map_grants(engine.domid, refs, writable=bool(writable))]
+    except PlatformError as exc:
+        log.warning("%s: %s", engine.label, exc)
+        return None
+    except Exception:
+        log.exception("%s: mapping grants", engine.label)
+        return None
+    out = []
+    for mapping in mappings:
+        key = next(engine.tokens)
+        engine.mappings[key] = mapping
+        out.append((address(mapping.buffer), key))
+    return out
+
+
 @ffi.def_extern()
 def eng_map_grants(handle, grefs, n, writable, base, token):
     """Map ``n`` grefs contiguously for the engine; -1 if any cannot be."""
     engine = ffi.from_handle(handle)
-    try:
-        mapping = engine.platform.map_grants(engine.domid, list(grefs[0:n]),
-                                             writable=bool(writable))
-    except PlatformError as exc:
-        log.warning("%s: %s", engine.label, exc)
+    mapped = _map(engine, grefs, n, writable, each=False)
+    if mapped is None:
         return -1
-    except Exception:  # never let an exception unwind into C
-        log.exception("%s: mapping grants", engine.label)
-        return -1
-    key = next(engine.tokens)
-    engine.mappings[key] = mapping
-    base[0] = address(mapping.buffer)
-    token[0] = key
+    base[0], token[0] = mapped[0]
     return 0
 
 
@@ -69,20 +84,11 @@ def eng_map_each(handle, grefs, n, writable, addrs, tokens):
     """Map ``n`` grefs a page each (for the grant cache) in one call to the
     platform; -1 if any cannot be (then none is mapped)."""
     engine = ffi.from_handle(handle)
-    try:
-        mappings = engine.platform.map_grants_each(engine.domid, list(grefs[0:n]),
-                                                   writable=bool(writable))
-    except PlatformError as exc:
-        log.warning("%s: %s", engine.label, exc)
+    mapped = _map(engine, grefs, n, writable, each=True)
+    if mapped is None:
         return -1
-    except Exception:  # never let an exception unwind into C
-        log.exception("%s: mapping grants", engine.label)
-        return -1
-    for i, mapping in enumerate(mappings):
-        key = next(engine.tokens)
-        engine.mappings[key] = mapping
-        addrs[i] = address(mapping.buffer)
-        tokens[i] = key
+    for i, (addr, key) in enumerate(mapped):
+        addrs[i], tokens[i] = addr, key
     return 0
 
 
