@@ -374,3 +374,22 @@ def test_a_request_maps_its_new_grants_in_one_call(hypervisor, image):
     assert counters.persistent_grants == counters.grant_misses == 17
     assert counters.grant_hits == 6 + 1  # the page's second use in request 3
     rig.close()
+
+
+def test_a_closing_engine_unmaps_its_cached_grants_in_one_call(hypervisor, image):
+    """The engine lets its persistent grants go together (one request to the
+    sim's hypervisor), and none of them stays mapped."""
+    rig = Rig(hypervisor, image, persistent=True, data_pages=32)
+    calls = []
+    each = rig.back.unmap_grants_each
+    rig.back.unmap_grants_each = lambda mappings: calls.append(len(mappings)) or each(mappings)
+    refs = rig.data.refs
+    for i in range(3):
+        rig.enc.rw(rig.ring, c.BLKIF_OP_WRITE, i, i * 88, [(ref, 0, 7) for ref in refs[i * 9:][:9]])
+        assert rig.run() == [(i, c.BLKIF_OP_WRITE, OKAY)]
+    assert rig.counters.persistent_grants == 27
+    assert all(rig.data.flags(i) & c.GTF_writing for i in range(27))
+    rig.server.close()
+    assert calls == [27]
+    assert [rig.data.flags(i) for i in range(32)] == [c.GTF_permit_access] * 32
+    rig.close()

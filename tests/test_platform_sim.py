@@ -548,3 +548,30 @@ def test_map_grants_each_gives_a_mapping_per_ref(hv, how):
         with pytest.raises(GrantError):
             each(FRONTEND, [pages.refs[1], 10 ** 6])
         assert pages.flags(1) == GTF_permit_access  # not left pinned
+
+
+@pytest.mark.parametrize("how", ["sim", "default"])
+def test_unmap_grants_each_lets_every_mapping_go(hv, how):
+    """The sim unmaps a batch in one request to its hypervisor (the default:
+    one by one); a batch naming a handle not ours unmaps none of it."""
+    from blkif.platform.base import Platform
+    with open_platform("sim", domid=FRONTEND, path=hv.path) as fe, \
+            open_platform("sim", domid=BACKEND, path=hv.path) as be:
+        unmap = be.unmap_grants_each if how == "sim" else (
+            lambda *args: Platform.unmap_grants_each(be, *args))
+        pages = fe.grant_pages(BACKEND, 4)
+        mappings = be.map_grants_each(FRONTEND, pages.refs)
+        assert all(pages.flags(i) & GTF_writing for i in range(4))
+        sent, call = [], be._call
+        be._call = lambda message: sent.append(message["op"]) or call(message)
+        unmap(mappings[:3])
+        assert sent == (["unmap"] if how == "sim" else ["unmap"] * 3)
+        assert [pages.flags(i) for i in range(3)] == [GTF_permit_access] * 3
+        assert pages.flags(3) & GTF_writing
+        unmap(mappings)  # the ones already gone are left alone
+        assert pages.flags(3) == GTF_permit_access
+        kept = be.map_grants_each(FRONTEND, pages.refs[:1])[0]
+        with pytest.raises(LocalProtocolError):
+            call({"op": "unmap", "handles": [kept.handle, 10 ** 6]})
+        assert pages.flags(0) & GTF_writing
+        kept.unmap()

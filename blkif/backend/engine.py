@@ -104,6 +104,17 @@ def eng_unmap_grants(handle, token):
         log.exception("%s: unmapping grants", engine.label)
 
 
+@ffi.def_extern()
+def eng_unmap_each(handle, tokens, n):
+    """Unmap the engine's persistent grants together (one call to the platform)."""
+    engine = ffi.from_handle(handle)
+    mappings = [m for m in (engine.mappings.pop(t, None) for t in tokens[0:n]) if m]
+    try:
+        engine.platform.unmap_grants_each(mappings)
+    except Exception:  # the engine is done with them whatever happens
+        log.exception("%s: unmapping grants", engine.label)
+
+
 def engine_abi(abi):
     """The engine's (and a journal's) number for a ring layout."""
     return lib.ENG_ABI_X86_32 if abi.tag == X86_32.tag else lib.ENG_ABI_X86_64

@@ -220,6 +220,13 @@ class Platform(_Closing, abc.ABC):
             raise
         return mappings
 
+    def unmap_grants_each(self, mappings):
+        """Unmap ``mappings`` (of :meth:`map_grants_each`) together, as a
+        backend lets its persistent grants go.  This default unmaps them one
+        by one; a platform may do it in one call."""
+        for mapping in mappings:
+            mapping.unmap()
+
     def grant_device(self):
         """A descriptor native code may map grants through itself (Xen's
         gntdev), or None: then grants are mapped only by :meth:`map_grants`."""

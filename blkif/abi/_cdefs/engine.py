@@ -2,9 +2,10 @@
 
 Python reaches it through ``blkif.backend.engine``; the structs here are the
 engine's own (configuration, a decoded request, counters), not Xen's.
-``eng_map_grants``/``eng_map_each``/``eng_unmap_grants`` are implemented in Python
-(``extern "Python"``): the engine calls them, with the GIL, to map grants
-where it has no gntdev descriptor of its own (the sim platform).
+``eng_map_grants``, ``eng_map_each``, ``eng_unmap_grants`` and ``eng_unmap_each``
+are implemented in Python (``extern "Python"``): the engine calls them, with
+the GIL, to map grants where it has no gntdev descriptor of its own (the sim
+platform).
 """
 import os
 
@@ -121,6 +122,7 @@ extern "Python" int eng_map_grants(void *, const uint32_t *, unsigned, int, uint
 extern "Python" void eng_unmap_grants(void *, uint64_t);
 extern "Python" int eng_map_each(void *, const uint32_t *, unsigned, int, uintptr_t *,
                                  uint64_t *);
+extern "Python" void eng_unmap_each(void *, const uint64_t *, unsigned);
 """
 
 SOURCE = TYPES + '#include "engine.c"\n'

@@ -103,6 +103,7 @@ static int eng_map_grants(void *handle, const uint32_t *grefs, unsigned n, int w
 static void eng_unmap_grants(void *handle, uint64_t token);
 static int eng_map_each(void *handle, const uint32_t *grefs, unsigned n, int writable,
                         uintptr_t *addrs, uint64_t *tokens);
+static void eng_unmap_each(void *handle, const uint64_t *tokens, unsigned n);
 
 /* -- decoding: request.py's rules, on our own copy of the request ---------- */
 
@@ -991,6 +992,30 @@ static void cache_purge(struct engine *e)
     }
 }
 
+/* Unmap every cached grant, the engine being done: the sim in one call back
+ * (its hypervisor unmaps them in one request, as Xen's batched unmap
+ * hypercall), gntdev one by one. */
+static void cache_release(struct engine *e)
+{
+    struct grant_cache *c = &e->cache;
+    if (!c->table)
+        return;
+    uint64_t *tokens = e->cfg.gntdev_fd < 0 ? malloc((c->count + 1) * sizeof *tokens) : NULL;
+    uint32_t n = 0;
+    for (uint32_t h = 0; h <= c->mask; h++)
+        if (c->table[h] >= 0) {
+            struct grant *g = &c->entries[c->table[h]];
+            if (tokens)
+                tokens[n++] = g->token;
+            else
+                unmap_grants(e, g->addr, g->token);
+        }
+    if (n)
+        eng_unmap_each(e->cfg.handle, tokens, n);
+    free(tokens);
+    e->stats.persistent_grants = 0;
+}
+
 /* Page addresses of ``n`` grefs into pages[] (through the cache, or one
  * mapping kept in p->token); 0, or -1 if some grant cannot be mapped. */
 static int map_pages(struct engine *e, struct pending *p, const uint32_t *grefs, uint32_t n,
@@ -1713,12 +1738,7 @@ static void eng_free(struct engine *e)
     if (e->stats.in_flight && e->done_fd >= 0)
         eng_quiesce(e, 30000); /* no page may be unmapped under an I/O */
     io_stop(e);
-    if (e->cache.table)
-        for (uint32_t h = 0; h <= e->cache.mask; h++)
-            if (e->cache.table[h] >= 0)
-                unmap_grants(e, e->cache.entries[e->cache.table[h]].addr,
-                             e->cache.entries[e->cache.table[h]].token);
-    e->stats.persistent_grants = 0;
+    cache_release(e);
     for (uint32_t i = 0; e->pending && i < e->size; i++) {
         free(e->pending[i].grefs);
         free(e->pending[i].bounds);

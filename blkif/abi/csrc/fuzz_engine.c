@@ -25,6 +25,11 @@ static int eng_map_grants(void *handle, const uint32_t *grefs, unsigned n, int w
 
 static void eng_unmap_grants(void *handle, uint64_t token) { (void)handle, (void)token; }
 
+static void eng_unmap_each(void *handle, const uint64_t *tokens, unsigned n)
+{
+    (void)handle, (void)tokens, (void)n;
+}
+
 static int eng_map_each(void *handle, const uint32_t *grefs, unsigned n, int writable,
                         uintptr_t *addrs, uint64_t *tokens)
 {

@@ -160,6 +160,21 @@ class SimPlatform(Platform):
             os.close(fds[0])
         return mappings
 
+    def unmap_grants_each(self, mappings):
+        """One request to the hypervisor for all of ``mappings``."""
+        handles = []
+        try:
+            for mapping in mappings:
+                if mapping.release():
+                    handles.append(mapping.handle)
+        finally:  # what was released is unmapped, even if one view was still held
+            for first in range(0, len(handles), protocol.MAX_REFS):
+                try:
+                    self._call({"op": "unmap",
+                                "handles": handles[first:first + protocol.MAX_REFS]})
+                except PlatformUnavailable:
+                    break
+
     def grant_copy(self, ops):
         self._check_open()
         ops, statuses = list(ops), []
@@ -268,7 +283,7 @@ class SimGrantedPages(GrantedPages):
 
 class SimMapping(Mapping):
     def __init__(self, platform, handle, domid, refs, writable, region):
-        self._platform, self._handle = platform, handle
+        self._platform, self.handle = platform, handle
         self.domid, self.refs, self.writable = domid, refs, writable
         self._region = region
         self._view = memoryview(region)
@@ -279,18 +294,24 @@ class SimMapping(Mapping):
 
     def set_unmap_notify(self, clear_byte=None, port=None):
         number = port.port if isinstance(port, Port) else port
-        self._platform._call({"op": "map_notify", "handle": self._handle,
+        self._platform._call({"op": "map_notify", "handle": self.handle,
                               "offset": clear_byte, "port": number})
 
-    def unmap(self):
+    def release(self):
+        """Let our view of the pages go: True if it was held, and the
+        hypervisor's handle is then still to be unmapped."""
         if self._region.closed:
-            return
+            return False
         _mman.close_region(self)
         self._platform._objects.discard(self)
-        try:
-            self._platform._call({"op": "unmap", "handle": self._handle})
-        except PlatformUnavailable:
-            pass
+        return True
+
+    def unmap(self):
+        if self.release():
+            try:
+                self._platform._call({"op": "unmap", "handle": self.handle})
+            except PlatformUnavailable:
+                pass
 
 
 class SimPort(Port):

@@ -351,7 +351,20 @@ class Hypervisor:
         return {}, []
 
     def _op_unmap(self, conn, message):
-        self._unmap(conn, int(message["handle"]))
+        """One handle, or a batch (``handles``), as GNTTABOP_unmap_grant_ref
+        takes; a batch naming a handle this connection does not hold unmaps
+        none of them."""
+        handles = [int(h) for h in message["handles"]] if "handles" in message else [
+            int(message["handle"])]
+        if not 0 < len(handles) <= protocol.MAX_REFS:
+            raise Refused("usage", message="unmap count must be 1..%d" % protocol.MAX_REFS)
+        if len(set(handles)) != len(handles):
+            raise Refused("usage", message="a handle given twice")
+        for handle in handles:
+            if handle not in conn.maps:
+                raise Refused("usage", message="no mapping with handle %d" % handle)
+        for handle in handles:
+            self._unmap(conn, handle)
         return {}, []
 
     def _unmap(self, conn, handle):
