@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_TEST := libxen-dev gcc-multilib xenstore-utils liburing-dev libnbd-dev fio clang libclang-rt-14-dev systemd \
-            busybox-static strace \
+            busybox-static \
             qemu-utils qemu-system-common nbdkit python3-libnbd libfuse3-3
 APT_LAB := qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils \
            linux-image-amd64 busybox-static cpio e2fsprogs qemu-utils qemu-system-common \

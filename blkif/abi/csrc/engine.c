@@ -16,19 +16,15 @@
  *   submit    every read and write of the batch in flight at once: io_uring
  *             (one io_uring_submit per round; on an O_DIRECT store one per
  *             request, as blkback dispatches each request to the disk at
- *             once: see submit_each; the last goes with the wait) or, where
- *             io_uring is refused,
+ *             once: see submit_each) or, where io_uring is refused,
  *             a small pool of threads doing preadv/pwritev; on an NBD export
  *             (an image's qemu-storage-daemon, a remote server) NBD commands
  *             through libnbd (nbd_link.c);
  *   reap      completions are answered as they arrive, out of order;
  *   push      responses published once per round, the peer notified at most once.
  * When a round finds nothing to do it arms req_event (final check), re-enables
- * the event channel only then (late EOI, XSA-332) and sleeps until the port,
- * a completion or eng_stop wakes it.  With io_uring that is one system call
- * that also submits what the round queued (the port and the stop eventfd are
- * polled in the ring: uring_wait); otherwise poll() on the port, the
- * completion eventfd (or the NBD socket) and the stop eventfd.
+ * the event channel only then (late EOI, XSA-332) and sleeps in poll() on the
+ * port, the completion eventfd (or the NBD socket) and the stop eventfd together.
  *
  * Nothing is allocated per request: pending requests live in an array of one
  * entry per ring slot, each with segment arrays grown once to the largest
@@ -427,9 +423,6 @@ struct engine {
     uint64_t *bounce_used;
     int bounce_fixed;        /* registered with io_uring: READ/WRITE_FIXED, no pinning per I/O */
     int submit_each;         /* an io_uring_submit per request taken, not per round */
-    int uring_wait;          /* the wait is io_uring's: port and stop_fd polled in the ring */
-    int port_polled, stop_polled; /* ... their polls are armed (and have not fired) */
-    int port_ready;          /* ... and the port's fired: eng_run takes the event */
     int recover;             /* journal entries are left to take again */
     int32_t *recover_order;  /* ... their indexes, oldest on the ring first */
     uint32_t recover_count, recover_at;
@@ -531,12 +524,7 @@ static int io_start(struct engine *e)
         return 0;
     }
     if (e->cfg.io_mode == ENG_IO_URING) {
-        /* Completions need not interrupt the thread (Linux 5.19): they are
-         * reaped after each round or wait anyway. */
-        int r = io_uring_queue_init(entries, &e->ring,
-                                    IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG);
-        if (r == -EINVAL)
-            r = io_uring_queue_init(entries, &e->ring, 0);
+        int r = io_uring_queue_init(entries, &e->ring, 0);
         if (r == 0 && (r = io_uring_register_eventfd(&e->ring, e->done_fd)) < 0)
             io_uring_queue_exit(&e->ring);
         if (r == 0) {
@@ -549,7 +537,6 @@ static int io_start(struct engine *e)
             int flags = fcntl(e->cfg.store_fd, F_GETFL);
             e->submit_each = flags >= 0 && (flags & O_DIRECT);
             e->io_mode = ENG_IO_URING;
-            e->uring_wait = 1;
             snprintf(e->io_note, sizeof e->io_note, "io_uring, %u entries, a submit per %s",
                      entries, e->submit_each ? "request (O_DIRECT)" : "round");
             return 0;
@@ -615,61 +602,6 @@ static void io_queue(struct engine *e, uint64_t user_data, int op, const struct 
     pthread_mutex_unlock(&p->lock);
 }
 
-/* The user_data of the polls that wake a uring_wait (an I/O's is part << 32 | index). */
-#define UD_PORT_POLL UINT64_MAX
-#define UD_STOP_POLL (UINT64_MAX - 1)
-
-static void arm_poll(struct engine *e, int fd, uint64_t tag)
-{
-    struct io_uring_sqe *sqe = io_uring_get_sqe(&e->ring);
-    if (!sqe) {
-        io_uring_submit(&e->ring);
-        sqe = io_uring_get_sqe(&e->ring);
-    }
-    if (!sqe) {  /* the kernel takes nothing more: wait in poll() */
-        e->uring_wait = 0;
-        return;
-    }
-    io_uring_prep_poll_add(sqe, fd, POLLIN);
-    io_uring_sqe_set_data64(sqe, tag);
-}
-
-/* A poll's completion: the port fired (or the stop eventfd did: e->stop says
- * so).  Each poll fires once and is armed again only for the next wait, so a
- * storm on the port wakes nobody between waits (the pause that bounds what a
- * storm costs stays a pause).  A poll the kernel refuses leaves waiting to poll(). */
-static void polled(struct engine *e, uint64_t tag, const struct io_uring_cqe *cqe)
-{
-    if (tag == UD_PORT_POLL) {
-        e->port_polled = 0;
-        e->port_ready |= cqe->res > 0;
-    } else {
-        e->stop_polled = 0;
-    }
-    if (cqe->res < 0 && cqe->res != -ECANCELED)
-        e->uring_wait = 0;
-}
-
-/* Submit what is queued and sleep until a completion, the port or eng_stop
- * (or ``ms`` pass): one system call. */
-static void wait_in_ring(struct engine *e, int64_t ms)
-{
-    if (io_uring_sq_ready(&e->ring))
-        e->stats.submits++;
-    if (!e->port_polled) {
-        arm_poll(e, e->cfg.port_fd, UD_PORT_POLL);
-        e->port_polled = e->uring_wait;
-    }
-    if (!e->stop_polled) {
-        arm_poll(e, e->stop_fd, UD_STOP_POLL);
-        e->stop_polled = e->uring_wait;
-    }
-    struct __kernel_timespec ts = {ms / 1000, ms % 1000 * 1000000};
-    struct io_uring_cqe *cqe;
-    io_uring_submit_and_wait_timeout(&e->ring, &cqe, 1, &ts, NULL);
-    stale_clock(e);
-}
-
 static void io_submit(struct engine *e)
 {
     if (e->io_mode == ENG_IO_URING && io_uring_sq_ready(&e->ring)) {
@@ -694,16 +626,10 @@ static unsigned io_reap(struct engine *e)
         struct io_uring_cqe *cqes[64];
         unsigned got;
         while ((got = io_uring_peek_batch_cqe(&e->ring, cqes, 64)) > 0) {
-            for (unsigned i = 0; i < got; i++) {
-                uint64_t ud = io_uring_cqe_get_data64(cqes[i]);
-                if (ud >= UD_STOP_POLL) {
-                    polled(e, ud, cqes[i]);
-                    continue;
-                }
-                complete(e, ud, cqes[i]->res);
-                n++;
-            }
+            for (unsigned i = 0; i < got; i++)
+                complete(e, io_uring_cqe_get_data64(cqes[i]), cqes[i]->res);
             io_uring_cq_advance(&e->ring, got);
+            n += got;
         }
         return n;
     }
@@ -1324,14 +1250,12 @@ static void submit_transfer(struct engine *e, int32_t index, int op)
         link_transfer(e, p, op);
         return;
     }
-    /* submit_each: what earlier requests queued goes now, this one with
-     * the next, or at the end of the round, or with the wait */
-    if (e->submit_each)
-        io_submit(e);
     p->outstanding = p->nparts;
     for (uint32_t k = 0; k < p->nparts; k++)
         io_queue(e, user_data(index, k), op, p->iov + p->parts[k].iov_at,
                  p->parts[k].iov_count, p->parts[k].offset);
+    if (e->submit_each)
+        io_submit(e);
 }
 
 /* A write the store took only partly: write the rest here (rare: files).
@@ -1689,9 +1613,8 @@ static unsigned unpark_bounce(struct engine *e)
     return 1;
 }
 
-/* One round: the clock, consume, submit (with uring_wait: the caller's),
- * reap, run a parked barrier, push.  Returns the work done (requests taken +
- * completions), or a negative ENG_* status. */
+/* One round: the clock, consume, submit, reap, run a parked barrier, push.  Returns the
+ * work done (requests taken + completions), or a negative ENG_* status. */
 static int round_(struct engine *e)
 {
     tick(e);
@@ -1699,8 +1622,7 @@ static int round_(struct engine *e)
     taken += consume(e);
     if (taken < 0)
         return ENG_RING_ERROR;
-    if (!e->uring_wait)
-        io_submit(e);
+    io_submit(e);
     unsigned reaped = io_reap(e);
     if (e->bounce_waiting >= 0)
         reaped += unpark_bounce(e);
@@ -1717,52 +1639,27 @@ static int round_(struct engine *e)
     return taken + (int)reaped;
 }
 
-/* The port fired: take the event off it.  One that brought no request and
- * came with no completion (``busy``) is spurious. */
-static int take_event(struct engine *e, int busy)
+/* Serve the ring until ``timeout_ms`` pass (ENG_OK), eng_stop is called
+ * (ENG_STOPPED) or the frontend breaks the ring (ENG_RING_ERROR,
+ * ENG_CHANNEL_CLOSED: eng_error says why).  Releases no GIL itself: cffi
+ * calls it without the GIL. */
+static int eng_run(struct engine *e, int timeout_ms)
 {
-    e->stats.events++;
-    clear_port(e);
-    if (e->channel_closed) {
-        set_error(e, "the frontend closed its event channel", 0, 0, 0);
-        return ENG_CHANNEL_CLOSED;
-    }
-    if (!busy && *e->req_prod == e->req_cons) {
-        e->stats.spurious_events++;
-        e->spurious_streak++;
-    }
-    return 0;
-}
-
-static int run(struct engine *e, int64_t deadline)
-{
+    int64_t deadline = now_ms() + timeout_ms;
     for (;;) {
         int work = round_(e);
         if (work < 0)
             return work;
-        if (e->port_ready) { /* uring_wait's poll saw the port fire */
-            e->port_ready = 0;
-            int r = take_event(e, work > 0);
-            if (r < 0)
-                return r;
-        }
         if (e->stop)
             return ENG_STOPPED;
         if (work > 0) {
             e->spurious_streak = 0;
             if (now_ms() >= deadline)
                 return ENG_OK; /* bounded: the caller's turn, even under load */
-            /* With uring_wait, a round that leaves nothing to reap goes on to
-             * the final check and the wait, which submits what it queued. */
-            if (!e->uring_wait || io_uring_cq_ready(&e->ring)) {
-                io_submit(e);
-                continue;
-            }
-        }
-        if (e->barrier_waiting < 0 && e->bounce_waiting < 0 && final_check(e)) {
-            io_submit(e);
             continue;
         }
+        if (e->barrier_waiting < 0 && e->bounce_waiting < 0 && final_check(e))
+            continue;
         /* All done: only now may the port fire again (late EOI). */
         if (e->spurious_streak >= SPURIOUS_STREAK) {
             struct timespec pause = {0, SPURIOUS_PAUSE_NS};
@@ -1772,10 +1669,6 @@ static int run(struct engine *e, int64_t deadline)
         int64_t left = deadline - now_ms();
         if (left <= 0)
             return ENG_OK;
-        if (e->uring_wait) {
-            wait_in_ring(e, left);
-            continue;
-        }
         struct pollfd fds[4] = {
             {e->cfg.port_fd, POLLIN, 0}, {e->done_fd, POLLIN, 0}, {e->stop_fd, POLLIN, 0}};
         int nfds = 3 + link_pollfd(e, &fds[3]);
@@ -1783,22 +1676,19 @@ static int run(struct engine *e, int64_t deadline)
             continue;
         e->done_ready = fds[1].revents != 0;
         if (fds[0].revents) {
-            int r = take_event(e, fds[1].revents || fds[3].revents);
-            if (r < 0)
-                return r;
+            e->stats.events++;
+            clear_port(e);
+            if (e->channel_closed) {
+                set_error(e, "the frontend closed its event channel", 0, 0, 0);
+                return ENG_CHANNEL_CLOSED;
+            }
+            /* An event with no new request and no completion is spurious. */
+            if (*e->req_prod == e->req_cons && !fds[1].revents && !fds[3].revents) {
+                e->stats.spurious_events++;
+                e->spurious_streak++;
+            }
         }
     }
-}
-
-/* Serve the ring until ``timeout_ms`` pass (ENG_OK), eng_stop is called
- * (ENG_STOPPED) or the frontend breaks the ring (ENG_RING_ERROR,
- * ENG_CHANNEL_CLOSED: eng_error says why).  Releases no GIL itself: cffi
- * calls it without the GIL. */
-static int eng_run(struct engine *e, int timeout_ms)
-{
-    int r = run(e, now_ms() + timeout_ms);
-    io_submit(e); /* nothing queued waits for the next call */
-    return r;
 }
 
 /* Serve what is on the ring and wait for every request in flight, for at
@@ -1810,7 +1700,6 @@ static int eng_quiesce(struct engine *e, int timeout_ms)
         int work = round_(e);
         if (work < 0)
             return work;
-        io_submit(e);
         if (!work && !e->stats.in_flight && !final_check(e))
             return 0;
         int64_t left = deadline - now_ms();
