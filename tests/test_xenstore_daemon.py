@@ -4,8 +4,12 @@ guest on its domain socket sees them, transactions, quotas and limits."""
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xenstore import domain_socket_path
+from xenstore.daemon import Watch, Xenstored
+from xenstore.store import Change
 from xenstore.wire import XENSTORE_PAYLOAD_MAX, Op, Packet
 from xenstore_fixtures import RawClient, start_server, stop_server, xenstored  # noqa: F401
 
@@ -329,3 +333,33 @@ def test_a_guest_over_its_rate_waits_and_slows_no_one_else(tmp_path):
             assert took > (150 - 25) / 50 * 0.8, took
     finally:
         assert stop_server(proc)[0] == 0
+
+
+_SEGMENT = st.sampled_from(["a", "b", "ab"])
+_PATH = st.one_of(st.just("/"), st.sampled_from(["@introduceDomain", "@releaseDomain"]),
+                  st.lists(_SEGMENT, min_size=1, max_size=4).map(lambda p: "/" + "/".join(p)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(watches=st.lists(st.tuples(st.integers(0, 3), _PATH), max_size=12),
+       change=_PATH, exact=st.booleans())
+def test_fire_finds_the_watches_a_scan_of_every_watch_finds(watches, change, exact):
+    """``fire`` looks watches up by path (a write costs the same with 130
+    watching connections as with one); it must find exactly the watches,
+    in exactly the order, that checking every watch with ``Watch.matches``
+    in connection order finds.  Connections come and go in between."""
+    d = Xenstored()
+    conns = [d.connect(0) for _ in range(4)]
+    ch = Change(change, exact, ())
+    for i, (who, path) in enumerate(watches):
+        conns[who].add_watch(Watch(path, b"t%d" % i, 0))
+        d._watchers(ch)  # the index as it stands, to be kept up to date
+    if watches:
+        conns[watches[0][0]].remove_watch(0)
+        d._watchers(ch)
+    d.disconnect(conns[1])
+    conns[1] = d.connect(0)  # a later id, so connection order is not list order
+    conns[1].add_watch(Watch(change, b"new", 0))
+    scan = [(conn, watch) for conn in d.connections.values() for watch in conn.watches
+            if watch.matches(ch)]
+    assert [(conn, watch) for _, _, conn, watch in d._watchers(ch)] == scan

@@ -39,6 +39,8 @@ class Watch:
         self.prefix_len = prefix_len  # stripped from event paths (relative watch)
 
     def matches(self, change):
+        """The rule (xenstored's): does ``change`` fire this watch?  ``fire``
+        finds the same watches through an index (a test holds them equal)."""
         if change.exact:
             return change.path == self.path
         return (self.path == "/" or change.path == self.path
@@ -67,10 +69,11 @@ class Domain:
 class Connection:
     """One client connection; ``outbox`` holds Packets for the I/O layer."""
 
-    def __init__(self, conn_id, domain):
+    def __init__(self, conn_id, domain, on_watches=lambda: None):
         self.id = conn_id
         self.domain = domain
-        self.watches = []
+        self.watches = []           # change only through the methods below
+        self._on_watches = on_watches  # the daemon's index of watches is stale
         self.transactions = {}
         self.outbox = deque()
         self.outbytes = 0
@@ -96,10 +99,23 @@ class Connection:
         """The I/O layer took ``packet`` out of the outbox."""
         self.outbytes -= 16 + len(packet.payload)
 
+    def add_watch(self, watch):
+        self.watches.append(watch)
+        self._on_watches()
+
+    def remove_watch(self, index):
+        del self.watches[index]
+        self._on_watches()
+
+    def clear_watches(self):
+        if self.watches:
+            self.watches.clear()
+            self._on_watches()
+
     def close(self, reason):
         if self.closing is None:
             self.closing = reason
-            self.watches.clear()
+            self.clear_watches()
             self.transactions.clear()
             self.outbox.clear()
 
@@ -119,6 +135,7 @@ class Xenstored:
         self.domains = {0: Domain(0)}
         self.connections = {}
         self._next_conn = 1
+        self._watch_index = None  # watched path -> [(conn id, position, conn, watch)]
         self.on_introduce = on_introduce or (lambda domid: None)
         self.on_release = on_release or (lambda domid: None)
 
@@ -130,7 +147,7 @@ class Xenstored:
 
     def connect(self, domid=0):
         domain = self.domains[domid]
-        conn = Connection(self._next_conn, domain)
+        conn = Connection(self._next_conn, domain, self._watches_changed)
         self._next_conn += 1
         domain.connections.add(conn)
         self.connections[conn.id] = conn
@@ -237,21 +254,45 @@ class Xenstored:
             self.fire(result)
         return result
 
+    def _watches_changed(self):
+        self._watch_index = None
+
+    def _watchers(self, change):
+        """The watches ``change`` fires, in connection order and each
+        connection's watch order (as a scan of every watch would find them)."""
+        if self._watch_index is None:
+            self._watch_index = {}
+            for conn in self.connections.values():
+                for position, watch in enumerate(conn.watches):
+                    self._watch_index.setdefault(watch.path, []).append(
+                        (conn.id, position, conn, watch))
+        index, path = self._watch_index, change.path
+        found = list(index.get(path, ()))
+        if not change.exact:
+            cut = path.find("/", 1)
+            while cut > 0:
+                found += index.get(path[:cut], ())
+                cut = path.find("/", cut + 1)
+            if path != "/":
+                found += index.get("/", ())
+        found.sort(key=lambda entry: entry[:2])
+        return found
+
     def fire(self, changes):
         """Send WATCH_EVENTs for ``changes`` to every permitted watcher."""
         for change in changes:
             path = change.path.encode("ascii")
-            for conn in list(self.connections.values()):
-                if not conn.watches or conn.closing:
+            allowed = {}  # conn id -> whether it may see the change
+            for conn_id, _, conn, watch in self._watchers(change):
+                if conn.closing:
                     continue
-                caller = conn.caller
-                if not any(access_for(caller.domid, perms, caller.privileged,
-                                      caller.target) & READ
-                           for perms in change.visible_to):
-                    continue
-                for watch in conn.watches:
-                    if watch.matches(change):
-                        self._event(conn, path[watch.prefix_len:], watch.token)
+                if conn_id not in allowed:
+                    caller = conn.caller
+                    allowed[conn_id] = any(
+                        access_for(caller.domid, perms, caller.privileged, caller.target) & READ
+                        for perms in change.visible_to)
+                if allowed[conn_id]:
+                    self._event(conn, path[watch.prefix_len:], watch.token)
 
     def fire_special(self, name):
         node = self.store.tree.lookup(name)
@@ -275,13 +316,13 @@ class Xenstored:
             self.fire_special("@introduceDomain")
         else:
             for conn in domain.connections:
-                conn.watches.clear()
+                conn.clear_watches()
                 conn.transactions.clear()
 
     def release(self, domid):
         domain = self.domains.pop(domid)
         for conn in list(domain.connections):
-            conn.watches.clear()   # no events for what the toolstack removes
+            conn.clear_watches()   # no events for what the toolstack removes
             conn.close("domain %d released" % domid)
         for other in self.domains.values():
             if other.target == domid:
@@ -396,7 +437,7 @@ def do_watch(d, conn, tx, pkt):
     if conn.domid != 0 and conn.domain.count("watches") >= d.quotas["watches"]:
         raise StoreError("E2BIG")
     watch = Watch(path, token, len(conn.domain.path) + 1 if relative else 0)
-    conn.watches.append(watch)
+    conn.add_watch(watch)
     conn.send(reply(pkt, b"OK\0"))
     # We fire once up front, as xenstored does.
     d._event(conn, path.encode()[watch.prefix_len:], token)
@@ -408,7 +449,7 @@ def do_unwatch(d, conn, tx, pkt):
     path = d.canonical(conn, raw, allow_special=True)
     for i, watch in enumerate(conn.watches):
         if watch.path == path and watch.token == token:
-            del conn.watches[i]
+            conn.remove_watch(i)
             return b"OK\0"
     raise StoreError("ENOENT")
 
@@ -483,7 +524,7 @@ def do_is_domain_introduced(d, conn, tx, pkt):
 
 
 def do_reset_watches(d, conn, tx, pkt):
-    conn.watches.clear()
+    conn.clear_watches()
     conn.transactions.clear()
     return b"OK\0"
 
