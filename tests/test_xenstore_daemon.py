@@ -335,6 +335,30 @@ def test_a_guest_over_its_rate_waits_and_slows_no_one_else(tmp_path):
         assert stop_server(proc)[0] == 0
 
 
+def test_a_held_back_guest_is_let_go_a_few_requests_a_turn(tmp_path):
+    """Over its rate, a guest's requests go a few at a time (a turn of the
+    daemon's loop per 50 ms, not per request): at 50/s, after its burst of
+    25, its replies come in groups of two or three, not one every 20 ms; the
+    rate still holds."""
+    import time
+
+    path = str(tmp_path / "r.sock")
+    proc = start_server(path, "--quota", "rate=50", "--quota", "burst=25")
+    try:
+        with RawClient(path) as dom0, guest(dom0, path, 3) as flood:
+            flood.send_raw(b"".join(Packet(Op.READ, i, 0, b"/local/domain/3\0").encode()
+                                    for i in range(100)))
+            times = []
+            for i in range(100):
+                assert flood.recv_packet().req_id == i
+                times.append(time.monotonic())
+            groups = sum(1 for a, b in zip(times, times[1:]) if b - a > 0.01)
+            assert groups <= 50, groups  # about 30; one per request made 75
+            assert times[-1] - times[0] > 75 / 50 * 0.8
+    finally:
+        assert stop_server(proc)[0] == 0
+
+
 _SEGMENT = st.sampled_from(["a", "b", "ab"])
 _PATH = st.one_of(st.just("/"), st.sampled_from(["@introduceDomain", "@releaseDomain"]),
                   st.lists(_SEGMENT, min_size=1, max_size=4).map(lambda p: "/" + "/".join(p)))

@@ -69,11 +69,12 @@ class Domain:
 class Connection:
     """One client connection; ``outbox`` holds Packets for the I/O layer."""
 
-    def __init__(self, conn_id, domain, on_watches=lambda: None):
+    def __init__(self, conn_id, domain, on_watches=lambda: None, on_output=lambda conn: None):
         self.id = conn_id
         self.domain = domain
         self.watches = []           # change only through the methods below
         self._on_watches = on_watches  # the daemon's index of watches is stale
+        self._on_output = on_output    # something to send, or closing
         self.transactions = {}
         self.outbox = deque()
         self.outbytes = 0
@@ -92,6 +93,7 @@ class Connection:
             return
         self.outbox.append(packet)
         self.outbytes += 16 + len(packet.payload)
+        self._on_output(self)
         if self.outbytes > MAX_OUTPUT:
             self.close("client does not read its replies and events")
 
@@ -118,6 +120,7 @@ class Connection:
             self.clear_watches()
             self.transactions.clear()
             self.outbox.clear()
+            self._on_output(self)
 
     def __repr__(self):
         return "<Connection %d domid=%d>" % (self.id, self.domid)
@@ -136,6 +139,7 @@ class Xenstored:
         self.connections = {}
         self._next_conn = 1
         self._watch_index = None  # watched path -> [(conn id, position, conn, watch)]
+        self.outgoing = set()  # connections with something to send, or closing: the I/O layer's
         self.on_introduce = on_introduce or (lambda domid: None)
         self.on_release = on_release or (lambda domid: None)
 
@@ -147,7 +151,7 @@ class Xenstored:
 
     def connect(self, domid=0):
         domain = self.domains[domid]
-        conn = Connection(self._next_conn, domain, self._watches_changed)
+        conn = Connection(self._next_conn, domain, self._watches_changed, self.outgoing.add)
         self._next_conn += 1
         domain.connections.add(conn)
         self.connections[conn.id] = conn

@@ -29,6 +29,10 @@ from .wire import PacketReader
 log = logging.getLogger("xenstore.server")
 
 RECV_SIZE = 65536
+# A client held back by its domain's rate waits at least this long, so that
+# it comes back with several requests' worth of turns (at 200 a second, ten),
+# not one: a flood costs a turn of the loop per ten requests, not per request.
+HOLD_MIN = 0.05
 
 
 def domain_socket_path(main_socket, domid):
@@ -37,7 +41,7 @@ def domain_socket_path(main_socket, domid):
 
 
 class _Client:
-    __slots__ = ("sock", "conn", "reader", "wbuf", "held", "resume_at")
+    __slots__ = ("sock", "conn", "reader", "wbuf", "held", "resume_at", "mask")
 
     def __init__(self, sock, conn):
         self.sock = sock
@@ -46,6 +50,7 @@ class _Client:
         self.wbuf = bytearray()
         self.held = deque()  # requests read but not yet handled (over its rate)
         self.resume_at = None  # while held back: when its next request may go
+        self.mask = 0  # the selector events its socket is registered for (0: not)
 
 
 class Server:
@@ -59,6 +64,8 @@ class Server:
         self._sel = selectors.DefaultSelector()
         self._listeners = {}     # domid -> listening socket
         self._clients = {}       # fileno -> _Client
+        self._by_conn = {}       # connection id -> _Client
+        self._held = set()       # clients held back by their domain's rate
         self._requests = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -209,7 +216,8 @@ class Server:
         sock.setblocking(False)
         client = _Client(sock, self.daemon.connect(domid))
         self._clients[sock.fileno()] = client
-        self._sel.register(sock, selectors.EVENT_READ, ("client", client))
+        self._by_conn[client.conn.id] = client
+        self._interest(client)
         log.debug("domid=%d conn=%d connected", domid, client.conn.id)
 
     def _service(self, client, events):
@@ -241,46 +249,53 @@ class Server:
         while client.held and not client.conn.closing:
             wait = self.daemon.admit(client.conn, time.monotonic())
             if wait > 0:
-                client.resume_at = time.monotonic() + wait
+                client.resume_at = time.monotonic() + max(wait, HOLD_MIN)
+                self._held.add(client)
                 self._interest(client)
                 return
             self.daemon.handle(client.conn, client.held.popleft())
         if client.resume_at is not None:
             client.resume_at = None
+            self._held.discard(client)
             self._interest(client)
 
     def _next_turn(self):
         """The select timeout: until the first held-back client may go on."""
-        turns = [c.resume_at for c in self._clients.values() if c.resume_at is not None]
+        turns = [c.resume_at for c in self._held]
         return max(0.0, min(turns) - time.monotonic()) if turns else None
 
     def _resume_held(self):
         now = time.monotonic()
-        for client in list(self._clients.values()):
-            if client.resume_at is not None and client.resume_at <= now:
-                self._dispatch(client)
+        for client in [c for c in self._held if c.resume_at <= now]:
+            self._dispatch(client)
 
     def _interest(self, client):
         """Register ``client``'s socket for what it waits on: reading unless
         held back, writing while output is pending (neither: unregistered)."""
         mask = ((selectors.EVENT_READ if client.resume_at is None else 0)
                 | (selectors.EVENT_WRITE if client.wbuf else 0))
-        try:
-            key = self._sel.get_key(client.sock)
-        except KeyError:
-            key = None
-        if key is None and mask:
+        if mask == client.mask:
+            return
+        if not client.mask:
             self._sel.register(client.sock, mask, ("client", client))
-        elif key is not None and not mask:
+        elif not mask:
             self._sel.unregister(client.sock)
-        elif key is not None and key.events != mask:
-            self._sel.modify(client.sock, mask, key.data)
+        else:
+            self._sel.modify(client.sock, mask, ("client", client))
+        client.mask = mask
 
     def _flush_all(self):
-        for client in list(self._clients.values()):
-            if client.conn.closing:
-                self._drop(client, client.conn.closing)
-            elif client.conn.outbox or client.wbuf:
+        """Send what this turn's requests produced (to the connections the
+        daemon marked: not a look at every client), drop those closing."""
+        marked = list(self.daemon.outgoing)
+        self.daemon.outgoing.clear()
+        for conn in marked:
+            client = self._by_conn.get(conn.id)
+            if client is None:
+                continue
+            if conn.closing:
+                self._drop(client, conn.closing)
+            elif conn.outbox:
                 self._flush(client)
 
     def _flush(self, client):
@@ -308,10 +323,11 @@ class Server:
         if reason:
             log.warning("domid=%d conn=%d dropped: %s", conn.domid, conn.id, reason)
         self._clients.pop(client.sock.fileno(), None)
-        try:
+        self._by_conn.pop(conn.id, None)
+        self._held.discard(client)
+        if client.mask:
             self._sel.unregister(client.sock)
-        except (KeyError, ValueError):
-            pass
+            client.mask = 0
         client.sock.close()
         self.daemon.disconnect(conn)
 
