@@ -307,8 +307,9 @@ def _thread_cpu_seconds(native_id):
 
 def test_an_event_storm_costs_bounded_cpu(hypervisor, image):
     """XSA-332: events with nothing on the ring are counted as spurious and,
-    after a streak, each costs a pause: the engine's thread stays mostly idle
-    however fast the frontend notifies."""
+    after a streak, each costs a pause, doubling up to 32 ms: the engine's
+    thread stays mostly idle however fast the frontend notifies, and takes
+    a few dozen events in a 1 s storm (a fixed 1 ms pause took 700)."""
     rig = Rig(hypervisor, image)
     tid = rig.server._thread.native_id
     before = _thread_cpu_seconds(tid)
@@ -316,7 +317,7 @@ def test_an_event_storm_costs_bounded_cpu(hypervisor, image):
     while time.monotonic() < end:
         rig.fport.notify()
     cpu = _thread_cpu_seconds(tid) - before
-    assert rig.counters.spurious_events > 10
+    assert 10 < rig.counters.spurious_events < 100
     assert cpu < 0.35, "engine thread used %.2f s of CPU in a 1 s storm" % cpu
     rig.enc.rw(rig.ring, c.BLKIF_OP_READ, 1, 0, [(rig.data.refs[0], 0, 7)])
     assert rig.run() == [(1, 0, OKAY)]  # and still serves the ring at once

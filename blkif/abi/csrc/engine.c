@@ -88,8 +88,8 @@
 #define MAX_INDIRECT_PAGES 8
 #define MAX_PARTS 8            /* IOV_MAX chunks of one request: 4096 / 1024 = 4 */
 #define ENG_IOV_MAX 1024
-#define SPURIOUS_STREAK 4      /* then each further spurious event costs a pause */
-#define SPURIOUS_PAUSE_NS 1000000L
+#define SPURIOUS_STREAK 4      /* then each further spurious event costs a pause, */
+#define SPURIOUS_PAUSE_MAX_SHIFT 5 /* doubling from 1 ms to 32 ms */
 #define CLEAN_PERCENT 5         /* Linux LRU_PERCENT_CLEAN */
 #define CLEAN_INTERVAL_MS 100   /* Linux LRU_INTERVAL */
 #define CLEAN_IDLE_SECONDS 1    /* a grant used since is hot: kept */
@@ -1662,8 +1662,12 @@ static int eng_run(struct engine *e, int timeout_ms)
             continue;
         /* All done: only now may the port fire again (late EOI). */
         if (e->spurious_streak >= SPURIOUS_STREAK) {
-            struct timespec pause = {0, SPURIOUS_PAUSE_NS};
-            nanosleep(&pause, NULL); /* an event storm costs bounded CPU */
+            /* An event storm costs bounded CPU, less the longer it lasts (as
+             * Linux delays a spurious event's EOI by doubling jiffies); only
+             * eng_stop cuts a pause short. */
+            int shift = e->spurious_streak - SPURIOUS_STREAK;
+            struct pollfd stop = {e->stop_fd, POLLIN, 0};
+            poll(&stop, 1, 1 << (shift < SPURIOUS_PAUSE_MAX_SHIFT ? shift : SPURIOUS_PAUSE_MAX_SHIFT));
         }
         unmask_port(e);
         int64_t left = deadline - now_ms();
