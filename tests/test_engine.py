@@ -386,7 +386,8 @@ def test_a_closing_engine_unmaps_its_cached_grants_in_one_call(hypervisor, image
     rig.back.unmap_grants_each = lambda mappings: calls.append(len(mappings)) or each(mappings)
     refs = rig.data.refs
     for i in range(3):
-        rig.enc.rw(rig.ring, c.BLKIF_OP_WRITE, i, i * 88, [(ref, 0, 7) for ref in refs[i * 9:][:9]])
+        segments = [(ref, 0, 7) for ref in refs[i * 9:][:9]]
+        rig.enc.rw(rig.ring, c.BLKIF_OP_WRITE, i, i * 88, segments)
         assert rig.run() == [(i, c.BLKIF_OP_WRITE, OKAY)]
     assert rig.counters.persistent_grants == 27
     assert all(rig.data.flags(i) & c.GTF_writing for i in range(27))

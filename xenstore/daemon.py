@@ -326,7 +326,7 @@ class Xenstored:
     def release(self, domid):
         domain = self.domains.pop(domid)
         for conn in list(domain.connections):
-            conn.clear_watches()   # no events for what the toolstack removes
+            # Closing drops its watches: no events for what the toolstack removes.
             conn.close("domain %d released" % domid)
         for other in self.domains.values():
             if other.target == domid:

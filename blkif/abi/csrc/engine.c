@@ -1666,8 +1666,10 @@ static int eng_run(struct engine *e, int timeout_ms)
              * Linux delays a spurious event's EOI by doubling jiffies); only
              * eng_stop cuts a pause short. */
             int shift = e->spurious_streak - SPURIOUS_STREAK;
+            if (shift > SPURIOUS_PAUSE_MAX_SHIFT)
+                shift = SPURIOUS_PAUSE_MAX_SHIFT;
             struct pollfd stop = {e->stop_fd, POLLIN, 0};
-            poll(&stop, 1, 1 << (shift < SPURIOUS_PAUSE_MAX_SHIFT ? shift : SPURIOUS_PAUSE_MAX_SHIFT));
+            poll(&stop, 1, 1 << shift);
         }
         unmask_port(e);
         int64_t left = deadline - now_ms();

@@ -151,10 +151,8 @@ class SimPlatform(Platform):
                 self._objects.add(mapping)
                 mappings.append(mapping)
         except OSError:
-            for mapping in mappings:
-                mapping.unmap()
-            for handle in reply["handles"][len(mappings):]:
-                self._call({"op": "unmap", "handle": handle})
+            self.unmap_grants_each(mappings)
+            self._call({"op": "unmap", "handles": reply["handles"][len(mappings):]})
             raise
         finally:
             os.close(fds[0])
