@@ -14,11 +14,15 @@ told, one job at a time, over a JSON-lines pipe:
 - guest to parent: any number of ``{"event": {...}}`` (progress), then one
   ``{"result": ...}`` or ``{"error": "one line", "kind": "ExceptionName"}``.
 
-Every child runs in a session of its own, so a Ctrl-C reaches only us and we
-stop them in order (guests detach, SIGTERM the service so it closes its VBDs,
+Every child runs in a process group of its own, so a Ctrl-C reaches only us
+and we stop them in order (guests detach, SIGTERM the service so it closes its VBDs,
 then the hypervisor and xenstored), each within a bounded time, SIGKILL
 after.  Should we be killed outright, the kernel sends each child SIGTERM
-(``PR_SET_PDEATHSIG``).  The working directory goes last, unless it was the
+(``PR_SET_PDEATHSIG``).  They stay in our session: the kernel's autogroup
+(``kernel.sched_autogroup_enabled``) makes each session a scheduling group of
+its own, so a session per process would weigh every guest as much as the
+whole service, and a guest made SCHED_IDLE would still take its group's full
+share.  The working directory goes last, unless it was the
 caller's.
 """
 import argparse
@@ -152,7 +156,7 @@ class Sandbox:
         logfile = self.path(name + ".log")
         with open(logfile, "ab") as out:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+                                    process_group=0, preexec_fn=_die_with_parent)
         self.procs[name] = proc
         deadline = time.monotonic() + START_TIMEOUT
         while not ready():
@@ -303,8 +307,7 @@ def spawn_guest(domid, logfile, *options):
         proc = subprocess.Popen(
             [sys.executable, "-m", "blkif.sandbox", "--domid", str(domid),
              "--parent", str(os.getpid()), *options],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-            start_new_session=True)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, process_group=0)
     return Guest(domid, proc, logfile)
 
 

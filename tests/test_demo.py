@@ -201,6 +201,23 @@ def test_a_guest_reading_other_data_fails_verification(box):
     assert guest.quit() == 0
 
 
+def test_every_process_of_the_sandbox_is_in_our_session_and_a_group_of_its_own(box):
+    """A group of its own: a Ctrl-C at the terminal reaches only us.  Our
+    session: with the kernel's autogroup each session is a scheduling group,
+    and a guest in a session of its own would weigh as much as the whole
+    service, its SCHED_IDLE meaning nothing against the service's threads."""
+    box.add_vbd(3, "xvda", box.make_image("groups.img", 4 << 20, None))
+    guest = box.start_guest(3)
+    guest.call("attach", {"options": {"max_queues": 1}})
+    for name in ("xenstored", "hypervisor", "serve", "guest-3"):
+        proc = box.procs[name]
+        assert proc.poll() is None, name
+        assert os.getsid(proc.pid) == os.getsid(0), name
+        assert os.getpgid(proc.pid) == proc.pid, name
+    guest.call("detach")
+    assert guest.quit() == 0
+
+
 def test_a_service_that_cannot_start_is_one_error(tmp_path):
     work = tmp_path / "box"  # its own directory: other runs' sandboxes do not count
     with pytest.raises(sandbox.SandboxError, match=r"serve exited with status 2 while "
