@@ -20,8 +20,8 @@ from blkif.abi import X86_32, X86_64, constants as c, ffi
 from blkif.backend import service as service_mod
 from blkif.negotiate import FrontendWants
 from blkif.platform.sim import SimHypervisor
-from xenstore import XenbusState as S
-from xenstore_fixtures import ROOT
+from xenstore import Xenstore, XenbusState as S
+from xenstore_fixtures import ROOT, start_server, stop_server
 
 OKAY, ERROR, NOTSUP = c.BLKIF_RSP_OKAY, c.BLKIF_RSP_ERROR, c.BLKIF_RSP_EOPNOTSUPP
 
@@ -501,6 +501,52 @@ def test_unservable_vbd_is_reported_not_restarted(service, tmp_path):
     assert "cannot open backing store" in error_node(service, domid, devid)
     assert service.dom0.read_state(
         "/local/domain/0/backend/vbd/%d/%d/state" % (domid, devid)) == S.Closing
+
+
+class _Reads:
+    """A xenstore connection that notes the path of every read it makes."""
+
+    def __init__(self, xs):
+        self.xs, self.paths = xs, []
+
+    def __getattr__(self, name):
+        method = getattr(self.xs, name)
+
+        def noted(path, *args):
+            if name in ("exists", "read_str", "read_state"):
+                self.paths.append(path)
+            return method(path, *args)
+        return noted
+
+
+def test_a_frontend_rewriting_its_state_costs_one_read_an_event(tmp_path):
+    """A guest that keeps rewriting its ``state`` (XSA-349's flood) fires the
+    worker's watch each time: each event costs one read of that node, and our
+    own directory is read again only after an event under it."""
+    from blkif.backend.vbd import Vbd
+    sock = str(tmp_path / "xenstored.sock")
+    daemon = start_server(sock)
+    try:
+        with Xenstore.open(sock) as xs:
+            back, front = "/local/domain/0/backend/vbd/5/51712", "/local/domain/5/device/vbd/51712"
+            xs.write(back + "/state", str(int(S.Connected)))
+            xs.write(front + "/state", str(int(S.Connected)))
+            reads = _Reads(xs)
+            vbd = Vbd(reads, None, back)
+            vbd.frontend, vbd.storage, vbd.state = front, object(), S.Connected
+            vbd.changed()  # the first time: both ends
+            assert reads.paths == [back, back + "/blkif-resize-request", back + "/state",
+                                   front + "/state"]
+            reads.paths.clear()
+            for _ in range(10):  # events of the frontend's node only
+                vbd.changed()
+            assert reads.paths == [front + "/state"] * 10
+            reads.paths.clear()
+            vbd.backend_changed = True  # what the worker's watch on our directory sets
+            vbd.changed()
+            assert back + "/state" in reads.paths and not vbd.backend_changed
+    finally:
+        stop_server(daemon)
 
 
 def test_toolstack_close_and_removal(service, vbd):

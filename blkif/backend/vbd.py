@@ -123,6 +123,7 @@ class Vbd:
         self.journal = None  # while connected with a journal
         self.detached = False  # left to a successor: nothing more to shut down
         self.gone = False  # our directory was removed: the worker may exit
+        self.backend_changed = True  # an event under our directory since we last read it
         self._shrunk_to = None  # a shrunken size already logged
 
     # -- xenstore helpers -------------------------------------------------
@@ -410,7 +411,11 @@ class Vbd:
             self.backend_domid, self.path[len("/local/domain/%d" % self.backend_domid):])
 
     def changed(self):
-        """Act on the current states of both ends (after any watch event)."""
+        """Act on the current states of both ends (after any watch event).
+
+        Our own directory is read again only after an event under it
+        (``backend_changed``, set by the worker's watch): a frontend that
+        keeps rewriting its ``state`` costs one read per event."""
         while self._storage_reports:  # the last report is the current state
             self._set_storage_error(self._storage_reports.popleft())
         if self._failures:
@@ -419,20 +424,11 @@ class Vbd:
             if self.servers:
                 self.fatal(message)
             return
-        if not self.xs.exists(self.path):
-            self.gone = True
-            self.disconnect()
-            return
-        if self.storage is None:
-            return  # nothing offered until the storage opens (tick)
-        self._resize_requested()
-        own = self.xs.read_state(self.path + "/state")
-        if own != self.state and own in (S.Closing, S.Closed):
-            # The toolstack (libxl on ``xl destroy``) asks us to close.
-            log.info("%s: toolstack switched us to %s", self.label, own.name)
-            self.state = own
-            self.disconnect()
-            self._switch(S.Closed)
+        if self.backend_changed:
+            self.backend_changed = False  # cleared first: a later event sets it again
+            if not self._backend_read():
+                return
+        elif self.storage is None:
             return
         try:
             front = self.xs.read_state(self.frontend + "/state")
@@ -457,6 +453,26 @@ class Vbd:
             self._switch(S.Closed)
         else:
             self.fatal("frontend entered state %s" % front.name)
+
+    def _backend_read(self):
+        """Our directory's part of :meth:`changed`; False if that is all."""
+        if not self.xs.exists(self.path):
+            self.gone = True
+            self.disconnect()
+            return False
+        if self.storage is None:
+            self.backend_changed = True  # read it again once the storage opens (tick)
+            return False  # nothing offered until then
+        self._resize_requested()
+        own = self.xs.read_state(self.path + "/state")
+        if own != self.state and own in (S.Closing, S.Closed):
+            # The toolstack (libxl on ``xl destroy``) asks us to close.
+            log.info("%s: toolstack switched us to %s", self.label, own.name)
+            self.state = own
+            self.disconnect()
+            self._switch(S.Closed)
+            return False
+        return True
 
     def connect(self):
         """Read the frontend's rings, map them, bind the channels, Connected."""

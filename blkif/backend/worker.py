@@ -171,11 +171,15 @@ class Worker:
             self.detaching = self.detaching or signum == DETACH_SIGNAL
         self.wakeup.wake()
 
+    def _backend_event(self, _event):
+        self.vbd.backend_changed = True  # before the wake-up, which reads it
+        self.wakeup.wake()
+
     def run(self):
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._on_signal)
         xs = self.vbd.xs
-        watches = [xs.watch(self.vbd.path, "backend", callback=self.wakeup.wake)]
+        watches = [xs.watch(self.vbd.path, "backend", callback=self._backend_event)]
         try:
             self.vbd.start()
             watches.append(xs.watch(self.vbd.frontend + "/state", "frontend",
