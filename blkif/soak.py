@@ -59,6 +59,7 @@ RSS_GROWTH = 0.10
 MAX_P99_RATIO = 3.0
 WARMUP_MAX = 30.0
 COOLDOWN = 2.0
+MIN_SECONDS = 5.0  # of a run (solo or soak): what the windows leave is measured
 PHASES = ("warmup", "calm", "flood")  # the latency windows; the last two are judged
 SLOWEST = 20  # transfers each guest reports, with when they started
 CPU_LATENCY = "/dev/cpu_dma_latency"
@@ -175,11 +176,19 @@ def _cpu_seconds(pids):
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _steal_seconds():
+    """CPU time the hypervisor under this machine took from its CPUs so far
+    (``steal`` in /proc/stat): a VM's noisy neighbours, which a p99 feels."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+
+
 def sample(sandbox, steady):
     """The service's memory and descriptors now: supervisor, the workers of
     the ``steady`` VBDs (domids), everything of the service together; and
     the CPU time used so far by the service's live processes and by every
-    process of the sandbox (guests included), and the load average."""
+    process of the sandbox (guests included), the CPU time stolen from this
+    machine, and the load average."""
     serve = sandbox.procs["serve"].pid
     by_vbd = {pid: domid for (domid, _), pid in sandbox.workers().items()}
     service = _proc_tree(serve)
@@ -191,7 +200,8 @@ def sample(sandbox, steady):
            "cpu_sandbox": _cpu_seconds(_proc_tree(os.getpid())[1:]),
            "cpu_xenstored": _cpu_seconds([sandbox.procs["xenstored"].pid]),
            "cpu_flooded_worker": _cpu_seconds([pid for pid, domid in by_vbd.items()
-                                               if domid == FLOOD_DOMID])}
+                                               if domid == FLOOD_DOMID]),
+           "cpu_stolen": _steal_seconds()}
     for pid in service:
         got = _rss_and_fds(pid)
         if got is None:
@@ -428,10 +438,20 @@ def main(argv=None):
                         % CPU_LATENCY)
     parser.add_argument("--json", metavar="FILE", help="write the report here")
     args = parser.parse_args(argv)
-    report = run(args.vbds, args.duration, args.iops, args.solo_seconds, args.sample,
-                 not args.no_flood, serve_options=["--engine", args.engine],
-                 awake=not args.allow_idle,
-                 log=lambda text: print(text, file=sys.stderr, flush=True))
+    if args.vbds < 1 or args.iops <= 0 or args.sample <= 0:
+        parser.error("--vbds, --iops and --sample must be positive")
+    for option, seconds in (("--duration", args.duration), ("--solo-seconds", args.solo_seconds)):
+        if seconds < MIN_SECONDS:
+            parser.error("%s must be at least %.0f s: its first tenth and last %.0f s are "
+                         "not measured" % (option, MIN_SECONDS, COOLDOWN))
+    try:
+        report = run(args.vbds, args.duration, args.iops, args.solo_seconds, args.sample,
+                     not args.no_flood, serve_options=["--engine", args.engine],
+                     awake=not args.allow_idle,
+                     log=lambda text: print(text, file=sys.stderr, flush=True))
+    except BlkifError as exc:
+        print("%s: error: %s" % (parser.prog, exc), file=sys.stderr)
+        return 1
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
@@ -439,7 +459,8 @@ def main(argv=None):
     print("%d VBDs x %.0f s at %.0f IOPS each, %d transfers verified, %d churned VBDs; "
           "solo p99 %.2f ms, worst p99 ratio calm %s flood %s (warm-up %s, not judged); "
           "service RSS %.0f -> %.0f MiB, "
-          "fds %d -> %d (steady workers' %d -> %d); CPU %.0f s service, %.0f s sandbox" % (
+          "fds %d -> %d (steady workers' %d -> %d); CPU %.0f s service, %.0f s sandbox, "
+          "%.1f s stolen by the host" % (
               report["vbds"], report["duration"], report["iops_per_vbd"], report["transfers"],
               report["churn_cycles"], report["solo_p99_ms"], report["p99_ratio_worst"]["calm"],
               report["p99_ratio_worst"]["flood"], report["p99_ratio_worst"]["warmup"],
@@ -447,7 +468,8 @@ def main(argv=None):
               report["last_in_run"]["rss_total"] / 2**20, first["fds_total"], last["fds_total"],
               first["fds_steady"], last["fds_steady"],
               report["last_in_run"]["cpu_service"] - first["cpu_service"],
-              report["last_in_run"]["cpu_sandbox"] - first["cpu_sandbox"]))
+              report["last_in_run"]["cpu_sandbox"] - first["cpu_sandbox"],
+              report["last_in_run"]["cpu_stolen"] - first["cpu_stolen"]))
     for kind, texts in report["failures"].items():
         for text in texts:
             print("FAILED (%s): %s" % (kind, text))

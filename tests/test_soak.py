@@ -5,6 +5,8 @@ stopped cleanly.  Latency and memory are judged by the full run
 (docs/reliability.md): seconds of a loaded 2-core machine say little."""
 import os
 import struct
+import subprocess
+import sys
 
 from blkif import soak
 from helpers import require
@@ -33,6 +35,8 @@ def test_a_short_soak_loses_nothing_and_leaks_no_descriptors():
         assert all(0 <= t < 12 - soak.COOLDOWN and ms > 0 for t, ms in slowest)
     assert len(report["churn_created_s"]) == report["churn_cycles"]
     assert report["cpus_awake"] == os.access(soak.CPU_LATENCY, os.W_OK)
+    stolen = [s["cpu_stolen"] for s in report["samples"]]
+    assert stolen == sorted(stolen) and stolen[-1] - stolen[0] < 12 * os.cpu_count()
 
 
 def test_the_cpus_are_held_out_of_idle_states_while_it_measures():
@@ -43,3 +47,16 @@ def test_the_cpus_are_held_out_of_idle_states_while_it_measures():
     with soak.cpus_awake(lambda text: None) as held:
         assert held and _cpu_latency() == 0
     assert _cpu_latency() == before
+
+
+def test_a_run_too_short_to_measure_is_refused_before_it_starts():
+    """Each run leaves out its first tenth and its last COOLDOWN s: a 2 s solo
+    run would measure nothing and make every ratio meaningless."""
+    for args, option in ((["--solo-seconds", "2"], "--solo-seconds"),
+                         (["--duration", "4"], "--duration")):
+        done = subprocess.run([sys.executable, "-m", "blkif.soak", *args],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and not done.stdout
+        assert done.stderr.splitlines()[-1] == (
+            "python -m blkif.soak: error: %s must be at least 5 s: its first tenth "
+            "and last 2 s are not measured" % option)
