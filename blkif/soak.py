@@ -381,9 +381,22 @@ def run(vbds=64, duration=300.0, iops=10.0, solo_seconds=20.0, sample_every=5.0,
     report["failures"]["lost"] += churn_failures
     report["churn_created_s"] = [round(t - start, 3) for t in created]
     report["flood"] = flood_result.get("r")
+    report["stolen"] = {phase: _stolen(samples, low, high) for phase, (low, high) in zip(
+        PHASES, ((start, warm), (warm, half), (half, end - COOLDOWN)))}
     report.update(_judge(report, results, samples, steady, end))
     report["ok"] = not any(report["failures"].values())
     return report
+
+
+def _stolen(samples, low, high):
+    """The share of this machine's CPU time the host took between monotonic
+    times ``low`` and ``high``, from the samples inside; None if under two."""
+    inside = [s for s in samples if low <= s["t"] <= high]
+    if len(inside) < 2 or inside[-1]["t"] <= inside[0]["t"]:
+        return None
+    seconds = inside[-1]["t"] - inside[0]["t"]
+    return round((inside[-1]["cpu_stolen"] - inside[0]["cpu_stolen"])
+                 / (seconds * os.cpu_count()), 3)
 
 
 def _judge(report, results, samples, steady, end):
@@ -460,7 +473,7 @@ def main(argv=None):
           "solo p99 %.2f ms, worst p99 ratio calm %s flood %s (warm-up %s, not judged); "
           "service RSS %.0f -> %.0f MiB, "
           "fds %d -> %d (steady workers' %d -> %d); CPU %.0f s service, %.0f s sandbox, "
-          "%.1f s stolen by the host" % (
+          "%.1f s stolen by the host (calm %s, flood %s of the CPUs)" % (
               report["vbds"], report["duration"], report["iops_per_vbd"], report["transfers"],
               report["churn_cycles"], report["solo_p99_ms"], report["p99_ratio_worst"]["calm"],
               report["p99_ratio_worst"]["flood"], report["p99_ratio_worst"]["warmup"],
@@ -469,7 +482,8 @@ def main(argv=None):
               first["fds_steady"], last["fds_steady"],
               report["last_in_run"]["cpu_service"] - first["cpu_service"],
               report["last_in_run"]["cpu_sandbox"] - first["cpu_sandbox"],
-              report["last_in_run"]["cpu_stolen"] - first["cpu_stolen"]))
+              report["last_in_run"]["cpu_stolen"] - first["cpu_stolen"],
+              report["stolen"]["calm"], report["stolen"]["flood"]))
     for kind, texts in report["failures"].items():
         for text in texts:
             print("FAILED (%s): %s" % (kind, text))

@@ -37,6 +37,7 @@ def test_a_short_soak_loses_nothing_and_leaks_no_descriptors():
     assert report["cpus_awake"] == os.access(soak.CPU_LATENCY, os.W_OK)
     stolen = [s["cpu_stolen"] for s in report["samples"]]
     assert stolen == sorted(stolen) and stolen[-1] - stolen[0] < 12 * os.cpu_count()
+    assert all(0 <= report["stolen"][phase] <= 1 for phase in ("calm", "flood"))
 
 
 def test_the_cpus_are_held_out_of_idle_states_while_it_measures():
