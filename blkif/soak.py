@@ -14,10 +14,10 @@ The sandbox (our xenstored, the sim hypervisor, ``blkif serve``) serves:
    on Xen a guest boots and spins on vCPUs of its own, not on dom0's, so here
    they take only CPU time no process of dom0 (nor a steady guest) wants.
 
-The workload (:func:`guest_soak`, in each guest): paced reads and writes of
-4-64 KiB at random 4 KiB offsets, every read checked against the guest's copy
-of what it wrote, a flush every 16 transfers; at the end the whole disk is
-read and compared.  Its latencies are reported as p99 per time window, to
+The workload (:func:`guest_soak`, in each guest): reads and writes at random
+times (``--iops`` a second on average) of 4-64 KiB at random 4 KiB offsets,
+every read checked against the guest's copy of what it wrote, a flush every
+16 transfers; at the end the whole disk is read and compared.  Its latencies are reported as p99 per time window, to
 compare with the solo p99: the warm-up (the first tenth of the run, at most
 30 s: every guest starts at once, and every ring maps its first grants),
 reported but not judged; then the calm half and the flood half, less the
@@ -75,9 +75,12 @@ class VerifyError(BlkifError):
 # -- in the guests -------------------------------------------------------------
 
 def guest_soak(guest, params, emit):
-    """Paced verified I/O until ``params["until"]`` (monotonic, shared by
-    processes); p99 latency per ``params["windows"]`` ([[start, end], ...]),
-    and the slowest transfers in them as [s after the first window's start, ms]."""
+    """Verified I/O until ``params["until"]`` (monotonic, shared by
+    processes), transfers starting at random (Poisson arrivals, ``iops`` a
+    second on average: guests started together and paced by a clock would
+    stay in step for the whole run, the same ones colliding every period);
+    p99 latency per ``params["windows"]`` ([[start, end], ...]), and the
+    slowest transfers in them as [s after the first window's start, ms]."""
     dev, rng = guest.dev, random.Random(params["seed"])
     model = bytearray(dev.size)  # the image starts blank
     period, until = 1.0 / params["iops"], params["until"]
@@ -89,7 +92,7 @@ def guest_soak(guest, params, emit):
             break
         if now < next_at:
             time.sleep(next_at - now)
-        next_at = max(next_at + period, time.monotonic() - period)
+        next_at = max(next_at + rng.expovariate(params["iops"]), time.monotonic() - period)
         length = 4096 * rng.randint(1, 16)
         offset = 4096 * rng.randrange((dev.size - length) // 4096 + 1)
         start = time.monotonic()
