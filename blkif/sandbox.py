@@ -15,15 +15,15 @@ told, one job at a time, over a JSON-lines pipe:
   ``{"result": ...}`` or ``{"error": "one line", "kind": "ExceptionName"}``.
 
 Every child runs in a process group of its own, so a Ctrl-C reaches only us
-and we stop them in order (guests detach, SIGTERM the service so it closes its VBDs,
-then the hypervisor and xenstored), each within a bounded time, SIGKILL
-after.  Should we be killed outright, the kernel sends each child SIGTERM
-(``PR_SET_PDEATHSIG``).  They stay in our session: the kernel's autogroup
-(``kernel.sched_autogroup_enabled``) makes each session a scheduling group of
-its own, so a session per process would weigh every guest as much as the
-whole service, and a guest made SCHED_IDLE would still take its group's full
-share.  The working directory goes last, unless it was the
-caller's.
+and we stop them in order (guests detach, SIGTERM the service so it closes
+its VBDs, then the hypervisor and xenstored), each within a bounded time,
+SIGKILL after.  Should we be killed outright, the kernel sends each child
+SIGTERM (``PR_SET_PDEATHSIG``).  They stay in our session: the kernel's
+autogroup (``kernel.sched_autogroup_enabled``) makes each session a
+scheduling group of its own, so a session per process would weigh every
+guest as much as the whole service, and a guest made SCHED_IDLE would still
+take its group's full share.  The working directory goes last, unless it
+was the caller's.
 """
 import argparse
 import contextlib
