@@ -201,3 +201,20 @@ class RawFrontend:
 def error_node(service, domid, devid):
     return service.dom0.read_str("/local/domain/0/error/backend/vbd/%d/%d/error"
                                  % (domid, devid), None)
+
+
+def status_after_tick(service, domid, devid, timeout=5.0):
+    """A worker's status file once it has ticked since the call (rewritten,
+    or touched if unchanged): what it says covers everything done before."""
+    path = os.path.join(service.state_dir, "vbd-%d-%d.json" % (domid, devid))
+    since = time.time()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if os.stat(path).st_mtime > since:
+                with open(path) as f:
+                    return json.load(f)
+        except FileNotFoundError:
+            pass
+        assert time.monotonic() < deadline, "no status tick in %.0f s: %s" % (timeout, path)
+        time.sleep(0.05)

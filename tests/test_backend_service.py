@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend_fixtures import RawFrontend, Service, error_node
+from backend_fixtures import RawFrontend, Service, error_node, status_after_tick
 from helpers import require_tool
 from blkif.abi import X86_32, X86_64, constants as c, ffi
-from blkif.backend import service as service_mod
+from blkif.backend import service as service_mod, status as status_mod, worker as worker_mod
 from blkif.negotiate import FrontendWants
 from blkif.platform.sim import SimHypervisor
 from xenstore import Xenstore, XenbusState as S
@@ -105,8 +105,7 @@ def test_negotiated_io_matches_the_image(service, vbd, abi, queues, order, indir
     assert len(conn.queues) == queues and conn.ring_page_order == order
     assert fe.disk.sectors == os.path.getsize(image) // 512
     workload(fe, image, seed=order * 10 + queues)
-    time.sleep(1.2)  # one status tick
-    vbd_status = _vbd_status(service, domid, devid)
+    vbd_status = status_after_tick(service, domid, devid)
     assert vbd_status["negotiated"]["protocol"] == abi.protocol
     assert vbd_status["negotiated"]["queues"] == queues
     assert vbd_status["negotiated"]["persistent"] is persistent
@@ -117,11 +116,6 @@ def test_negotiated_io_matches_the_image(service, vbd, abi, queues, order, indir
     assert (counters["persistent_grants"] > 0) == persistent
     fe.close()
     assert fe.read_back("state") == str(int(S.Closed))
-
-
-def _vbd_status(service, domid, devid):
-    with open(os.path.join(service.state_dir, "vbd-%d-%d.json" % (domid, devid))) as f:
-        return json.load(f)
 
 
 def test_the_offer_is_what_we_configured(vbd):
@@ -470,7 +464,7 @@ def test_without_live_restart_a_killed_worker_closes_its_vbd_only(hv, tmp_path):
 
 
 def test_a_hung_worker_is_killed_and_restarted(hv, tmp_path):
-    svc = Service(hv, tmp_path, "--hung-timeout", "1.5")
+    svc = Service(hv, tmp_path, "--hung-timeout", "3")
     try:
         domid, devid = svc.new_vbd(tmp_path / "disk.img")
         pid = svc.worker_pid(domid, devid)
@@ -501,6 +495,56 @@ def test_unservable_vbd_is_reported_not_restarted(service, tmp_path):
     assert "cannot open backing store" in error_node(service, domid, devid)
     assert service.dom0.read_state(
         "/local/domain/0/backend/vbd/%d/%d/state" % (domid, devid)) == S.Closing
+
+
+def test_an_unchanged_status_is_touched_not_rewritten(tmp_path):
+    """The heartbeat of an idle worker costs a utime, not a new file."""
+    path = str(tmp_path / "vbd-1-51712.json")
+    text = status_mod.write_status(path, {"state": "Connected", "requests": 1})
+    inode = os.stat(path).st_ino
+    os.utime(path, (1, 1))
+    assert status_mod.write_status(path, {"requests": 1, "state": "Connected"}, text) == text
+    assert os.stat(path).st_ino == inode and os.stat(path).st_mtime > 1
+    status_mod.write_status(path, {"state": "Connected", "requests": 2}, text)
+    assert os.stat(path).st_ino != inode
+    assert json.load(open(path)) == {"state": "Connected", "requests": 2}
+
+
+class _TickingVbd:
+    """What the worker's main loop calls on a VBD, noting each tick's time."""
+
+    label, servers = "vbd", ()
+
+    def __init__(self, clock):
+        self.clock, self.ticks = clock, []
+
+    def tick(self):
+        self.ticks.append(self.clock[0])
+
+    def changed(self):
+        pass
+
+    def check_size(self):
+        return False
+
+
+def test_workers_started_together_do_not_tick_together(monkeypatch):
+    """Each tick comes 0.5-1.5 s after the last, so workers started in the
+    same instant spread their once-a-second work instead of doing it at once
+    for as long as they live."""
+    clock = [1000.0]
+    monkeypatch.setattr(worker_mod.time, "monotonic", lambda: clock[0])
+    vbds = [_TickingVbd(clock) for _ in range(2)]
+    workers = [worker_mod.Worker(vbd, None, 1.0) for vbd in vbds]
+    while clock[0] < 1200:
+        for w in workers:
+            w._step(0)
+        clock[0] = round(clock[0] + 0.01, 2)
+    gaps = [b - a for vbd in vbds for a, b in zip(vbd.ticks, vbd.ticks[1:])]
+    assert len(gaps) > 250 and min(gaps) >= 0.5 and max(gaps) <= worker_mod.HEARTBEAT_MAX + 0.02
+    first, second = vbds[0].ticks, vbds[1].ticks
+    together = sum(any(abs(t - u) < 0.05 for u in second) for t in first)
+    assert together < len(first) / 4
 
 
 class _Reads:
@@ -602,7 +646,7 @@ def test_stats_command(service, vbd):
     fe, image, domid, devid = vbd
     fe.connect(wants=FrontendWants(0, 1, 0, False))
     workload(fe, image, seed=1, rounds=5)
-    time.sleep(1.2)
+    status_after_tick(service, domid, devid)
     out = subprocess.run([sys.executable, "-m", "blkif", "stats", "--state-dir",
                           service.state_dir, "--json"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
@@ -621,6 +665,7 @@ def test_stats_command(service, vbd):
     (["serve", "--max-indirect-segments", "5000"], 2, "not in 0..4096"),
     (["serve", "--max-ring-page-order", "5"], 2, "not in 0..4"),
     (["stats", "--state-dir", "{tmp}/none"], 2, "no blkif service state"),
+    (["serve", "--platform", "sim", "--hung-timeout", "2"], 2, "give at least 3"),
 ])
 def test_cli_errors_are_one_line(tmp_path, argv, code, text):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -732,8 +777,7 @@ def test_max_persistent_grants_bounds_what_a_ring_keeps(hv, tmp_path, engine):
         fe = RawFrontend(svc, domid, devid)
         fe.connect(wants=FrontendWants(0, 1, 32, True))
         workload(fe, tmp_path / "disk.img", seed=5, rounds=10)
-        time.sleep(1.2)  # one status tick
-        counters = _vbd_status(svc, domid, devid)["counters"]
+        counters = status_after_tick(svc, domid, devid)["counters"]
         assert 0 < counters["persistent_grants"] <= 8
         assert counters["mapped_grants"] > 0 and counters["errors"] == 0
         fe.close()

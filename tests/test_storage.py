@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from backend_fixtures import RawFrontend, error_node, sim_service
+from backend_fixtures import RawFrontend, error_node, sim_service, status_after_tick
 from blkif import toolstack
 from blkif.abi import constants as c
 from blkif.negotiate import FrontendWants
@@ -149,8 +149,7 @@ def test_image_written_through_the_frontend_matches_a_raw_copy(service, tmp_path
         assert len(conn.queues) == 1  # one NBD connection per VBD
         assert fe.disk.sectors * 512 >= SIZE  # vpc rounds up to its geometry
         write_workload(fe, copy, seed=len(fmt))
-        time.sleep(1.2)
-        status = vbd_status(service, domid, devid)
+        status = status_after_tick(service, domid, devid)
         assert status["storage"]["kind"] == "image" and status["storage"]["error"] is None
         assert status["negotiated"]["io"] == "nbd"
         assert status["counters"]["errors"] == 0
@@ -581,7 +580,7 @@ def test_a_bad_ring_on_an_nbd_vbd_leaves_its_connection_usable(service, tmp_path
         fe.setup(wants=ONE_QUEUE, extra={"ring-ref": "999999"})
         assert fe.backend_state([S.Connected, S.Closing]) == S.Closing
         fe.close()
-        time.sleep(1.5)  # the worker's tick looks at the connection while no ring has it
+        status_after_tick(service, domid, devid)  # it looked at the connection, no ring on it
         fe.xs.switch_state(fe.front + "/state", S.Initialising)
         assert fe.backend_state([S.InitWait]) == S.InitWait
         fe.connect(wants=ONE_QUEUE)

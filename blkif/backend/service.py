@@ -136,6 +136,10 @@ def _set_policy(pid, policy):
 class Service:
     def __init__(self, args):
         self.args = args
+        if args.hung_timeout < 2 * worker.HEARTBEAT_MAX:
+            raise UsageError("--hung-timeout %g: a worker reports only every %g s at most; "
+                             "give at least %g" % (args.hung_timeout, worker.HEARTBEAT_MAX,
+                                                   2 * worker.HEARTBEAT_MAX))
         self.types = ()  # from --types, when run() starts
         self.roots = []
         self.state_dir = args.state_dir or status.default_state_dir()

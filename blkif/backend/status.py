@@ -34,12 +34,23 @@ def read_vbd(state_dir, domid, devid):
         return json.load(f)
 
 
-def write_status(path, status):
-    """Replace ``path`` with ``status`` as JSON, atomically."""
+def write_status(path, status, previous=None):
+    """Replace ``path`` with ``status`` as JSON, atomically; returns the text.
+    If the text is ``previous`` (what the caller wrote last) the file is only
+    touched: its time is a worker's heartbeat.  Compact JSON, which the C
+    encoder writes: every worker does this every second."""
+    text = json.dumps(status, sort_keys=True, separators=(",", ":"))
+    if text == previous:
+        try:
+            os.utime(path)
+            return text
+        except FileNotFoundError:
+            pass  # removed meanwhile: write it again
     tmp = "%s.%d.tmp" % (path, os.getpid())
     with open(tmp, "w") as f:
-        json.dump(status, f, indent=1, sort_keys=True)
+        f.write(text)
     os.replace(tmp, path)
+    return text
 
 
 def read_status(state_dir):

@@ -8,8 +8,12 @@ in C, or the Python reference with ``--engine python``).  The main thread
 waits on a wake-up pipe, written by xenstore watch callbacks, signals and a
 ring thread whose frontend broke its ring; each wake-up re-reads both states
 (:meth:`Vbd.changed`).  About once a second the worker rewrites its status
-file, lets the VBD watch its storage (:meth:`Vbd.tick`: a storage daemon to
-restart, an NBD connection to reopen) and checks that its parent is alive.
+file (or, unchanged, touches it: the supervisor's heartbeat), lets the VBD
+watch its storage (:meth:`Vbd.tick`: a storage daemon to restart, an NBD
+connection to reopen) and checks that its parent is alive.  Each tick comes
+0.5-1.5 s after the last, at random: workers started together (a host
+booting its guests, a service restarted) would otherwise tick together for
+good, their Python work in one burst every second on every core.
 
 Every second, and at once on SIGHUP, the worker checks whether the backing
 store grew and publishes the new size (:meth:`Vbd.check_size`).
@@ -23,8 +27,10 @@ Exit status 3 means the VBD cannot be served as configured (e.g. its backing
 store cannot be opened); the error node says why and restarting won't help.
 """
 import argparse
+import gc
 import logging
 import os
+import random
 import select
 import signal
 import sys
@@ -44,7 +50,8 @@ from xenstore import XenbusState, Xenstore, XenstoreError
 log = logging.getLogger(__name__)
 
 EXIT_UNSERVABLE = 3
-TICK = 1.0
+TICK = 1.0  # on average; each 0.5-1.5 TICK after the last
+HEARTBEAT_MAX = 1.5 * TICK  # the longest a healthy worker leaves its status file
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 DETACH_SIGNAL = signal.SIGUSR1
 HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP, DETACH_SIGNAL)
@@ -162,6 +169,7 @@ class Worker:
         self.detaching = False
         self.parent = os.getppid()
         self._next_tick = 0.0
+        self._status_text = None  # what the status file holds
 
     def _on_signal(self, signum, _frame):
         if signum == signal.SIGHUP:
@@ -185,7 +193,7 @@ class Worker:
             watches.append(xs.watch(self.vbd.frontend + "/state", "frontend",
                                     callback=self.wakeup.wake))
             while not self.stopping and not self.vbd.gone:
-                self._step(TICK)
+                self._step(min(TICK, max(0.0, self._next_tick - time.monotonic())))
             if self.detaching:
                 self.vbd.detach()
             else:
@@ -207,7 +215,7 @@ class Worker:
             self._guarded(self.vbd.changed)
         now = time.monotonic()
         if now >= self._next_tick:
-            self._next_tick = now + TICK
+            self._next_tick = now + random.uniform(0.5 * TICK, HEARTBEAT_MAX)
             self._guarded(self.vbd.tick)
             if not self.stopping:
                 self._guarded(self.vbd.check_size)
@@ -245,7 +253,8 @@ class Worker:
         state = self.vbd.status()
         state["pid"] = os.getpid()
         try:
-            status.write_status(self.status_file, state)
+            self._status_text = status.write_status(self.status_file, state,
+                                                    self._status_text)
         except OSError as exc:
             log.warning("%s: cannot write %s: %s", self.vbd.label, self.status_file,
                         exc.strerror)
@@ -259,6 +268,9 @@ def main(argv=None):
                                      "from stdin (the service's spare worker: imports done, "
                                      "it waits for its VBD)")
     args = parser.parse_args(argv)
+    # Everything imported lives as long as we do: the collector's full passes
+    # need not walk it every few seconds (as long-lived servers do).
+    gc.freeze()
     if args.path == "-":
         args.path = sys.stdin.readline().strip()
         if not args.path:
