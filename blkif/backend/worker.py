@@ -15,7 +15,7 @@ connection to reopen) and checks that its parent is alive.  Each tick comes
 booting its guests, a service restarted) would otherwise tick together for
 good, their Python work in one burst every second on every core.
 
-Every second, and at once on SIGHUP, the worker checks whether the backing
+On every tick, and at once on SIGHUP, the worker checks whether the backing
 store grew and publishes the new size (:meth:`Vbd.check_size`).
 
 SIGTERM or SIGINT: serve what is on the rings, switch Closing, keep serving
