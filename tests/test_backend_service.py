@@ -507,7 +507,8 @@ def test_an_unchanged_status_is_touched_not_rewritten(tmp_path):
     assert os.stat(path).st_ino == inode and os.stat(path).st_mtime > 1
     status_mod.write_status(path, {"state": "Connected", "requests": 2}, text)
     assert os.stat(path).st_ino != inode
-    assert json.load(open(path)) == {"state": "Connected", "requests": 2}
+    with open(path) as f:
+        assert json.load(f) == {"state": "Connected", "requests": 2}
 
 
 class _TickingVbd:

@@ -38,7 +38,7 @@ def write_status(path, status, previous=None):
     """Replace ``path`` with ``status`` as JSON, atomically; returns the text.
     If the text is ``previous`` (what the caller wrote last) the file is only
     touched: its time is a worker's heartbeat.  Compact JSON, which the C
-    encoder writes: every worker does this every second."""
+    encoder writes: every worker does this about once a second."""
     text = json.dumps(status, sort_keys=True, separators=(",", ":"))
     if text == previous:
         try:
