@@ -1,8 +1,10 @@
 """blkif.lab.qdisk: the judgements of the qdisk phase (the phase itself runs in
 ``make lab``)."""
 import hashlib
+import os
 import subprocess
 
+from blkif.backend import status
 from blkif.lab import phases, qdisk
 from helpers import require_tool
 
@@ -57,3 +59,23 @@ def test_image_checks_on_a_real_qcow2(tmp_path):
     with open(image, "r+b") as f:  # break the header's magic
         f.write(b"XXXX")
     assert qdisk.qemu_img_check(image)[0] == "fail"
+
+
+def test_the_readiness_wait_reads_the_service_status_as_written(tmp_path):
+    """The shell loop the phase runs in dom0, against service.json as
+    `blkif serve` writes it."""
+    pidfile = tmp_path / "serve.pid"
+    pidfile.write_text(str(os.getpid()))
+    log = tmp_path / "serve.log"
+    log.write_text("starting\n")
+
+    def wait():
+        script = qdisk.WAIT_SERVING.format(tries=2, seconds=1, state=tmp_path,
+                                           pidfile=pidfile, log=log)
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                              timeout=30)
+
+    status.write_status(str(tmp_path / "service.json"), {"pid": 1, "state": "starting"})
+    assert wait().returncode == 1
+    status.write_status(str(tmp_path / "service.json"), {"pid": 1, "state": "running"})
+    assert wait().returncode == 0

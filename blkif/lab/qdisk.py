@@ -36,7 +36,7 @@ qemu-img create -q -f qcow2 {qcow2} {size}
 losetup -f --show {phy}
 """
 WAIT_SERVING = """for i in $(seq {tries}); do
-  grep -q '"state": "running"' {state}/service.json 2>/dev/null && exit 0
+  grep -q '"state": *"running"' {state}/service.json 2>/dev/null && exit 0
   kill -0 $(cat {pidfile}) 2>/dev/null || {{ echo "blkif serve exited:"; tail -5 {log}; exit 1; }}
   sleep 0.5
 done
