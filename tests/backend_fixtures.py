@@ -16,6 +16,7 @@ import time
 
 from blkif import toolstack
 from blkif.abi import NATIVE
+from blkif.backend import status
 from blkif.frontend.queue import FrontQueue
 from blkif.negotiate import BackendOffer, Connection, DiskInfo, FrontendWants, QueueRing
 from blkif.platform import open_platform
@@ -206,14 +207,13 @@ def error_node(service, domid, devid):
 def status_after_tick(service, domid, devid, timeout=5.0):
     """A worker's status file once it has ticked since the call (rewritten,
     or touched if unchanged): what it says covers everything done before."""
-    path = os.path.join(service.state_dir, "vbd-%d-%d.json" % (domid, devid))
+    path = status.vbd_file(service.state_dir, domid, devid)
     since = time.time()
     deadline = time.monotonic() + timeout
     while True:
         try:
             if os.stat(path).st_mtime > since:
-                with open(path) as f:
-                    return json.load(f)
+                return status.read_vbd(service.state_dir, domid, devid)
         except FileNotFoundError:
             pass
         assert time.monotonic() < deadline, "no status tick in %.0f s: %s" % (timeout, path)

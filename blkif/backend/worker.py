@@ -193,7 +193,7 @@ class Worker:
             watches.append(xs.watch(self.vbd.frontend + "/state", "frontend",
                                     callback=self.wakeup.wake))
             while not self.stopping and not self.vbd.gone:
-                self._step(min(TICK, max(0.0, self._next_tick - time.monotonic())))
+                self._step(max(0.0, self._next_tick - time.monotonic()))
             if self.detaching:
                 self.vbd.detach()
             else:
