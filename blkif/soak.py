@@ -3,7 +3,10 @@ VBDs coming and going and one guest flooding, on the sim.
 
 The sandbox (our xenstored, the sim hypervisor, ``blkif serve``) serves:
 
-1. *solo*: one VBD, its guest doing the workload alone: the reference p99;
+1. *solo*: one VBD, its guest doing the workload alone: the reference p99,
+   for ``--solo-seconds`` (by default half of ``--duration``: as long as each
+   judged half, so that its p99 comes from about as many transfers as each
+   VBD's p99 in a half; a p99 of a few hundred transfers swings by 1.5x);
 2. *soak*: ``--vbds`` VBDs, a guest process each, all doing the same
    workload for ``--duration`` s.  Meanwhile a churn thread keeps one more
    VBD coming and going (created, a guest attached doing I/O for a few
@@ -298,12 +301,20 @@ def cpus_awake(log):
         os.close(fd)
 
 
-def run(vbds=64, duration=300.0, iops=10.0, solo_seconds=20.0, sample_every=5.0, flood=True,
+def solo_length(duration):
+    """The solo run's default length: as long as each judged half."""
+    return max(MIN_SECONDS, duration / 2)
+
+
+def run(vbds=64, duration=300.0, iops=10.0, solo_seconds=None, sample_every=5.0, flood=True,
         churn_life=5.0, serve_options=(), awake=True, log=print):
     """The whole soak; a report dict.  ``failures`` maps each kind of
     failure (FAILURE_KINDS) to its messages; ``ok`` if there are none.
+    ``solo_seconds``: None for :func:`solo_length`.
     ``awake``: hold the CPUs out of idle states (:func:`cpus_awake`)."""
+    solo_seconds = solo_length(duration) if solo_seconds is None else solo_seconds
     report = {"vbds": vbds, "duration": duration, "iops_per_vbd": iops,
+              "solo_seconds": solo_seconds,
               "failures": {kind: [] for kind in FAILURE_KINDS}}
     log = log or (lambda text: None)
     with contextlib.ExitStack() as stack:
@@ -445,7 +456,8 @@ def main(argv=None):
     parser.add_argument("--vbds", type=int, default=64)
     parser.add_argument("--duration", type=float, default=300.0, help="seconds (default 300)")
     parser.add_argument("--iops", type=float, default=10.0, help="per VBD (default 10)")
-    parser.add_argument("--solo-seconds", type=float, default=20.0)
+    parser.add_argument("--solo-seconds", type=float,
+                        help="seconds of the solo run (default: half of --duration)")
     parser.add_argument("--sample", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--no-flood", action="store_true")
     parser.add_argument("--engine", choices=("c", "python"), default="c")
@@ -456,6 +468,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.vbds < 1 or args.iops <= 0 or args.sample <= 0:
         parser.error("--vbds, --iops and --sample must be positive")
+    if args.solo_seconds is None:
+        args.solo_seconds = solo_length(args.duration)
     for option, seconds in (("--duration", args.duration), ("--solo-seconds", args.solo_seconds)):
         if seconds < MIN_SECONDS:
             parser.error("%s must be at least %.0f s: its first tenth and last %.0f s are "

@@ -18,8 +18,8 @@ def _cpu_latency():
 
 
 def test_a_short_soak_loses_nothing_and_leaks_no_descriptors():
-    report = soak.run(vbds=3, duration=12, iops=10, solo_seconds=3, sample_every=2,
-                      churn_life=2, log=None)
+    report = soak.run(vbds=3, duration=12, iops=10, sample_every=2, churn_life=2, log=None)
+    assert report["solo_seconds"] == 6  # by default as long as each half
     failures = report["failures"]
     assert not failures["lost"] and not failures["fds"] and not failures["process"], failures
     assert report["churn_cycles"] >= 2
