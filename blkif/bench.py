@@ -26,9 +26,10 @@ the page cache out of both sides, as on a real disk.  Each side first runs
 the pattern unmeasured for a warm-up (caches, the backend's persistent
 grants).  Besides wall-clock figures, which move with whatever else the
 machine runs, each side reports its CPU time per I/O (``cpu_us_per_io``:
-blkif's guest and backend worker, fio's process): what the code costs,
-steadier from run to run than IOPS on a busy machine.  ``ratio`` is blkif's
-IOPS over fio's: the fraction of the storage's speed that reaches the guest.
+blkif's guest and backend worker, fio's processes with their io_uring
+workers): what the code costs, steadier from run to run than IOPS on a busy
+machine.  ``ratio`` is blkif's IOPS over fio's: the fraction of the
+storage's speed that reaches the guest.
 Patterns needing other negotiation (indirect descriptors off) re-attach the
 guest.  Figures are for comparing runs on one machine, never assertions.
 """
@@ -36,6 +37,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import shutil
 import socket
 import subprocess
@@ -131,6 +133,12 @@ def process_cpu(pid):
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu():
+    """User + system CPU seconds of this process's waited-for children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def worker_pid(box, domid):
@@ -302,8 +310,10 @@ def fio_argv(fio, target, pattern, duration, direct):
 
 def run_fio(fio, target, pattern, duration, direct):
     """fio's figures for ``pattern``, in :func:`summary`'s shape plus CPU per I/O."""
+    before = children_cpu()
     run = subprocess.run(fio_argv(fio, target, pattern, duration, direct),
                          capture_output=True, text=True, timeout=duration + 60)
+    used = children_cpu() - before
     if run.returncode != 0:
         raise BlkifError("fio failed on %s: %s" % (target, (run.stderr or run.stdout).strip()
                                                     .splitlines()[-1:]))
@@ -312,7 +322,10 @@ def run_fio(fio, target, pattern, duration, direct):
     seconds = side["runtime"] / 1e3
     ios = side["total_ios"]
     lat = side["lat_ns"]["percentile"]
-    cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100 * seconds
+    # fio's usr_cpu and sys_cpu are its job thread's alone; the io_uring
+    # workers doing its buffered writes count only in its processes' rusage,
+    # which covers the warm-up too: spread over it at the measured rate
+    cpu = used * seconds / (seconds + WARMUP)
     return {
         "ios": ios, "seconds": round(seconds, 3),
         "iops": round(ios / seconds, 1) if seconds else 0.0,
@@ -345,7 +358,7 @@ def print_report(report):
                else "ioengine nbd on the same NBD export")
         engine = report["engine"] + ("" if report["format"] == "raw"
                                      else " over NBD, format %s" % report["format"])
-        print("engine %s%s; guest frontend %s; fio: %s; CPU us/IO: fio's process" % (
+        print("engine %s%s; guest frontend %s; fio: %s; CPU us/IO: fio's processes" % (
             engine, ", O_DIRECT" if report["direct"] else "", report["frontend"], fio))
 
 
