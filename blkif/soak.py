@@ -468,10 +468,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.vbds < 1 or args.iops <= 0 or args.sample <= 0:
         parser.error("--vbds, --iops and --sample must be positive")
-    if args.solo_seconds is None:
-        args.solo_seconds = solo_length(args.duration)
     for option, seconds in (("--duration", args.duration), ("--solo-seconds", args.solo_seconds)):
-        if seconds < MIN_SECONDS:
+        if seconds is not None and seconds < MIN_SECONDS:
             parser.error("%s must be at least %.0f s: its first tenth and last %.0f s are "
                          "not measured" % (option, MIN_SECONDS, COOLDOWN))
     try:
